@@ -1,0 +1,86 @@
+"""Backend selection: which implementation runs an op on a given tensor.
+
+``auto`` sends CUDA tensors to the Triton kernels and CPU tensors to the NumPy
+reference, or to the Triton kernels through Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before import. ``triton`` and ``numpy`` force one.
+
+The NumPy backend refuses CUDA tensors rather than silently copying them to the
+host and back: a hidden device round trip would make a "GPU" model run at host
+speed, which is never what a user asked for.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "numpy")
+
+
+def _interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+# Read once: triton reads TRITON_INTERPRET when @triton.jit runs, which is at import.
+INTERPRET: bool = _interpreter_enabled()
+
+
+def _validated(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"unknown tkernels backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name.lower()
+
+
+_state = threading.local()
+_default_backend = _validated(os.environ.get("TKERNELS_BACKEND", "auto"))
+
+
+def get_backend() -> str:
+    """The backend in force in this thread: 'auto', 'triton' or 'numpy'."""
+    return getattr(_state, "backend", _default_backend)
+
+
+def set_backend(name: str) -> None:
+    """Set the backend for this thread (and the default for new threads)."""
+    global _default_backend
+    name = _validated(name)
+    _default_backend = name
+    _state.backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager: run the ops inside the block on the given backend."""
+    name = _validated(name)
+    previous = get_backend()
+    _state.backend = name
+    try:
+        yield name
+    finally:
+        _state.backend = previous
+
+
+def resolve(op: str, *tensors: torch.Tensor | None) -> str:
+    """Which concrete backend ('triton' or 'numpy') runs ``op`` on these tensors."""
+    devices = {t.device.type for t in tensors if t is not None}
+    on_cuda = "cuda" in devices
+    choice = get_backend()
+    if choice == "auto":
+        return "triton" if on_cuda or INTERPRET else "numpy"
+    if choice == "triton":
+        if not on_cuda and not INTERPRET:
+            raise RuntimeError(
+                f"{op}: the triton backend needs CUDA tensors, but got tensors on {sorted(devices)}. "
+                "To run the Triton kernels on CPU tensors, set TRITON_INTERPRET=1 in the environment "
+                "before importing tkernels (Triton's interpreter), or use the 'numpy' backend."
+            )
+        return "triton"
+    if on_cuda:
+        raise RuntimeError(
+            f"{op}: the numpy backend runs on CPU tensors only, but got a CUDA tensor. "
+            "Move the tensors to the CPU, or use the 'triton' or 'auto' backend."
+        )
+    return "numpy"

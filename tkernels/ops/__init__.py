@@ -1,0 +1,9 @@
+"""Triton kernels, their launchers, custom-op registrations and autograd Functions, one file per
+op family. Importing this package registers every ``tkernels::`` op and every kernel spec that
+``tkernels inspect`` compiles."""
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

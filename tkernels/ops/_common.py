@@ -1,0 +1,162 @@
+"""Plumbing shared by every op family: tuning configs, the inspect registry,
+input checks and the bridge to the NumPy reference backend."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import triton
+
+from .._backend import INTERPRET
+
+# Set before any kernel compiles: triton 3.9 warns that its FMA-contraction default changes in
+# 3.10, and contraction moves results, so we pin it (on: the fast path on every target).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+ARCHS = ("sm_80", "sm_90")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: tuning configs are data, per architecture, and the interpreter gets exactly one
+# (it ignores num_warps/num_stages and autotune with several configs needs a driver).
+# ---------------------------------------------------------------------------------------------
+def config(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def current_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else "sm_80"
+
+
+class Tuned:
+    """A kernel with per-architecture autotune configs and one interpreter config.
+
+    ``tuned[device]`` gives the launchable kernel: an ``@triton.autotune`` wrapper built
+    lazily per architecture on CUDA, or the bare kernel under the interpreter (where the
+    caller passes ``tuned.interpreter_meta`` itself).
+    """
+
+    def __init__(self, kernel, configs_by_arch: Dict[str, List[triton.Config]], interpreter: triton.Config,
+                 key: Sequence[str], restore_value: Sequence[str] = (), reset_to_zero: Sequence[str] = ()):
+        self.kernel = kernel
+        self.configs_by_arch = configs_by_arch
+        self.interpreter = interpreter
+        self.key = list(key)
+        self.restore_value = list(restore_value)
+        self.reset_to_zero = list(reset_to_zero)
+        self._by_arch: Dict[str, Callable] = {}
+
+    @property
+    def interpreter_meta(self) -> dict:
+        return dict(self.interpreter.kwargs)
+
+    def launcher(self, device: torch.device):
+        """(kernel, meta): launch as ``kernel[grid](*args, **meta)``; grid may read the chosen meta."""
+        if device.type != "cuda":
+            return self.kernel, self.interpreter_meta
+        arch = current_arch(device)
+        fn = self._by_arch.get(arch)
+        if fn is None:
+            kwargs = {}
+            if self.restore_value:
+                kwargs["restore_value"] = self.restore_value
+            if self.reset_to_zero:
+                kwargs["reset_to_zero"] = self.reset_to_zero
+            fn = triton.autotune(configs=self.configs_by_arch[arch], key=self.key, **kwargs)(self.kernel)
+            self._by_arch[arch] = fn
+        return fn, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The inspect registry: each op family declares how to compile its kernels ahead of time.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class KernelSpec:
+    """How `tkernels inspect` compiles one kernel for a GPU target without a GPU.
+
+    ``signature`` maps each runtime argument to a Triton type; "{dtype}" is replaced by
+    each entry of ``dtypes`` ("fp16", "bf16", "fp32"). ``variants`` are dicts of the
+    kernel's non-tuning constexprs (activation, flags); each config is compiled with each
+    variant. ``tensor_cores`` says whether fp16/bf16 builds must use HMMA/HGMMA.
+    """
+
+    name: str
+    kernel: object
+    signature: Dict[str, str]
+    configs_by_arch: Dict[str, List[triton.Config]]
+    variants: List[dict] = field(default_factory=lambda: [{}])
+    dtypes: Sequence[str] = ("fp16", "bf16", "fp32")
+    tensor_cores: bool = False
+    # Constexprs that depend on the dtype, e.g. {"fp32": {"INPUT_PRECISION": "tf32"}}
+    per_dtype: Dict[str, dict] = field(default_factory=dict)
+
+
+KERNEL_SPECS: Dict[str, KernelSpec] = {}
+
+
+def register_kernel(spec: KernelSpec) -> KernelSpec:
+    KERNEL_SPECS[spec.name] = spec
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: errors that say what was given and what was expected.
+# ---------------------------------------------------------------------------------------------
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_floating(op: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, not {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                        f"float64), but got {t.dtype}")
+
+
+def check_same(op: str, ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise RuntimeError(f"{op}: expected {name} on the same device as {ref_name} ({ref.device}), "
+                               f"but it is on {t.device}")
+        if t.dtype != ref.dtype:
+            raise RuntimeError(f"{op}: expected {name} to have the dtype of {ref_name} ({ref.dtype}), "
+                               f"but it is {t.dtype}")
+
+
+def check_triton_dtype(op: str, t: torch.Tensor) -> None:
+    if t.dtype not in TRITON_DTYPES:
+        raise RuntimeError(f"{op}: the triton backend supports float16, bfloat16 and float32, not {t.dtype}; "
+                        "float64 runs on the numpy backend")
+
+
+def tl_input_precision(dtype: torch.dtype) -> str:
+    """fp32 matmuls follow torch's switch: exact ('ieee') unless TF32 is allowed."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy bridge: the reference computes in float64 and results are cast back to the input dtype.
+# ---------------------------------------------------------------------------------------------
+def to_numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    if t is None:
+        return None
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def from_numpy(a: np.ndarray, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device=like.device, dtype=dtype or like.dtype)
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+

@@ -1,0 +1,130 @@
+"""Fused Linear: y = act(x @ W^T + b), forward and backward as tkernels custom ops.
+
+Forward is one matmul launch with bias and activation in the epilogue. Backward fuses
+dZ = dY * act'(.) into the loads of the two gradient GEMMs and gets the bias gradient as
+a by-product of the weight-gradient GEMM (its row sums). What backward keeps: nothing for
+identity, the output y for relu/sigmoid/tanh, the pre-activation z otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..activations import ActivationLike, resolve_activation
+from ..reference import linear as ref
+from ._common import check_floating, check_same, check_triton_dtype, from_numpy, to_numpy
+from .matmul import matmul
+from .reductions import column_sum
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("tkernels::linear", mutates_args=())
+def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float,
+                   save_preact: bool) -> Tuple[Tensor, Tensor]:
+    """x: (M, K) -> (y (M, N), z (M, N) if save_preact else an empty tensor)."""
+    M, N = x.shape[0], weight.shape[0]
+    if _backend.resolve("linear", x) == "numpy":
+        y, z = ref.linear_forward(to_numpy(x), to_numpy(weight), to_numpy(bias), activation, param)
+        return from_numpy(y, x), (from_numpy(z, x) if save_preact else x.new_empty(_EMPTY))
+    check_triton_dtype("linear", x)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, N), device=x.device, dtype=x.dtype) if save_preact else x.new_empty(_EMPTY)
+    act = resolve_activation(activation)
+    matmul(x, weight.t(), y, bias=bias, activation_code=act.code, activation_param=param,
+           preact_out=z if save_preact else None)
+    return y, z
+
+
+@linear_forward.register_fake
+def _(x, weight, bias, activation, param, save_preact):
+    M, N = x.shape[0], weight.shape[0]
+    return x.new_empty((M, N)), x.new_empty((M, N) if save_preact else _EMPTY)
+
+
+@torch.library.custom_op("tkernels::linear_backward", mutates_args=())
+def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Tensor,
+                    activation: str, param: float, need_input: bool, need_weight: bool,
+                    need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dx, dW, db); the ones not asked for come back as empty tensors."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if _backend.resolve("linear", x) == "numpy":
+        dx, dw, db = ref.linear_backward(to_numpy(grad_y), to_numpy(x), to_numpy(weight), to_numpy(bias),
+                                         activation, param)
+        return (from_numpy(dx, x) if need_input else x.new_empty(_EMPTY),
+                from_numpy(dw, weight) if need_weight else x.new_empty(_EMPTY),
+                from_numpy(db, weight) if need_bias else x.new_empty(_EMPTY))
+    act = resolve_activation(activation)
+    gate = None if act.is_identity else saved
+    gate_t = None if gate is None else gate.t()
+    dx, dw, db = x.new_empty(_EMPTY), x.new_empty(_EMPTY), x.new_empty(_EMPTY)
+    if need_input:  # dX = dZ @ W
+        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        matmul(grad_y, weight, dx, gate=gate, gate_activation_code=act.code, activation_param=param)
+    if need_bias:
+        db = torch.empty((N,), device=x.device, dtype=weight.dtype)
+    if need_weight:  # dW = dZ^T @ X, and db = row sums of dZ^T
+        dw = torch.empty((N, K), device=x.device, dtype=weight.dtype)
+        matmul(grad_y.t(), x, dw, gate=gate_t, gate_activation_code=act.code, activation_param=param,
+               rowsum_out=db if need_bias else None)
+    elif need_bias:
+        column_sum(grad_y, db, gate=gate, gate_activation_code=act.code, activation_param=param)
+    return dx, dw, db
+
+
+@linear_backward.register_fake
+def _(grad_y, x, weight, bias, saved, activation, param, need_input, need_weight, need_bias):
+    return (x.new_empty(x.shape if need_input else _EMPTY),
+            weight.new_empty(weight.shape if need_weight else _EMPTY),
+            weight.new_empty((weight.shape[0],) if need_bias else _EMPTY))
+
+
+class LinearFunction(torch.autograd.Function):
+    """Autograd for the fused linear on 2-D input; see :func:`linear` for the public entry."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float):
+        act = resolve_activation(activation)
+        save_preact = not act.grad_from_output
+        y, z = torch.ops.tkernels.linear(x, weight, bias, act.name, param, save_preact)
+        ctx.activation, ctx.param, ctx.has_bias = act.name, param, bias is not None
+        saved = z if save_preact else y
+        ctx.save_for_backward(x, weight, bias, saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight, bias, saved = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, dw, db = torch.ops.tkernels.linear_backward(
+            grad_y, x, weight, bias, saved, ctx.activation, ctx.param, need_x, need_w, need_b and ctx.has_bias)
+        return (dx if need_x else None, dw if need_w else None, db if (need_b and ctx.has_bias) else None,
+                None, None)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+           activation: ActivationLike = None) -> Tensor:
+    """``torch.nn.functional.linear`` with an optional fused activation: act(input @ weight.T + bias)."""
+    op = "linear"
+    check_floating(op, "input", input)
+    check_floating(op, "weight", weight)
+    check_same(op, "input", input, weight=weight, bias=bias)
+    if weight.dim() != 2:
+        raise RuntimeError(f"{op}: weight must be 2-D (out_features, in_features), but got shape {tuple(weight.shape)}")
+    if input.dim() == 0:
+        raise RuntimeError(f"{op}: input must have at least 1 dimension, but got a scalar")
+    if input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"{op}: input has {input.shape[-1]} features in its last dimension but weight expects "
+                           f"in_features={weight.shape[1]} (input {tuple(input.shape)}, weight {tuple(weight.shape)})")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise RuntimeError(f"{op}: bias must have shape ({weight.shape[0]},) to match out_features, "
+                           f"but got {tuple(bias.shape)}")
+    act = resolve_activation(activation)
+    lead = input.shape[:-1]
+    x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    y = LinearFunction.apply(x2d, weight, bias, act.name, act.param)
+    return y if input.dim() == 2 else y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,245 @@
+"""The tiled matmul that Linear's forward and backward are made of.
+
+    C[M, N] = act( gate(A)[M, K] @ B[K, N] + bias[N] )
+
+* ``gate(A) = A * act'(G)``, an optional prologue applied to A's tiles as they are loaded.
+  It fuses the activation derivative into the backward GEMMs: dX = (dY*act'(.)) @ W and
+  dW = (dY*act'(.))^T @ X never materialise dZ.
+* ``ROWSUM`` also writes sum_k gate(A)[m, k]; for dW = dZ^T @ X that is the bias gradient.
+* The epilogue adds the bias, optionally stores the pre-activation z, applies the
+  activation and casts to C's dtype; accumulation is fp32.
+
+Tiling: one program per BLOCK_M x BLOCK_N tile of C, walking K in BLOCK_K steps. Tiles are
+visited in groups of GROUP_M rows so that neighbouring programs share B columns in L2.
+Traffic: A is read N/BLOCK_N times and B M/BLOCK_M times, C written once; compute-bound at
+the sizes that matter. When M and N are small and K long (weight gradients of a big batch),
+the K range is split across SPLIT_K programs that write fp32 partials to a workspace and a
+second kernel sums them in a fixed order (deterministic; no float atomics).
+
+All offsets are computed in int64, so tensors past 2**31 elements index correctly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..activations import activation_grad, apply_activation
+from ._common import KernelSpec, Tuned, cdiv, config, register_kernel, tl_input_precision
+
+
+@triton.jit
+def matmul_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, gate_ptr, preact_ptr, rowsum_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_gm, stride_gk, stride_pm, stride_pn,
+    stride_split_c, stride_split_r,
+    act_param,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
+    HAS_GATE: tl.constexpr, GATE_ACT: tl.constexpr, ROWSUM: tl.constexpr,
+    SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M tile-rows share the same B columns while they are hot in L2
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % width) % group_rows)
+    pid_n = (pid % width) // group_rows
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # this program's slice of the K range (the whole range unless split)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < k_hi
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
+        if HAS_GATE:
+            g = tl.load(gate_ptr + offs_m[:, None] * stride_gm + offs_k[None, :] * stride_gk, mask=a_mask, other=0.0)
+            gated = a.to(tl.float32) * activation_grad(g.to(tl.float32), GATE_ACT, act_param)
+            a = tl.where(a_mask, gated, 0.0).to(a_ptr.dtype.element_ty)
+        if ROWSUM:
+            row_acc += tl.sum(a.to(tl.float32), axis=1)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    c_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        # fp32 partials; the epilogue runs in the reduction kernel
+        part = c_ptr + pid_k * stride_split_c
+        tl.store(part + offs_m[:, None] * N + offs_n[None, :], acc, mask=c_mask)
+        if ROWSUM:
+            if pid_n == 0:
+                tl.store(rowsum_ptr + pid_k * stride_split_r + offs_m, row_acc, mask=mask_m)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if STORE_PREACT:
+            tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                     acc.to(preact_ptr.dtype.element_ty), mask=c_mask)
+        out = apply_activation(acc, ACT, act_param)
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                 out.to(c_ptr.dtype.element_ty), mask=c_mask)
+        if ROWSUM:
+            if pid_n == 0:
+                tl.store(rowsum_ptr + offs_m, row_acc.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def sum_partials_kernel(part_ptr, out_ptr, L, SPLIT, stride_out, BLOCK: tl.constexpr):
+    """out[l] = sum_s part[s, l] in a fixed order (fp32), cast to out's dtype. Memory-bound."""
+    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = offs < L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * L + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs * stride_out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _configs(sm90: bool):
+    big = [
+        config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        config(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    ] if sm90 else [
+        config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    ]
+    return big + [
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=5),
+        config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=2, num_stages=4),
+    ]
+
+
+MATMUL_CONFIGS = {"sm_80": _configs(False), "sm_90": _configs(True)}
+# Under the interpreter, bigger tiles mean fewer NumPy-driven programs; 32 keeps odd shapes masked.
+TUNED_MATMUL = Tuned(matmul_kernel, MATMUL_CONFIGS,
+                     interpreter=config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+                     key=["M", "N", "K", "SPLIT_K"])
+SUM_PARTIALS_BLOCK = 1024
+
+register_kernel(KernelSpec(
+    name="matmul",
+    kernel=matmul_kernel,
+    signature={
+        "a_ptr": "*{dtype}", "b_ptr": "*{dtype}", "c_ptr": "*{dtype}", "bias_ptr": "*{dtype}",
+        "gate_ptr": "*{dtype}", "preact_ptr": "*{dtype}", "rowsum_ptr": "*{dtype}",
+        "M": "i32", "N": "i32", "K": "i32",
+        "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
+        "stride_cm": "i32", "stride_cn": "i32", "stride_gm": "i32", "stride_gk": "i32",
+        "stride_pm": "i32", "stride_pn": "i32", "stride_split_c": "i32", "stride_split_r": "i32",
+        "act_param": "fp32",
+    },
+    configs_by_arch=MATMUL_CONFIGS,
+    # forward with the heaviest epilogue, and the backward with the gate prologue + bias rowsum
+    variants=[
+        dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, HAS_GATE=False, GATE_ACT=0, ROWSUM=False, SPLIT_K=1),
+        dict(HAS_BIAS=False, ACT=0, STORE_PREACT=False, HAS_GATE=True, GATE_ACT=4, ROWSUM=True, SPLIT_K=1),
+    ],
+    per_dtype={"fp32": {"INPUT_PRECISION": "tf32"}, "fp16": {"INPUT_PRECISION": "ieee"},
+               "bf16": {"INPUT_PRECISION": "ieee"}},
+    tensor_cores=True,
+))
+register_kernel(KernelSpec(
+    name="sum_partials",
+    kernel=sum_partials_kernel,
+    signature={"part_ptr": "*fp32", "out_ptr": "*{dtype}", "L": "i32", "SPLIT": "i32", "stride_out": "i32"},
+    configs_by_arch={arch: [config(BLOCK=SUM_PARTIALS_BLOCK, num_warps=4, num_stages=1)] for arch in ("sm_80", "sm_90")},
+))
+
+
+def _choose_split_k(M: int, N: int, K: int, device: torch.device) -> int:
+    """Split the reduction when the output has too few tiles to fill the GPU but K is long."""
+    if device.type != "cuda":
+        return 1
+    tiles = cdiv(M, 128) * cdiv(N, 128)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if tiles >= sms or K < 4096:
+        return 1
+    return max(1, min(32, sms // tiles, K // 2048))
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
+           bias: Optional[torch.Tensor] = None,
+           activation_code: int = 0, activation_param: float = 0.0,
+           preact_out: Optional[torch.Tensor] = None,
+           gate: Optional[torch.Tensor] = None, gate_activation_code: int = 0,
+           rowsum_out: Optional[torch.Tensor] = None,
+           split_k: Optional[int] = None) -> torch.Tensor:
+    """Launch C = act(gate(A) @ B + bias) into ``out``. A, B, C and gate may have any strides.
+
+    a: (M, K), b: (K, N), out: (M, N), gate: like a, rowsum_out: (M,).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        if rowsum_out is not None:
+            rowsum_out.zero_()
+        return out
+    split = split_k if split_k is not None else _choose_split_k(M, N, K, a.device)
+    split = max(1, min(split, max(1, K)))
+    if split > 1 and (bias is not None or activation_code != 0 or preact_out is not None):
+        raise ValueError("split-K matmul has no epilogue; use it for gradients only")
+
+    dummy = out
+    if split > 1:
+        c_target = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
+        row_target = (torch.empty((split, M), device=a.device, dtype=torch.float32)
+                      if rowsum_out is not None else c_target)
+    else:
+        c_target = out
+        row_target = rowsum_out if rowsum_out is not None else dummy
+    gate_t = gate if gate is not None else a
+    preact_t = preact_out if preact_out is not None else dummy
+
+    kernel, meta = TUNED_MATMUL.launcher(a.device)
+    grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
+    kernel[grid](
+        a, b, c_target, bias if bias is not None else dummy, gate_t, preact_t, row_target,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        gate_t.stride(0), gate_t.stride(1), preact_t.stride(0), preact_t.stride(-1),
+        M * N, M,
+        float(activation_param),
+        HAS_BIAS=bias is not None, ACT=activation_code, STORE_PREACT=preact_out is not None,
+        HAS_GATE=gate is not None, GATE_ACT=gate_activation_code, ROWSUM=rowsum_out is not None,
+        SPLIT_K=split, INPUT_PRECISION=tl_input_precision(a.dtype),
+        **meta,
+    )
+    if split > 1:
+        _sum_partials(c_target.view(split, M * N), out, M * N, split, out_2d=(M, N))
+        if rowsum_out is not None:
+            _sum_partials(row_target, rowsum_out, M, split)
+    return out
+
+
+def _sum_partials(part: torch.Tensor, out: torch.Tensor, L: int, split: int, out_2d=None) -> None:
+    target = out
+    if out_2d is not None and not out.is_contiguous():
+        target = torch.empty(out_2d, device=out.device, dtype=out.dtype)
+    grid = (cdiv(L, SUM_PARTIALS_BLOCK),)
+    sum_partials_kernel[grid](part, target, L, split, 1, BLOCK=SUM_PARTIALS_BLOCK)
+    if target is not out:
+        out.copy_(target)
