@@ -153,7 +153,10 @@ def to_numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
 
 
 def from_numpy(a: np.ndarray, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device=like.device, dtype=dtype or like.dtype)
+    a = np.asarray(a)
+    if not a.flags.c_contiguous or not a.flags.writeable:  # (np.ascontiguousarray would turn 0-d into 1-d)
+        a = a.copy()
+    return torch.from_numpy(a).to(device=like.device, dtype=dtype or like.dtype)
 
 
 def cdiv(a: int, b: int) -> int:

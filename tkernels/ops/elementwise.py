@@ -159,7 +159,7 @@ def activation_forward(x: Tensor, activation: str, param: float) -> Tensor:
     check_triton_dtype(activation, x)
     x = _as_kernel_input(x)
     out = torch.empty_like(x)
-    _run_forward(x, out, resolve_activation(activation))
+    _run_forward(x, out, Activation(activation, param))
     return out
 
 
@@ -176,10 +176,10 @@ def activation_forward_inplace(x: Tensor, activation: str, param: float) -> None
     check_triton_dtype(activation, x)
     if _needs_restride(x):
         tmp = x.contiguous()
-        _run_forward(tmp, tmp, resolve_activation(activation))
+        _run_forward(tmp, tmp, Activation(activation, param))
         x.copy_(tmp)
     else:
-        _run_forward(x, x, resolve_activation(activation))
+        _run_forward(x, x, Activation(activation, param))
 
 
 @activation_forward_inplace.register_fake
