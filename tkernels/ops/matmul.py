@@ -137,7 +137,7 @@ MATMUL_CONFIGS = {"sm_80": _configs(False), "sm_90": _configs(True)}
 # Under the interpreter, bigger tiles mean fewer NumPy-driven programs; 32 keeps odd shapes masked.
 TUNED_MATMUL = Tuned(matmul_kernel, MATMUL_CONFIGS,
                      interpreter=config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-                     key=["M", "N", "K", "SPLIT_K"])
+                     key=["M", "N", "K", "SPLIT_K", "HAS_GATE", "ROWSUM"])
 SUM_PARTIALS_BLOCK = 1024
 
 register_kernel(KernelSpec(
