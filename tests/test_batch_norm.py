@@ -1,0 +1,412 @@
+"""Batch norm: functional and modules, training and eval, every gradient, against the float64
+NumPy reference and torch, on both backends."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import tkernels
+from tkernels import functional as F
+from tkernels import nn as tnn
+from tkernels.ops import batch_norm_kernels as K
+from tkernels.reference import batch_norm as ref
+
+from helpers import assert_close, canary, device_for, skip_unsupported, to_numpy64
+
+TORCH_ACT = {
+    "identity": lambda z: z, "relu": TF.relu, "leaky_relu": lambda z: TF.leaky_relu(z, 0.2), "gelu": TF.gelu,
+    "gelu_tanh": lambda z: TF.gelu(z, approximate="tanh"), "silu": TF.silu, "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+
+def _act(name):
+    return tkernels.activations.Activation(name, 0.2 if name == "leaky_relu" else 0.0)
+
+
+def _values(shape, dtype, scale=1.5, shift=0.5):
+    return (torch.randn(*shape) * scale + shift).to(dtype)
+
+
+def _per_channel(C, dtype, positive=False):
+    v = torch.rand(C) + 0.5 if positive else torch.randn(C)
+    return v.to(dtype)
+
+
+def _run(backend, x, weight, bias, rm, rv, training, act, momentum=0.1, grad=None, layout=None):
+    """Forward + backward through tkernels on `backend`; returns (y, grads, running stats)."""
+    device = device_for(backend)
+    xt = canary(x.to(device), requires_grad=True, memory_format=layout)
+    wt = None if weight is None else weight.detach().clone().to(device).requires_grad_()
+    bt = None if bias is None else bias.detach().clone().to(device).requires_grad_()
+    rmt = None if rm is None else rm.clone().to(device)
+    rvt = None if rv is None else rv.clone().to(device)
+    y = F.batch_norm(xt, rmt, rvt, wt, bt, training=training, momentum=momentum, activation=_act(act))
+    g = torch.randn(y.shape).to(y.dtype).to(device) if grad is None else grad
+    y.backward(g)
+    grads = [None if t is None else t.grad for t in (xt, wt, bt)]
+    return y, g, grads, rmt, rvt
+
+
+def _check_against_reference_and_torch(x, weight, bias, rm, rv, training, act, y, g, grads, rmt, rvt,
+                                        momentum=0.1, scale=1.0):
+    dtype = x.dtype
+    M = x.numel() // x.shape[1]
+    y_ref, rm_ref, rv_ref = ref.batch_norm_forward(to_numpy64(x), to_numpy64(rm), to_numpy64(rv), to_numpy64(weight),
+                                                   to_numpy64(bias), training, momentum, 1e-5, act, _act(act).param)
+    dx_ref, dw_ref, db_ref = ref.batch_norm_backward(to_numpy64(g), to_numpy64(x), to_numpy64(weight),
+                                                     to_numpy64(bias), to_numpy64(rm), to_numpy64(rv), training, 1e-5,
+                                                     act, _act(act).param)
+    assert_close(y, y_ref, dtype=dtype, scale=scale, msg="y vs reference")
+    assert_close(grads[0], dx_ref, dtype=dtype, reduction=M, scale=scale, msg="dx vs reference")
+    if weight is not None:
+        assert_close(grads[1], dw_ref, dtype=dtype, reduction=M, scale=scale, msg="dweight vs reference")
+    if bias is not None:
+        assert_close(grads[2], db_ref, dtype=dtype, reduction=M, scale=scale, msg="dbias vs reference")
+    if rm is not None:
+        assert_close(rmt, rm_ref, dtype=dtype, msg="running_mean vs reference")
+        assert_close(rvt, rv_ref, dtype=dtype, scale=scale, msg="running_var vs reference")
+    # torch itself, in float32 or float64 (its CPU batch norm of half inputs is not a useful yardstick)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def widened(t):
+        return None if t is None else t.detach().to(wide).clone()
+
+    xs, ws, bs, rms, rvs = (widened(t) for t in (x, weight, bias, rm, rv))
+    for t in (xs, ws, bs):
+        if t is not None:
+            t.requires_grad_()
+    ys = TORCH_ACT[act](TF.batch_norm(xs, rms, rvs, ws, bs, training=training, momentum=momentum))
+    ys.backward(g.to(wide).cpu())
+    tol = dict(dtype=dtype, scale=scale)
+    assert_close(y, ys, **tol, msg="y vs torch")
+    assert_close(grads[0], xs.grad, reduction=M, **tol, msg="dx vs torch")
+    if weight is not None:
+        assert_close(grads[1], ws.grad, reduction=M, **tol, msg="dweight vs torch")
+    if rm is not None:
+        assert_close(rvt, rvs, **tol, msg="running_var vs torch")
+
+
+# (shape, channels_last, activation, affine: weight/bias present, running stats present)
+TRAINING_CASES = [
+    pytest.param((17, 33), None, "tanh", (True, True), True, id="2d-17x33-tanh"),
+    pytest.param((4, 3, 19), None, "leaky_relu", (True, False), True, id="3d-weight-only-leaky"),
+    pytest.param((3, 5, 4, 5), None, "gelu", (True, True), True, id="nchw-gelu"),
+    pytest.param((3, 5, 4, 5), torch.channels_last, "silu", (False, True), True, id="channels_last-bias-only-silu"),
+    pytest.param((2, 3, 2, 3, 4), None, "sigmoid", (False, False), False, id="5d-no-affine-no-running-sigmoid"),
+    pytest.param((6, 1, 3, 5), None, "relu", (True, True), True, id="C1-relu"),
+]
+
+
+@pytest.mark.parametrize("shape, layout, act, affine, running", TRAINING_CASES)
+def test_training(backend, shape, layout, act, affine, running):
+    C = shape[1]
+    x = _values(shape, torch.float32)
+    weight = _per_channel(C, torch.float32) if affine[0] else None
+    bias = _per_channel(C, torch.float32) if affine[1] else None
+    rm = _per_channel(C, torch.float32) if running else None
+    rv = _per_channel(C, torch.float32, positive=True) if running else None
+    y, g, grads, rmt, rvt = _run(backend, x, weight, bias, rm, rv, True, act, momentum=0.3, layout=layout)
+    if layout is not None:
+        assert y.is_contiguous(memory_format=layout), "output should keep the input's memory format"
+    _check_against_reference_and_torch(x, weight, bias, rm, rv, True, act, y, g, grads, rmt, rvt, momentum=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_training_dtypes(backend, dtype):
+    skip_unsupported(backend, dtype)
+    shape = (5, 4, 3, 3)
+    x = _values(shape, dtype)
+    weight, bias = _per_channel(4, dtype), _per_channel(4, dtype)
+    rm, rv = _per_channel(4, dtype), _per_channel(4, dtype, positive=True)
+    y, g, grads, rmt, rvt = _run(backend, x, weight, bias, rm, rv, True, "identity")
+    assert y.dtype == dtype and grads[1].dtype == dtype and rmt.dtype == dtype
+    _check_against_reference_and_torch(x, weight, bias, rm, rv, True, "identity", y, g, grads, rmt, rvt, scale=2.0)
+
+
+def test_half_input_with_float32_parameters(backend):
+    """Mixed precision (autocast-style): fp16 activations, fp32 weight/bias/running stats."""
+    x = _values((6, 3, 4, 3), torch.float16)
+    weight, bias = _per_channel(3, torch.float32), _per_channel(3, torch.float32)
+    rm, rv = _per_channel(3, torch.float32), _per_channel(3, torch.float32, positive=True)
+    y, g, grads, rmt, rvt = _run(backend, x, weight, bias, rm, rv, True, "relu")
+    assert y.dtype == torch.float16 and grads[1].dtype == torch.float32 and rmt.dtype == torch.float32
+    _check_against_reference_and_torch(x, weight, bias, rm, rv, True, "relu", y, g, grads, rmt, rvt, scale=2.0)
+
+
+@pytest.mark.parametrize("layout", [None, torch.channels_last])
+def test_eval(backend, layout):
+    shape = (4, 6, 3, 5)
+    x = _values(shape, torch.float32)
+    weight, bias = _per_channel(6, torch.float32), _per_channel(6, torch.float32)
+    rm, rv = _per_channel(6, torch.float32), _per_channel(6, torch.float32, positive=True)
+    y, g, grads, rmt, rvt = _run(backend, x, weight, bias, rm, rv, False, "gelu_tanh", layout=layout)
+    assert torch.equal(rmt, rm) and torch.equal(rvt, rv), "eval must not touch the running stats"
+    _check_against_reference_and_torch(x, weight, bias, rm, rv, False, "gelu_tanh", y, g, grads, rmt, rvt)
+
+
+def test_stability_large_mean_small_std(backend):
+    """Data with mean 1e4 and std 1e-2. E[x^2] - E[x]^2 in fp32 returns noise or a negative variance,
+    and even a two-pass fp32 mean is off by up to half an ulp of 1e4 (5e-4, 5% of the std); the
+    shifted statistics keep the normalised output at fp32 precision."""
+    device = device_for(backend)
+    x = (1e4 + 1e-2 * torch.randn(8, 3, 6, 6)).to(device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    eps = 1e-10  # so that the normalised data has unit variance
+    y = F.batch_norm(x, rm, rv, training=True, momentum=1.0, eps=eps)
+    y_ref, rm_ref, rv_ref = ref.batch_norm_forward(to_numpy64(x), np.zeros(3), np.ones(3), training=True, momentum=1.0,
+                                                   eps=eps)
+    assert_close(y, y_ref, dtype=torch.float32, scale=2, msg="normalised output")
+    per_channel = y.transpose(0, 1).reshape(3, -1).double()
+    assert per_channel.mean(1).abs().max() < 1e-5
+    assert (per_channel.std(1, unbiased=False) - 1).abs().max() < 1e-5
+    torch.testing.assert_close(rm.double().cpu(), torch.from_numpy(rm_ref), rtol=0, atol=5e-4)  # fp32 ulp(1e4) / 2
+    torch.testing.assert_close(rv.double().cpu(), torch.from_numpy(rv_ref), rtol=1e-5, atol=0)
+
+
+def test_small_channels_large_batch_splits_the_reduction(backend):
+    """C=2 with N*H*W = 1024: the statistics and the weight gradients come from several partials."""
+    shape = (16, 2, 8, 8)
+    x = _values(shape, torch.float32)
+    weight, bias = _per_channel(2, torch.float32), _per_channel(2, torch.float32)
+    rm, rv = _per_channel(2, torch.float32), _per_channel(2, torch.float32, positive=True)
+    geom = K.plan(shape, x.stride(), x.stride())
+    assert K._num_splits(geom, torch.device(device_for(backend))) > 1
+    y, g, grads, rmt, rvt = _run(backend, x, weight, bias, rm, rv, True, "identity")
+    _check_against_reference_and_torch(x, weight, bias, rm, rv, True, "identity", y, g, grads, rmt, rvt)
+
+
+@pytest.mark.parametrize("layout", ["permuted", "sliced-6d"])
+def test_unusual_strides(backend, layout):
+    """A permuted (H, W, N, C)-stored input runs in place; a sliced 6-D view (five separate runs of
+    reduction dims) falls back to a contiguous copy. Both must give the same numbers."""
+    if layout == "permuted":
+        x = _values((3, 4, 5, 2), torch.float32).permute(2, 3, 0, 1)  # logical (5, 2, 3, 4)
+    else:
+        x = _values((2, 3, 4, 4, 4, 3), torch.float32)[:, :, ::2, ::2, ::2, ::2]
+    C = x.shape[1]
+    weight, bias = _per_channel(C, torch.float32), _per_channel(C, torch.float32)
+    rm, rv = _per_channel(C, torch.float32), _per_channel(C, torch.float32, positive=True)
+    device = device_for(backend)
+    xt = x.to(device).requires_grad_()
+    wt, bt = weight.clone().to(device).requires_grad_(), bias.clone().to(device).requires_grad_()
+    rmt, rvt = rm.clone().to(device), rv.clone().to(device)
+    y = F.batch_norm(xt, rmt, rvt, wt, bt, training=True, activation="gelu")
+    g = torch.randn(y.shape).to(device)
+    y.backward(g)
+    _check_against_reference_and_torch(x, weight, bias, rm, rv, True, "gelu", y, g, [xt.grad, wt.grad, bt.grad],
+                                       rmt, rvt)
+
+
+def test_broadcast_gradient_and_no_mutation(backend):
+    """y.sum() gives a stride-0 gradient; neither input, gradient nor parameters may be written."""
+    device = device_for(backend)
+    x = _values((5, 3, 4, 2), torch.float32).to(device).requires_grad_()
+    w, b = _per_channel(3, torch.float32).to(device).requires_grad_(), _per_channel(3, torch.float32).to(device)
+    before = [t.detach().clone() for t in (x, w, b)]
+    y = F.batch_norm(x, None, None, w, b, training=True, activation="silu")
+    y.sum().backward()
+    for t, t0 in zip((x, w, b), before):
+        assert torch.equal(t.detach(), t0), "an input was mutated"
+    dx_ref, dw_ref, _ = ref.batch_norm_backward(np.ones(x.shape), to_numpy64(x), to_numpy64(w), to_numpy64(b),
+                                                activation="silu")
+    assert_close(x.grad, dx_ref, reduction=40)
+    assert_close(w.grad, dw_ref, reduction=40)
+
+
+def test_deterministic(backend):
+    device = device_for(backend)
+    x = _values((7, 3, 5, 3), torch.float32).to(device)
+    w = _per_channel(3, torch.float32).to(device)
+    g = torch.randn(x.shape).to(device)
+    results = []
+    for _ in range(2):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = F.batch_norm(xs, None, None, ws, None, training=True)
+        y.backward(g)
+        results.append((y, xs.grad, ws.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch(backend):
+    device = device_for(backend)
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    x = torch.randn(0, 3, 4, device=device, requires_grad=True)
+    w = torch.randn(3, device=device, requires_grad=True)
+    y = F.batch_norm(x, rm, rv, w, training=True)
+    y.sum().backward()
+    assert y.shape == (0, 3, 4) and x.grad.shape == (0, 3, 4)
+    assert torch.equal(w.grad, torch.zeros(3, device=device))
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "torch leaves running stats alone for an empty batch"
+    assert F.batch_norm(x.detach(), rm, rv).shape == (0, 3, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
+def test_module_running_stats_sequence_then_eval(backend, momentum):
+    device = device_for(backend)
+    ours = tnn.BatchNorm2d(3, momentum=momentum).to(device)
+    theirs = torch.nn.BatchNorm2d(3, momentum=momentum)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 3))
+            m.bias.copy_(torch.linspace(-1, 1, 3))
+    for step in range(3):
+        x = _values((4, 3, 3, 5), torch.float32, scale=1 + step, shift=step)
+        assert_close(ours(x.to(device)), theirs(x), msg=f"training step {step}")
+    assert_close(ours.running_mean, theirs.running_mean)
+    assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+    ours.eval()
+    theirs.eval()
+    x = _values((2, 3, 3, 5), torch.float32)
+    assert_close(ours(x.to(device)), theirs(x), msg="eval")
+    assert int(ours.num_batches_tracked) == 3
+
+
+def test_module_no_affine_no_tracking(backend):
+    device = device_for(backend)
+    ours = tnn.BatchNorm1d(5, affine=False, track_running_stats=False, activation="relu").to(device)
+    theirs = torch.nn.BatchNorm1d(5, affine=False, track_running_stats=False)
+    assert ours.weight is None and ours.running_mean is None and list(ours.state_dict()) == []
+    x = _values((7, 5, 3), torch.float32)
+    xo, xt = x.clone().to(device).requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(7, 5, 3)
+    ours.eval()  # without running stats, eval still normalises with the batch
+    theirs.eval()
+    yo, yt = ours(xo), torch.relu(theirs(xt))
+    yo.backward(g.to(device))
+    yt.backward(g)
+    assert_close(yo, yt)
+    assert_close(xo.grad, xt.grad, reduction=21)
+
+
+def test_module_interface():
+    m = tnn.BatchNorm2d(4, eps=1e-3, momentum=0.2, activation=torch.nn.LeakyReLU(0.3))
+    assert isinstance(m, torch.nn.BatchNorm2d)
+    assert list(m.state_dict()) == list(torch.nn.BatchNorm2d(4).state_dict())
+    assert "activation=leaky_relu(negative_slope=0.3)" in repr(m)
+    with pytest.raises(ValueError):
+        m(torch.randn(2, 4))  # BatchNorm2d wants 4-D input, as torch's does
+    with pytest.raises(ValueError):
+        tnn.BatchNorm1d(3, activation="softplus")
+    state = torch.nn.BatchNorm1d(3).state_dict()
+    tnn.BatchNorm1d(3).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+_X = torch.randn(4, 3, 2)
+_C3 = torch.ones(3)
+BAD_CALLS = [
+    pytest.param(lambda f: f(torch.randn(1, 3), None, None, training=True), ValueError, id="one-value-per-channel"),
+    pytest.param(lambda f: f(torch.randn(1, 3, 1), _C3.clone(), _C3.clone(), training=True), ValueError,
+                 id="one-value-per-channel-3d"),
+    pytest.param(lambda f: f(_X, _C3.clone(), None, training=True), ValueError, id="running-mean-without-var"),
+    pytest.param(lambda f: f(_X, None, None), RuntimeError, id="eval-without-running-stats"),
+    pytest.param(lambda f: f(_X, _C3.clone(), _C3.clone(), torch.ones(4), training=True), RuntimeError,
+                 id="weight-size"),
+    pytest.param(lambda f: f(_X, torch.zeros(4), torch.ones(4), training=True), RuntimeError,
+                 id="running-mean-size"),
+    pytest.param(lambda f: f(torch.ones(4, 3, dtype=torch.int64), _C3.clone(), _C3.clone()), RuntimeError,
+                 id="integer-input"),
+    pytest.param(lambda f: f(_X, _C3.clone().half(), _C3.clone().half(), training=True), RuntimeError,
+                 id="fp32-input-fp16-params"),
+    pytest.param(lambda f: f(_X, _C3.clone(), _C3.clone(), training=True, momentum=None), TypeError,
+                 id="momentum-None"),
+]
+
+
+@pytest.mark.parametrize("call, expected", BAD_CALLS)
+def test_bad_input_raises_what_torch_raises(call, expected):
+    with pytest.raises(expected):
+        call(TF.batch_norm)
+    with pytest.raises(expected) as info:
+        call(F.batch_norm)
+    assert "batch_norm" in str(info.value) or "per channel" in str(info.value)
+
+
+def test_errors_before_mutation():
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError):
+        F.batch_norm(torch.randn(4, 3), rm, rv, training=True, activation="nope")
+    with tkernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="float64"):
+            F.batch_norm(torch.randn(4, 3, dtype=torch.float64), rm.double(), rv.double(), training=True)
+    m = tnn.BatchNorm2d(3)
+    with pytest.raises(RuntimeError):
+        m(torch.randn(2, 4, 3, 3))  # 4 channels for a 3-channel layer
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert int(m.num_batches_tracked) == 0 and torch.equal(m.running_mean, torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout planning, custom-op checks, torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_geometry_needs_no_copy():
+    shape = (3, 5, 4, 6)
+    contiguous = torch.empty(shape)
+    cl = contiguous.to(memory_format=torch.channels_last)
+    padded = canary(torch.randn(shape))
+    g = K.plan(shape, contiguous.stride(), contiguous.stride())
+    assert (g.S, g.O, g.channels_inner) == (24, 3, False)
+    g = K.plan(shape, cl.stride(), cl.stride())
+    assert (g.S, g.O, g.channels_inner) == (72, 1, True)
+    g = K.plan(shape, padded.stride(), contiguous.stride())
+    assert g is not None and g.S == 6 and g.O == 12
+    g = K.plan(shape, cl.stride(), torch.empty(shape).expand(shape).stride(), (0, 0, 0, 0))
+    assert g is not None  # channels_last x with a contiguous / broadcast gradient: still no copy
+    assert K.plan((4, 3), (3, 1), (3, 1)).channels_inner
+
+
+def _opcheck_samples(device):
+    x = torch.randn(3, 2, 2, 3, device=device)
+    p = [torch.randn(2, device=device) for _ in range(2)]
+    rm, rv = torch.zeros(2, device=device), torch.ones(2, device=device)
+    stats = torch.ops.tkernels.batch_norm_stats(x, None, None, 0.1, 1e-5)
+    g = torch.randn_like(x)
+    sums = torch.ops.tkernels.batch_norm_backward_reduce(g, x, stats, p[0], p[1], None, None, True, 1e-5, "gelu",
+                                                         0.0, True, True)[0]
+    return [
+        (torch.ops.tkernels.batch_norm_stats.default, (x, rm, rv, 0.1, 1e-5)),
+        (torch.ops.tkernels.batch_norm_stats.default, (x, None, None, 0.1, 1e-5)),
+        (torch.ops.tkernels.batch_norm_gather_stats.default, (torch.stack([stats, stats]), rm, rv, 0.1, 1e-5)),
+        (torch.ops.tkernels.batch_norm_apply.default, (x, stats, p[0], p[1], None, None, True, 1e-5, "relu", 0.0)),
+        (torch.ops.tkernels.batch_norm_apply.default, (x, None, None, p[1], rm, rv, False, 1e-5, "identity", 0.0)),
+        (torch.ops.tkernels.batch_norm_backward_reduce.default,
+         (g, x, stats, p[0], None, None, None, True, 1e-5, "silu", 0.0, True, False)),
+        (torch.ops.tkernels.batch_norm_backward_input.default,
+         (g, x, stats, p[0], p[1], None, None, sums, True, 1e-5, "gelu", 0.0)),
+        (torch.ops.tkernels.batch_norm_backward_input.default,
+         (g, x, None, None, None, rm, rv, None, False, 1e-5, "identity", 0.0)),
+    ]
+
+
+def test_opcheck(backend):
+    for op, args in _opcheck_samples(device_for(backend)):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(backend):
+    device = device_for(backend)
+    torch._dynamo.reset()
+    model = tnn.BatchNorm2d(3, activation="relu").to(device)
+    reference = tnn.BatchNorm2d(3, activation="relu").to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = _values((4, 3, 3, 3), torch.float32).to(device)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compiled(xc).sum().backward()
+    reference(xe).sum().backward()
+    assert_close(xc.grad, xe.grad, reduction=36)
+    assert_close(model.weight.grad, reference.weight.grad, reduction=36)
+    assert_close(model.running_var, reference.running_var)
+    assert int(model.num_batches_tracked) == 1
+    model.eval()
+    reference.eval()
+    assert_close(compiled(x), reference(x))

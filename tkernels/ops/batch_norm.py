@@ -1,0 +1,347 @@
+"""Batch norm with an optional fused activation: custom ops, autograd and the public function.
+
+    training: y = act(gamma * (x - mean_B) / sqrt(var_B + eps) + beta), running stats updated
+    eval:     y = act(gamma * (x - running_mean) / sqrt(running_var + eps) + beta)
+
+Training forward is two custom ops: ``batch_norm_stats`` (split reduction + stable combine,
+running-stat update in place) and ``batch_norm_apply`` (one elementwise pass); eval is
+``batch_norm_apply`` alone. Backward is ``batch_norm_backward_reduce`` (two-stage deterministic
+sums of dz and dz * x_hat, which are dbeta and dgamma) and ``batch_norm_backward_input`` (one
+pass for dx). SyncBatchNorm (:mod:`tkernels.nn.batchnorm`) calls the same ops with collectives
+in between, plus ``batch_norm_gather_stats`` to merge per-process statistics.
+
+What backward keeps: x, the (5, C) statistics, and the parameters; the pre-activation z is
+recomputed from them. Keeping y instead (possible for relu) would not save any traffic: dx needs
+x_hat, hence x, anyway, so backward reads x and dy either way.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..activations import ActivationLike, resolve_activation
+from ..reference import batch_norm as ref
+from . import batch_norm_kernels as K
+from ._common import check_floating, check_triton_dtype, from_numpy, to_numpy
+
+OP = "batch_norm"
+_EMPTY = (0,)
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _use_numpy(*tensors: Optional[Tensor]) -> bool:
+    return _backend.resolve(OP, *tensors) == "numpy"
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy-backend glue: the (5, C) stats layout <-> the reference's (count, mean, m2, invstd).
+# ---------------------------------------------------------------------------------------------
+def _numpy_stats_tensor(count, mean, m2, eps: float, like: Tensor) -> Tensor:
+    dtype = _stats_dtype(like)
+    hi = mean.astype(np.float32 if dtype == torch.float32 else np.float64).astype(np.float64)
+    rows = np.stack([count, hi, mean - hi, m2, ref.invstd_from_m2(count, m2, eps)])
+    return from_numpy(rows, like, dtype=dtype)
+
+
+def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: float):
+    if training:
+        s = to_numpy(stats)
+        return s[1] + s[2], s[4]
+    return to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps)
+
+
+def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: float) -> None:
+    if running_mean is None:
+        return
+    new_mean, new_var = ref.update_running(to_numpy(running_mean), to_numpy(running_var), count, mean, m2, momentum)
+    running_mean.copy_(from_numpy(new_mean, running_mean))
+    running_var.copy_(from_numpy(new_var, running_var))
+
+
+def _like_input(a, x: Tensor) -> Tensor:
+    out = K.empty_like_dense(x)
+    out.copy_(from_numpy(a, x))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton-backend glue: layouts and in-place buffers.
+# ---------------------------------------------------------------------------------------------
+def _geometry(*tensors: Tensor):
+    """(tensors, geometry) for same-shaped tensors, x first. Only views whose reduction dims form
+    more than four separate runs (sliced 6-D and up) defeat the geometry; they are copied."""
+    geom = K.plan(tensors[0].shape, *[t.stride() for t in tensors])
+    if geom is None:
+        tensors = tuple(t.contiguous() for t in tensors)
+        geom = K.plan(tensors[0].shape, *[t.stride() for t in tensors])
+    return tensors, geom
+
+
+def _elementwise(launch, input: Tensor, grad: Optional[Tensor] = None) -> Tensor:
+    """Allocate the output in input's storage order and run ``launch(*tensors, geom)``."""
+    out = K.empty_like_dense(input)
+    inputs = (input,) if grad is None else (input, grad)
+    (*ins, work), geom = _geometry(*inputs, out)
+    if input.numel():
+        launch(*ins, work, geom)
+    if work is not out:
+        out.copy_(work)
+    return out
+
+
+def _run_with_running(fn, running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> Tensor:
+    """Kernels index running stats with unit stride; a strided buffer is updated through a copy."""
+    if running_mean is None or (running_mean.is_contiguous() and running_var.is_contiguous()):
+        return fn(running_mean, running_var)
+    rm, rv = running_mean.contiguous(), running_var.contiguous()
+    out = fn(rm, rv)
+    running_mean.copy_(rm)
+    running_var.copy_(rv)
+    return out
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("tkernels::batch_norm_stats", mutates_args=("running_mean", "running_var"))
+def batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                     eps: float) -> Tensor:
+    """Batch statistics (5, C) of input; running stats (if given) updated in place."""
+    if _use_numpy(input):
+        count, mean, m2 = ref.channel_stats(to_numpy(input))
+        _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
+        return _numpy_stats_tensor(count, mean, m2, eps, input)
+    check_triton_dtype(OP, input)
+    (x,), geom = _geometry(input)
+    return _run_with_running(lambda rm, rv: K.launch_stats(x, geom, rm, rv, momentum, eps), running_mean, running_var)
+
+
+@batch_norm_stats.register_fake
+def _(input, running_mean, running_var, momentum, eps):
+    return input.new_empty((K.STATS_ROWS, input.shape[1]), dtype=_stats_dtype(input))
+
+
+@torch.library.custom_op("tkernels::batch_norm_gather_stats", mutates_args=("running_mean", "running_var"))
+def batch_norm_gather_stats(gathered: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                            momentum: float, eps: float) -> Tensor:
+    """Merge per-process statistics (P, 5, C) into (5, C); running stats updated in place."""
+    if _use_numpy(gathered):
+        g = to_numpy(gathered)
+        count, mean, m2 = ref.merge_stats(g[:, 0], g[:, 1] + g[:, 2], g[:, 3])
+        _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
+        return _numpy_stats_tensor(count, mean, m2, eps, gathered)
+    parts = gathered.contiguous()
+    P, C = parts.shape[0], parts.shape[2]
+    return _run_with_running(
+        lambda rm, rv: K.launch_combine(parts, P, K.STATS_ROWS * C, rm, rv, momentum, eps), running_mean, running_var)
+
+
+@batch_norm_gather_stats.register_fake
+def _(gathered, running_mean, running_var, momentum, eps):
+    return gathered.new_empty(gathered.shape[1:])
+
+
+@torch.library.custom_op("tkernels::batch_norm_apply", mutates_args=())
+def batch_norm_apply(input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
+                     activation: str, param: float) -> Tensor:
+    """y = act(normalise(x) * gamma + beta), from batch stats (training) or running stats (eval)."""
+    if _use_numpy(input):
+        if training:
+            mean, invstd = _numpy_mean_invstd(stats, None, None, True, eps)
+            y = ref.normalize(to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias), activation, param)
+        else:
+            y = ref.batch_norm_forward(to_numpy(input), to_numpy(running_mean), to_numpy(running_var),
+                                       to_numpy(weight), to_numpy(bias), False, 0.0, eps, activation, param)[0]
+        return _like_input(y, input)
+    check_triton_dtype(OP, input)
+    params = (stats, _contig(running_mean), _contig(running_var), _contig(weight), _contig(bias))
+    code = resolve_activation(activation).code
+    return _elementwise(lambda x, y, geom: K.launch_apply(x, y, geom, *params, training, eps, code, param), input)
+
+
+@batch_norm_apply.register_fake
+def _(input, stats, weight, bias, running_mean, running_var, training, eps, activation, param):
+    return K.empty_like_dense(input)
+
+
+@torch.library.custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())
+def batch_norm_backward_reduce(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
+                               bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                               training: bool, eps: float, activation: str, param: float, need_weight: bool,
+                               need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(sums (2, C) = (sum dz, sum dz * x_hat), grad_weight, grad_bias); unrequested grads are empty."""
+    pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
+    if _use_numpy(input):
+        mean, invstd = _numpy_mean_invstd(stats, running_mean, running_var, training, eps)
+        s_dz, s_dzx = ref.backward_reduce(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight),
+                                          to_numpy(bias), activation, param)
+        return (from_numpy(np.stack([s_dz, s_dzx]), input, dtype=_stats_dtype(input)),
+                from_numpy(s_dzx, input, dtype=pdtype) if need_weight else input.new_empty(_EMPTY),
+                from_numpy(s_dz, input, dtype=pdtype) if need_bias else input.new_empty(_EMPTY))
+    check_triton_dtype(OP, input)
+    C = input.shape[1]
+    dw = torch.empty((C,), device=input.device, dtype=pdtype) if need_weight else None
+    db = torch.empty((C,), device=input.device, dtype=pdtype) if need_bias else None
+    (x, g), geom = _geometry(input, grad)
+    sums = K.launch_backward_reduce(g, x, geom, stats, _contig(running_mean), _contig(running_var), _contig(weight),
+                                    _contig(bias), training, eps, resolve_activation(activation).code, param, dw, db)
+    return (sums, dw if need_weight else input.new_empty(_EMPTY), db if need_bias else input.new_empty(_EMPTY))
+
+
+@batch_norm_backward_reduce.register_fake
+def _(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param, need_weight,
+      need_bias):
+    C = input.shape[1]
+    pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
+    return (input.new_empty((2, C), dtype=_stats_dtype(input)),
+            input.new_empty((C,) if need_weight else _EMPTY, dtype=pdtype),
+            input.new_empty((C,) if need_bias else _EMPTY, dtype=pdtype))
+
+
+@torch.library.custom_op("tkernels::batch_norm_backward_input", mutates_args=())
+def batch_norm_backward_input(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
+                              bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                              sums: Optional[Tensor], training: bool, eps: float, activation: str,
+                              param: float) -> Tensor:
+    """dx; in training `sums` (2, C) and the count in `stats` may cover several processes."""
+    if _use_numpy(input):
+        mean, invstd = _numpy_mean_invstd(stats, running_mean, running_var, training, eps)
+        s = to_numpy(sums) if training else (None, None)
+        count = to_numpy(stats)[0] if training else 1.0
+        dx = ref.backward_input(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias),
+                                s[0], s[1], count, activation, param)
+        return _like_input(dx, input)
+    check_triton_dtype(OP, input)
+    params = (stats, _contig(running_mean), _contig(running_var), _contig(weight), _contig(bias), sums)
+    code = resolve_activation(activation).code
+    return _elementwise(lambda x, g, dx, geom: K.launch_backward_input(g, x, dx, geom, *params, training, eps, code,
+                                                                       param), input, grad)
+
+
+@batch_norm_backward_input.register_fake
+def _(grad, input, stats, weight, bias, running_mean, running_var, sums, training, eps, activation, param):
+    return K.empty_like_dense(input)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+def backward(ctx, grad: Tensor, input, weight, bias, stats, running_mean, running_var, reduce_hook=None):
+    """Shared by BatchNorm and SyncBatchNorm: `reduce_hook(sums)` all-reduces the two dx terms."""
+    training, eps, activation, param = ctx.bn_config
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_w, need_b = need_w and weight is not None, need_b and bias is not None
+    sums = dw = db = None
+    if need_w or need_b or (need_x and training):
+        sums, dw, db = torch.ops.tkernels.batch_norm_backward_reduce(
+            grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param,
+            need_w, need_b)
+        if reduce_hook is not None and need_x and training:
+            sums = reduce_hook(sums)
+    dx = None
+    if need_x:
+        dx = torch.ops.tkernels.batch_norm_backward_input(
+            grad, input, stats, weight, bias, running_mean, running_var, sums if training else None, training, eps,
+            activation, param)
+    return dx, (dw if need_w else None), (db if need_b else None)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], training: bool, momentum: float, eps: float, activation: str,
+                param: float):
+        stats = None
+        if training:
+            stats = torch.ops.tkernels.batch_norm_stats(input, running_mean, running_var, momentum, eps)
+            running_mean = running_var = None  # normalisation uses the batch stats; nothing else to keep
+        y = torch.ops.tkernels.batch_norm_apply(input, stats, weight, bias, running_mean, running_var, training, eps,
+                                                activation, param)
+        ctx.save_for_backward(input, weight, bias, stats, running_mean, running_var)
+        ctx.bn_config = (training, eps, activation, param)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        dx, dw, db = backward(ctx, grad, *ctx.saved_tensors)
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+_MIXED_OK = (torch.float16, torch.bfloat16)
+
+
+def validate(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Optional[Tensor],
+             bias: Optional[Tensor], training: bool, momentum, eps, *, single_value_ok: bool = False) -> None:
+    """Every check torch makes, raised with torch's exception types before anything runs.
+    ``single_value_ok``: a synchronised batch norm may see one value per channel per process."""
+    check_floating(OP, "input", input)
+    if input.dim() < 2:
+        raise RuntimeError(f"{OP}: input must have at least 2 dimensions (N, C, *), but got shape {tuple(input.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{OP}: running_mean and running_var must either both be None or neither be None, "
+                         f"but got running_mean={'None' if running_mean is None else 'a tensor'} and "
+                         f"running_var={'None' if running_var is None else 'a tensor'}")
+    if not training and running_mean is None:
+        raise RuntimeError(f"{OP}: running_mean and running_var must be defined in evaluation mode (training=False)")
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{OP}: {name} must be a float, not {type(value).__name__}")
+    C = input.shape[1]
+    params = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    for name, t in params.items():
+        if t is None:
+            continue
+        check_floating(OP, name, t)
+        if t.numel() != C:
+            raise RuntimeError(f"{OP}: {name} should contain {C} elements (one per channel of input "
+                               f"{tuple(input.shape)}), not {t.numel()}")
+        if t.device != input.device:
+            raise RuntimeError(f"{OP}: expected {name} on the device of input ({input.device}), "
+                               f"but it is on {t.device}")
+    for name in ("running_mean", "running_var"):
+        if params[name] is not None and params[name].dim() != 1:
+            raise RuntimeError(f"{OP}: {name} must be 1-D of size {C}, but got shape {tuple(params[name].shape)}")
+    dtypes = {t.dtype for t in params.values() if t is not None}
+    if dtypes:
+        dtype = next(iter(dtypes))
+        if len(dtypes) > 1 or not (dtype == input.dtype or (dtype == torch.float32 and input.dtype in _MIXED_OK)):
+            given = ", ".join(f"{n}={t.dtype}" for n, t in params.items() if t is not None)
+            raise RuntimeError(f"{OP}: weight, bias, running_mean and running_var must all have the input's dtype "
+                               f"({input.dtype}), or all be float32 for a float16/bfloat16 input; got {given}")
+    if training and not single_value_ok:
+        if input.shape[0] * math.prod(input.shape[2:]) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, activation: ActivationLike = None) -> Tensor:
+    """``torch.nn.functional.batch_norm`` with an optional fused activation applied after the affine step.
+
+    In training the batch statistics normalise the input and, when running stats are given, they
+    are updated in place (unbiased variance into running_var); in eval the running stats are used.
+    """
+    validate(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    act = resolve_activation(activation)
+    C = input.shape[1]
+    weight = weight.reshape(C) if weight is not None and weight.dim() != 1 else weight
+    bias = bias.reshape(C) if bias is not None and bias.dim() != 1 else bias
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training), float(momentum),
+                                   float(eps), act.name, float(act.param))

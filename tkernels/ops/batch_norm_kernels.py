@@ -1,0 +1,590 @@
+"""Batch-norm kernels and their launchers; the custom ops and autograd live in :mod:`.batch_norm`.
+
+Geometry. Input x is (N, C, *spatial). Every kernel sees it as a 2-D tile space
+[channels] x [reduction positions], where the reduction positions (N and the spatial dims) are
+merged, in x's storage order, into one *inner* run of S positions (stride ``ss``) and up to three
+*outer* indices (o0, o1, o2). Contiguous NCHW gives outer=(N,), inner=H*W with stride 1;
+channels_last and (N, C) give no outer index and inner=N*H*W with stride C; padded or permuted
+views keep whatever does not merge as outer indices. No copy is made for any of these. A *work
+item* is one (outer index, BLOCK_S run of the inner dim); each tile is BLOCK_C x BLOCK_S. Tile
+shapes are tuned separately for the two orientations (spatial-inner: few channels, long runs;
+channels-inner: many channels, short runs) so that loads are coalesced in both.
+
+Statistics are fp32 and shifted: each channel's first value p ("pivot", an exact input value)
+is subtracted before anything is summed, and the mean is kept as the unevaluated pair
+(p, mean - p). With mean 1e4 and std 1e-2 the fp32 mean itself cannot resolve the data
+(its ulp is 1e-3), but x - p is exact and mean - p is accurate to fp32 relative precision.
+
+The stats tensor (5, C) fp32, rows: 0 count, 1 pivot, 2 mean - pivot, 3 M2 (sum of squared
+deviations), 4 invstd. The same layout is a "partial" that the combine kernel merges, so
+SyncBatchNorm can all-gather per-process stats and merge them with the same kernel.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..activations import activation_grad, apply_activation
+from ._common import KernelSpec, Tuned, cdiv, config, register_kernel
+
+STATS_ROWS = 5  # count, pivot, mean - pivot, m2, invstd
+PARTIAL_ROWS = 4  # count, pivot, mean - pivot, m2
+MAX_OUTER = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _split_item(item, nsb, O1, O2, BLOCK_S: tl.constexpr):
+    """Work item -> outer indices (o0, o1, o2) and the first inner position s0, in int64."""
+    sb = item % nsb
+    o = item // nsb
+    o2 = o % O2
+    o1 = (o // O2) % O1
+    o0 = o // (O2 * O1)
+    return o0.to(tl.int64), o1.to(tl.int64), o2.to(tl.int64), sb.to(tl.int64) * BLOCK_S
+
+
+@triton.jit
+def _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c, mask_c, C, eps,
+                    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel fp32 (pivot, mean - pivot, invstd, gamma, beta): batch stats in training,
+    running stats in eval (pivot = running mean, so x - pivot is formed before any scaling)."""
+    if TRAINING:
+        pivot = tl.load(stats_ptr + 1 * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        mean = tl.load(stats_ptr + 2 * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        invstd = tl.load(stats_ptr + 4 * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        pivot = tl.load(rm_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        mean = pivot * 0.0
+        invstd = 1.0 / tl.sqrt(tl.load(rv_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32) + eps)
+    if HAS_WEIGHT:
+        gamma = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        gamma = pivot * 0.0 + 1.0
+    if HAS_BIAS:
+        beta = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        beta = pivot * 0.0
+    return pivot, mean, invstd, gamma, beta
+
+
+@triton.jit
+def _act_derivative(z, ACT: tl.constexpr, param):
+    """act'(z) from the recomputed pre-activation; relu/sigmoid/tanh take theirs from act(z)."""
+    if (ACT == 1 or ACT == 6) or ACT == 7:  # in pairs: older triton refuses A or B or C
+        return activation_grad(apply_activation(z, ACT, param), ACT, param)
+    else:
+        return activation_grad(z, ACT, param)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def bn_stats_partial_kernel(x_ptr, part_ptr, C, S, O, O1, O2, sx0, sx1, sx2, sxc, sxs,
+                            BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-channel (count, pivot, mean - pivot, M2) of one contiguous range of work items.
+
+    Grid (cdiv(C, BLOCK_C), G): program (i, g) takes channels [i*BLOCK_C, ...) and the g-th of G
+    equal ranges of the O*cdiv(S, BLOCK_S) work items, so small-C / large-N*H*W inputs still
+    spread over G*cdiv(C, BLOCK_C) programs. Each of the BLOCK_C x BLOCK_S lanes runs Welford's
+    update on x - pivot (no cross-lane traffic inside the loop); at the end the lanes are merged
+    with the exact K-group formula mean = sum(n_s mean_s) / n, M2 = sum(M2_s + n_s (mean_s - mean)^2).
+    Writes part[g] (4 rows x C fp32). Reads x once (N*C*S elements): memory-bound.
+    """
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_c64 = offs_c.to(tl.int64)
+    nsb = (S + BLOCK_S - 1) // BLOCK_S
+    total = O * nsb
+    per = (total + tl.num_programs(1) - 1) // tl.num_programs(1)
+    start = split * per
+    end = tl.minimum(start + per, total)
+    # launched only for non-empty inputs, so every channel has a first value
+    pivot = tl.load(x_ptr + offs_c64 * sxc, mask=mask_c, other=0.0).to(tl.float32)
+    lane_count = tl.zeros([BLOCK_S], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for item in range(start, end):
+        o0, o1, o2, s0 = _split_item(item, nsb, O1, O2, BLOCK_S)
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        valid = offs_s < S
+        mask = mask_c[:, None] & valid[None, :]
+        ptrs = x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + offs_c64[:, None] * sxc + offs_s[None, :] * sxs
+        d = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - pivot[:, None]
+        lane_count += valid.to(tl.float32)
+        step = tl.where(valid, 1.0 / tl.maximum(lane_count, 1.0), 0.0)
+        delta = d - mean
+        mean += delta * step[None, :]
+        m2 += tl.where(mask, delta * (d - mean), 0.0)
+    count = tl.sum(lane_count, axis=0)
+    chan_mean = tl.sum(mean * lane_count[None, :], axis=1) / tl.maximum(count, 1.0)
+    spread = mean - chan_mean[:, None]
+    chan_m2 = tl.sum(m2 + spread * spread * lane_count[None, :], axis=1)
+    row = part_ptr + split.to(tl.int64) * (4 * C) + offs_c64
+    tl.store(row, chan_mean * 0.0 + count, mask=mask_c)
+    tl.store(row + C, pivot, mask=mask_c)
+    tl.store(row + 2 * C, chan_mean, mask=mask_c)
+    tl.store(row + 3 * C, chan_m2, mask=mask_c)
+
+
+@triton.jit
+def bn_stats_combine_kernel(part_ptr, stats_ptr, rm_ptr, rv_ptr, C, G, part_stride, momentum, eps,
+                            HAS_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
+    """Merge G partials (count, pivot, mean - pivot, M2) per channel; write the (5, C) stats and
+    update the running stats in place (unbiased variance; untouched where the count is 0).
+
+    Grid (cdiv(C, BLOCK),). Partials are visited in a fixed order (deterministic) and rebased to
+    the first non-empty partial's pivot, then merged with Chan's formula:
+    delta = mean_b - mean_a, mean += delta * n_b / n, M2 += M2_b + delta^2 * n_a * n_b / n.
+    Reads G*4*C floats; tiny, latency-bound.
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C
+    offs64 = offs.to(tl.int64)
+    count = tl.zeros([BLOCK], dtype=tl.float32)
+    ref = tl.zeros([BLOCK], dtype=tl.float32)
+    mean = tl.zeros([BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for g in range(0, G):
+        row = part_ptr + g * part_stride + offs64  # G * 5 * C is small: no int64 needed
+        n_b = tl.load(row, mask=mask, other=0.0).to(tl.float32)
+        p_b = tl.load(row + C, mask=mask, other=0.0).to(tl.float32)
+        m_b = tl.load(row + 2 * C, mask=mask, other=0.0).to(tl.float32)
+        q_b = tl.load(row + 3 * C, mask=mask, other=0.0).to(tl.float32)
+        ref = tl.where(count == 0.0, p_b, ref)
+        has = n_b > 0.0
+        merged = count + n_b
+        w = tl.where(has, n_b / tl.maximum(merged, 1.0), 0.0)
+        delta = tl.where(has, (p_b - ref) + m_b - mean, 0.0)
+        mean += delta * w
+        m2 += tl.where(has, q_b + delta * delta * count * w, 0.0)
+        count = merged
+    var = m2 / tl.maximum(count, 1.0)
+    out = stats_ptr + offs64
+    tl.store(out, count, mask=mask)
+    tl.store(out + C, ref, mask=mask)
+    tl.store(out + 2 * C, mean, mask=mask)
+    tl.store(out + 3 * C, m2, mask=mask)
+    tl.store(out + 4 * C, 1.0 / tl.sqrt(var + eps), mask=mask)
+    if HAS_RUNNING:
+        seen = mask & (count > 0.0)
+        rm = tl.load(rm_ptr + offs64, mask=seen, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + offs64, mask=seen, other=0.0).to(tl.float32)
+        rm = (1.0 - momentum) * rm + momentum * (ref + mean)
+        rv = (1.0 - momentum) * rv + momentum * (m2 / (count - 1.0))
+        tl.store(rm_ptr + offs64, rm.to(rm_ptr.dtype.element_ty), mask=seen)
+        tl.store(rv_ptr + offs64, rv.to(rv_ptr.dtype.element_ty), mask=seen)
+
+
+@triton.jit
+def bn_apply_kernel(x_ptr, y_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, C, S, O1, O2,
+                    sx0, sx1, sx2, sxc, sxs, sy0, sy1, sy2, syc, sys, eps, act_param,
+                    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = act((x - pivot) * scale + shift), with scale = gamma * invstd and
+    shift = beta - (mean - pivot) * scale folded per channel from the batch stats (training) or
+    the running stats (eval; pivot = running mean). One elementwise pass.
+
+    Grid (cdiv(C, BLOCK_C) * work items,), one BLOCK_C x BLOCK_S tile per program. Reads x,
+    writes y (2 * N*C*S elements): memory-bound.
+    """
+    pid = tl.program_id(0)
+    n_cb = (C + BLOCK_C - 1) // BLOCK_C
+    nsb = (S + BLOCK_S - 1) // BLOCK_S
+    o0, o1, o2, s0 = _split_item(pid // n_cb, nsb, O1, O2, BLOCK_S)
+    offs_c = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_c64 = offs_c.to(tl.int64)
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    mask = mask_c[:, None] & (offs_s < S)[None, :]
+    pivot, mean, invstd, gamma, beta = _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c64, mask_c,
+                                                       C, eps, TRAINING, HAS_WEIGHT, HAS_BIAS)
+    scale = gamma * invstd
+    shift = beta - mean * scale
+    x_ptrs = x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + offs_c64[:, None] * sxc + offs_s[None, :] * sxs
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    z = (x - pivot[:, None]) * scale[:, None] + shift[:, None]
+    y = apply_activation(z, ACT, act_param)
+    y_ptrs = y_ptr + (o0 * sy0 + o1 * sy1 + o2 * sy2) + offs_c64[:, None] * syc + offs_s[None, :] * sys
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_backward_partial_kernel(g_ptr, x_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, part_ptr,
+                               C, S, O, O1, O2, sx0, sx1, sx2, sxc, sxs, sg0, sg1, sg2, sgc, sgs, eps, act_param,
+                               TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-channel partial sums of dz = dy * act'(z) and of dz * x_hat over one range of work
+    items; z = gamma * x_hat + beta is recomputed from x, never stored.
+
+    Grid (cdiv(C, BLOCK_C), G) as for the statistics. Accumulates per lane in fp32 and reduces
+    once at the end; writes part[g] (2 rows x C fp32). Reads x and dy: memory-bound.
+    """
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_c64 = offs_c.to(tl.int64)
+    nsb = (S + BLOCK_S - 1) // BLOCK_S
+    total = O * nsb
+    per = (total + tl.num_programs(1) - 1) // tl.num_programs(1)
+    start = split * per
+    end = tl.minimum(start + per, total)
+    pivot, mean, invstd, gamma, beta = _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c64, mask_c,
+                                                       C, eps, TRAINING, HAS_WEIGHT, HAS_BIAS)
+    acc_dz = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for item in range(start, end):
+        o0, o1, o2, s0 = _split_item(item, nsb, O1, O2, BLOCK_S)
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (offs_s < S)[None, :]
+        tile = offs_c64[:, None] * sxc + offs_s[None, :] * sxs
+        x = tl.load(x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + tile, mask=mask, other=0.0).to(tl.float32)
+        g_tile = offs_c64[:, None] * sgc + offs_s[None, :] * sgs
+        dz = tl.load(g_ptr + (o0 * sg0 + o1 * sg1 + o2 * sg2) + g_tile, mask=mask, other=0.0).to(tl.float32)
+        x_hat = ((x - pivot[:, None]) - mean[:, None]) * invstd[:, None]
+        if ACT != 0:
+            dz = dz * _act_derivative(x_hat * gamma[:, None] + beta[:, None], ACT, act_param)
+        dz = tl.where(mask, dz, 0.0)
+        acc_dz += dz
+        acc_dzx += dz * x_hat
+    row = part_ptr + split.to(tl.int64) * (2 * C) + offs_c64
+    tl.store(row, tl.sum(acc_dz, axis=1), mask=mask_c)
+    tl.store(row + C, tl.sum(acc_dzx, axis=1), mask=mask_c)
+
+
+@triton.jit
+def bn_backward_combine_kernel(part_ptr, sums_ptr, dw_ptr, db_ptr, C, G,
+                               HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, BLOCK: tl.constexpr):
+    """Sum G partials of (sum dz, sum dz * x_hat) in a fixed order: writes sums (2, C) fp32, and
+    dbeta = sum dz, dgamma = sum dz * x_hat in the parameters' dtype. Grid (cdiv(C, BLOCK),)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C
+    offs64 = offs.to(tl.int64)
+    acc_dz = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_dzx = tl.zeros([BLOCK], dtype=tl.float32)
+    for g in range(0, G):
+        row = part_ptr + g * (2 * C) + offs64
+        acc_dz += tl.load(row, mask=mask, other=0.0)
+        acc_dzx += tl.load(row + C, mask=mask, other=0.0)
+    tl.store(sums_ptr + offs64, acc_dz, mask=mask)
+    tl.store(sums_ptr + C + offs64, acc_dzx, mask=mask)
+    if HAS_DW:
+        tl.store(dw_ptr + offs64, acc_dzx.to(dw_ptr.dtype.element_ty), mask=mask)
+    if HAS_DB:
+        tl.store(db_ptr + offs64, acc_dz.to(db_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_backward_input_kernel(g_ptr, x_ptr, dx_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, sums_ptr,
+                             C, S, O1, O2, sx0, sx1, sx2, sxc, sxs, sg0, sg1, sg2, sgc, sgs,
+                             sd0, sd1, sd2, sdc, sds, eps, act_param,
+                             TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx = gamma * invstd * (dz - sum(dz) / M - x_hat * sum(dz * x_hat) / M) in training
+    (M = stats count, the sums possibly all-reduced across processes), dx = gamma * invstd * dz
+    in eval; dz = dy * act'(z) with z recomputed from x. One pass.
+
+    Grid (cdiv(C, BLOCK_C) * work items,). Reads x and dy, writes dx: memory-bound.
+    """
+    pid = tl.program_id(0)
+    n_cb = (C + BLOCK_C - 1) // BLOCK_C
+    nsb = (S + BLOCK_S - 1) // BLOCK_S
+    o0, o1, o2, s0 = _split_item(pid // n_cb, nsb, O1, O2, BLOCK_S)
+    offs_c = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_c64 = offs_c.to(tl.int64)
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    mask = mask_c[:, None] & (offs_s < S)[None, :]
+    pivot, mean, invstd, gamma, beta = _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c64, mask_c,
+                                                       C, eps, TRAINING, HAS_WEIGHT, HAS_BIAS)
+    scale = gamma * invstd
+    x = tl.load(x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + offs_c64[:, None] * sxc + offs_s[None, :] * sxs,
+                mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(g_ptr + (o0 * sg0 + o1 * sg1 + o2 * sg2) + offs_c64[:, None] * sgc + offs_s[None, :] * sgs,
+                 mask=mask, other=0.0).to(tl.float32)
+    x_hat = ((x - pivot[:, None]) - mean[:, None]) * invstd[:, None]
+    if ACT != 0:
+        dz = dz * _act_derivative(x_hat * gamma[:, None] + beta[:, None], ACT, act_param)
+    if TRAINING:
+        inv_count = 1.0 / tl.maximum(tl.load(stats_ptr + offs_c64, mask=mask_c, other=1.0), 1.0)
+        mean_dz = tl.load(sums_ptr + offs_c64, mask=mask_c, other=0.0) * inv_count
+        mean_dzx = tl.load(sums_ptr + C + offs_c64, mask=mask_c, other=0.0) * inv_count
+        dx = scale[:, None] * (dz - mean_dz[:, None] - x_hat * mean_dzx[:, None])
+    else:
+        dx = scale[:, None] * dz
+    tl.store(dx_ptr + (o0 * sd0 + o1 * sd1 + o2 * sd2) + offs_c64[:, None] * sdc + offs_s[None, :] * sds,
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs. Spatial-inner tiles (NCHW: positions contiguous) are long and narrow; channels-inner
+# tiles (channels_last, (N, C)) are wide in C. Tiny per-channel kernels get a BLOCK only.
+# ---------------------------------------------------------------------------------------------
+ARCHS = ("sm_80", "sm_90")
+_SPATIAL = [
+    config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
+    config(BLOCK_C=2, BLOCK_S=1024, num_warps=8, num_stages=2),
+    config(BLOCK_C=4, BLOCK_S=512, num_warps=4, num_stages=2),
+    config(BLOCK_C=8, BLOCK_S=256, num_warps=4, num_stages=2),
+    config(BLOCK_C=16, BLOCK_S=64, num_warps=4, num_stages=2),
+    config(BLOCK_C=32, BLOCK_S=64, num_warps=8, num_stages=2),
+]
+_CHANNELS = [
+    config(BLOCK_C=32, BLOCK_S=64, num_warps=4, num_stages=2),
+    config(BLOCK_C=64, BLOCK_S=32, num_warps=4, num_stages=2),
+    config(BLOCK_C=128, BLOCK_S=16, num_warps=4, num_stages=2),
+    config(BLOCK_C=128, BLOCK_S=32, num_warps=8, num_stages=2),
+    config(BLOCK_C=256, BLOCK_S=16, num_warps=8, num_stages=2),
+    config(BLOCK_C=16, BLOCK_S=128, num_warps=4, num_stages=2),
+]
+
+
+def _two_accumulators(configs):
+    """The backward reduction keeps two fp32 accumulator tiles live: at most 8 elements of each per
+    thread (2048-element tiles get 8 warps), or the sm_90 build spills."""
+    out = []
+    for c in configs:
+        elems = c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_S"]
+        if elems <= 2048:
+            out.append(config(num_warps=max(c.num_warps, elems // 256), num_stages=c.num_stages, **c.kwargs))
+    return out
+
+
+_SMALL = [config(BLOCK=128, num_warps=1, num_stages=1), config(BLOCK=256, num_warps=2, num_stages=1),
+          config(BLOCK=1024, num_warps=4, num_stages=1)]
+# Under the interpreter (one config, per-program overhead dominates): big tiles, still masked on odd shapes.
+_INTERP = {False: config(BLOCK_C=4, BLOCK_S=64), True: config(BLOCK_C=16, BLOCK_S=32)}
+# A representative tile per orientation, used to choose the number of reduction splits G.
+_G_HINT = {False: (4, 512), True: (64, 32)}
+_TILE_KEY = ["C", "S", "O1", "O2", "TRAINING", "ACT"]
+
+
+def _tuned_pair(kernel, key, adjust=list):
+    return {channels_inner: Tuned(kernel, {a: adjust(_CHANNELS if channels_inner else _SPATIAL) for a in ARCHS},
+                                  interpreter=_INTERP[channels_inner], key=key)
+            for channels_inner in (False, True)}
+
+
+TUNED_STATS = _tuned_pair(bn_stats_partial_kernel, ["C", "S", "O", "O1", "O2"])
+TUNED_APPLY = _tuned_pair(bn_apply_kernel, _TILE_KEY)
+TUNED_BWD_PARTIAL = _tuned_pair(bn_backward_partial_kernel, ["O"] + _TILE_KEY, adjust=_two_accumulators)
+TUNED_BWD_INPUT = _tuned_pair(bn_backward_input_kernel, _TILE_KEY)
+# The combine kernel updates running_mean/var in place: restore them while configs are timed.
+TUNED_COMBINE = Tuned(bn_stats_combine_kernel, {a: list(_SMALL) for a in ARCHS}, interpreter=config(BLOCK=128),
+                      key=["C", "G", "HAS_RUNNING"], restore_value=["rm_ptr", "rv_ptr"])
+TUNED_BWD_COMBINE = Tuned(bn_backward_combine_kernel, {a: list(_SMALL) for a in ARCHS},
+                          interpreter=config(BLOCK=128), key=["C", "G"])
+
+# `tkernels inspect`: every config of both orientations, with the heaviest constexpr combination.
+
+
+def _unique(configs):
+    seen, out = set(), []
+    for c in configs:
+        key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+_BOTH = {a: _unique(_SPATIAL + _CHANNELS) for a in ARCHS}
+_GEOM_SIG = {"C": "i32", "S": "i32", "O1": "i32", "O2": "i32"}
+
+
+def _strides_sig(prefix):
+    return {f"{prefix}{k}": "i32" for k in ("0", "1", "2", "c", "s")}
+
+
+_PARAMS_SIG = {"stats_ptr": "*fp32", "rm_ptr": "*{dtype}", "rv_ptr": "*{dtype}", "w_ptr": "*{dtype}",
+               "b_ptr": "*{dtype}"}
+_HEAVY = [dict(TRAINING=True, HAS_WEIGHT=True, HAS_BIAS=True, ACT=4),
+          dict(TRAINING=False, HAS_WEIGHT=True, HAS_BIAS=True, ACT=1)]
+register_kernel(KernelSpec(
+    name="batch_norm_stats_partial", kernel=bn_stats_partial_kernel,
+    signature={"x_ptr": "*{dtype}", "part_ptr": "*fp32", "C": "i32", "S": "i32", "O": "i32", "O1": "i32",
+               "O2": "i32", **_strides_sig("sx")},
+    configs_by_arch=_BOTH))
+register_kernel(KernelSpec(
+    name="batch_norm_stats_combine", kernel=bn_stats_combine_kernel,
+    signature={"part_ptr": "*fp32", "stats_ptr": "*fp32", "rm_ptr": "*{dtype}", "rv_ptr": "*{dtype}", "C": "i32",
+               "G": "i32", "part_stride": "i32", "momentum": "fp32", "eps": "fp32"},
+    configs_by_arch={a: list(_SMALL) for a in ARCHS}, variants=[dict(HAS_RUNNING=True)]))
+register_kernel(KernelSpec(
+    name="batch_norm_apply", kernel=bn_apply_kernel,
+    signature={"x_ptr": "*{dtype}", "y_ptr": "*{dtype}", **_PARAMS_SIG, **_GEOM_SIG, **_strides_sig("sx"),
+               **_strides_sig("sy"), "eps": "fp32", "act_param": "fp32"},
+    configs_by_arch=_BOTH, variants=_HEAVY))
+register_kernel(KernelSpec(
+    name="batch_norm_backward_partial", kernel=bn_backward_partial_kernel,
+    signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", **_PARAMS_SIG, "part_ptr": "*fp32", "C": "i32",
+               "S": "i32", "O": "i32", "O1": "i32", "O2": "i32", **_strides_sig("sx"), **_strides_sig("sg"),
+               "eps": "fp32", "act_param": "fp32"},
+    configs_by_arch={a: _unique(_two_accumulators(_SPATIAL + _CHANNELS)) for a in ARCHS}, variants=_HEAVY[:1]))
+register_kernel(KernelSpec(
+    name="batch_norm_backward_combine", kernel=bn_backward_combine_kernel,
+    signature={"part_ptr": "*fp32", "sums_ptr": "*fp32", "dw_ptr": "*{dtype}", "db_ptr": "*{dtype}", "C": "i32",
+               "G": "i32"},
+    configs_by_arch={a: list(_SMALL) for a in ARCHS}, variants=[dict(HAS_DW=True, HAS_DB=True)]))
+register_kernel(KernelSpec(
+    name="batch_norm_backward_input", kernel=bn_backward_input_kernel,
+    signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "dx_ptr": "*{dtype}", **_PARAMS_SIG, "sums_ptr": "*fp32",
+               **_GEOM_SIG, **_strides_sig("sx"), **_strides_sig("sg"), **_strides_sig("sd"), "eps": "fp32",
+               "act_param": "fp32"},
+    configs_by_arch=_BOTH, variants=_HEAVY))
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: merge the reduction dims of several same-shaped tensors without copying.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Geometry:
+    C: int
+    S: int  # inner run of reduction positions
+    outer: Tuple[int, int, int]  # (O0, O1, O2)
+    strides: List[Tuple[int, int, int, int, int]]  # per tensor: (s_o0, s_o1, s_o2, s_c, s_inner)
+    channels_inner: bool
+
+    @property
+    def O(self) -> int:
+        return self.outer[0] * self.outer[1] * self.outer[2]
+
+
+def plan(shape: Sequence[int], *tensor_strides: Sequence[int]) -> Optional[Geometry]:
+    """Merge N and the spatial dims, in the storage order of the first tensor, wherever every
+    tensor allows it; None when more than 1 + MAX_OUTER runs remain (the caller copies)."""
+    primary = tensor_strides[0]
+    dims = [d for d in range(len(shape)) if d != 1 and shape[d] != 1]
+    dims.sort(key=lambda d: -abs(primary[d]))
+    runs: List[Tuple[int, List[int]]] = []
+    for d in dims:
+        st = [s[d] for s in tensor_strides]
+        if runs and all(prev == cur * shape[d] for prev, cur in zip(runs[-1][1], st)):
+            runs[-1] = (runs[-1][0] * shape[d], st)
+        else:
+            runs.append((shape[d], st))
+    if not runs:
+        runs = [(1, [0] * len(tensor_strides))]
+    if len(runs) > 1 + MAX_OUTER:
+        return None
+    outer = [(1, [0] * len(tensor_strides))] * (1 + MAX_OUTER - len(runs)) + runs[:-1]
+    S, inner = runs[-1]
+    strides = [tuple(o[1][k] for o in outer) + (s[1], inner[k]) for k, s in enumerate(tensor_strides)]
+    C = shape[1]
+    channels_inner = C > 1 and abs(primary[1]) < abs(inner[0])
+    return Geometry(C, S, tuple(o[0] for o in outer), strides, channels_inner)
+
+
+def empty_like_dense(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of x's shape whose storage order is x's (dense even if x is not)."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return torch.empty_permuted(x.shape, order, dtype=x.dtype, device=x.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(geom: Geometry, device: torch.device) -> int:
+    """How many programs share one channel block's reduction (G)."""
+    block_c, block_s = _G_HINT[geom.channels_inner] if device.type == "cuda" else (
+        _INTERP[geom.channels_inner].kwargs["BLOCK_C"], _INTERP[geom.channels_inner].kwargs["BLOCK_S"])
+    items = geom.O * cdiv(geom.S, block_s)
+    if items == 0:
+        return 0
+    if device.type != "cuda":
+        return min(items, 3)  # enough to exercise the merge, few programs for the interpreter
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = cdiv(4 * sms, cdiv(geom.C, block_c))
+    return max(1, min(wanted, cdiv(items, 4), 1024))
+
+
+def _geom_args(geom: Geometry, k: int):
+    return list(geom.strides[k])
+
+
+def _grid_tiles(geom: Geometry):
+    return lambda m: (cdiv(geom.C, m["BLOCK_C"]) * geom.O * cdiv(geom.S, m["BLOCK_S"]),)  # noqa: E731
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. `stats` is the (5, C) fp32 tensor; weight, bias and the running stats may be None.
+# Geometries list x first, then grad and dx (backward), or y (forward).
+# ---------------------------------------------------------------------------------------------
+def launch_stats(x: torch.Tensor, geom: Geometry, running_mean, running_var, momentum: float,
+                 eps: float) -> torch.Tensor:
+    C = geom.C
+    G = _num_splits(geom, x.device)
+    partials = torch.empty((max(G, 1), PARTIAL_ROWS, C), device=x.device, dtype=torch.float32)
+    if G:
+        kernel, meta = TUNED_STATS[geom.channels_inner].launcher(x.device)
+        kernel[lambda m: (cdiv(C, m["BLOCK_C"]), G)](
+            x, partials, C, geom.S, geom.O, geom.outer[1], geom.outer[2], *_geom_args(geom, 0), **meta)
+    return launch_combine(partials, G, PARTIAL_ROWS * C, running_mean, running_var, momentum, eps)
+
+
+def launch_combine(partials: torch.Tensor, G: int, part_stride: int, running_mean, running_var, momentum: float,
+                   eps: float) -> torch.Tensor:
+    C = partials.shape[-1]
+    stats = torch.empty((STATS_ROWS, C), device=partials.device, dtype=torch.float32)
+    has_running = running_mean is not None
+    kernel, meta = TUNED_COMBINE.launcher(partials.device)
+    kernel[lambda m: (cdiv(C, m["BLOCK"]),)](
+        partials, stats, running_mean if has_running else partials, running_var if has_running else partials,
+        C, G, part_stride, float(momentum), float(eps), HAS_RUNNING=has_running, **meta)
+    return stats
+
+
+def _param_ptrs(stats, running_mean, running_var, weight, bias, fallback):
+    return [t if t is not None else fallback for t in (stats, running_mean, running_var, weight, bias)]
+
+
+def launch_apply(x, y, geom: Geometry, stats, running_mean, running_var, weight, bias, training: bool, eps: float,
+                 act_code: int, act_param: float) -> None:
+    kernel, meta = TUNED_APPLY[geom.channels_inner].launcher(x.device)
+    kernel[_grid_tiles(geom)](
+        x, y, *_param_ptrs(stats, running_mean, running_var, weight, bias, x), geom.C, geom.S, geom.outer[1],
+        geom.outer[2], *_geom_args(geom, 0), *_geom_args(geom, 1), float(eps), float(act_param),
+        TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_code, **meta)
+
+
+def launch_backward_reduce(grad, x, geom: Geometry, stats, running_mean, running_var, weight, bias, training: bool,
+                           eps: float, act_code: int, act_param: float, grad_weight, grad_bias) -> torch.Tensor:
+    """Returns sums (2, C) fp32 = (sum dz, sum dz * x_hat); fills grad_weight / grad_bias if given."""
+    C = geom.C
+    G = _num_splits(geom, x.device)
+    partials = torch.empty((max(G, 1), 2, C), device=x.device, dtype=torch.float32)
+    if G:
+        kernel, meta = TUNED_BWD_PARTIAL[geom.channels_inner].launcher(x.device)
+        kernel[lambda m: (cdiv(C, m["BLOCK_C"]), G)](
+            grad, x, *_param_ptrs(stats, running_mean, running_var, weight, bias, x), partials, C, geom.S, geom.O,
+            geom.outer[1], geom.outer[2], *_geom_args(geom, 0), *_geom_args(geom, 1), float(eps), float(act_param),
+            TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_code, **meta)
+    sums = torch.empty((2, C), device=x.device, dtype=torch.float32)
+    kernel, meta = TUNED_BWD_COMBINE.launcher(x.device)
+    kernel[lambda m: (cdiv(C, m["BLOCK"]),)](
+        partials, sums, grad_weight if grad_weight is not None else sums, grad_bias if grad_bias is not None else sums,
+        C, G, HAS_DW=grad_weight is not None, HAS_DB=grad_bias is not None, **meta)
+    return sums
+
+
+def launch_backward_input(grad, x, dx, geom: Geometry, stats, running_mean, running_var, weight, bias, sums,
+                          training: bool, eps: float, act_code: int, act_param: float) -> None:
+    kernel, meta = TUNED_BWD_INPUT[geom.channels_inner].launcher(x.device)
+    kernel[_grid_tiles(geom)](
+        grad, x, dx, *_param_ptrs(stats, running_mean, running_var, weight, bias, x),
+        sums if sums is not None else x, geom.C, geom.S, geom.outer[1], geom.outer[2],
+        *_geom_args(geom, 0), *_geom_args(geom, 1), *_geom_args(geom, 2), float(eps), float(act_param),
+        TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_code, **meta)

@@ -1,0 +1,175 @@
+"""Batch normalisation in float64 NumPy: forward (training and eval, with the running-stat
+update), backward, and the per-channel pieces that SyncBatchNorm combines across processes.
+
+Shapes follow torch: x is (N, C, *spatial); statistics are per channel over N and all spatial
+positions. Training normalises with the batch mean and the biased variance and moves the running
+statistics towards the batch mean and the *unbiased* variance:
+
+    running = (1 - momentum) * running + momentum * batch_statistic
+
+Eval normalises with the running statistics. An activation, if any, follows the affine step:
+y = act(gamma * x_hat + beta).
+"""
+import numpy as np
+
+from .activations import ACTIVATIONS
+
+
+def _per_channel(x):
+    """(N, C, *S) -> (C, N * prod(S)): one row per channel."""
+    x = np.asarray(x, np.float64)
+    return np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+
+
+def _broadcast(v, ndim):
+    """A per-channel vector shaped to broadcast against (N, C, *S)."""
+    return np.asarray(v, np.float64).reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _affine(x_hat, weight, bias):
+    z = x_hat
+    if weight is not None:
+        z = z * _broadcast(weight, x_hat.ndim)
+    if bias is not None:
+        z = z + _broadcast(bias, x_hat.ndim)
+    return z
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-layer reference
+# ---------------------------------------------------------------------------------------------
+def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                       eps=1e-5, activation="identity", param=0.0):
+    """Returns (y, new_running_mean, new_running_var); the running arrays are None when not given
+    and are returned unchanged in eval mode (or for an empty batch). Nothing is modified in place."""
+    x = np.asarray(x, np.float64)
+    rows = _per_channel(x)
+    new_mean = None if running_mean is None else np.array(running_mean, np.float64)
+    new_var = None if running_var is None else np.array(running_var, np.float64)
+    if training:
+        count = rows.shape[1]
+        mean = rows.mean(axis=1) if count else np.zeros(rows.shape[0])
+        var = ((rows - mean[:, None]) ** 2).mean(axis=1) if count else np.zeros(rows.shape[0])
+        if count and new_mean is not None:
+            new_mean = (1.0 - momentum) * new_mean + momentum * mean
+            new_var = (1.0 - momentum) * new_var + momentum * var * count / (count - 1)
+    else:
+        mean, var = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+    x_hat = (x - _broadcast(mean, x.ndim)) / np.sqrt(_broadcast(var, x.ndim) + eps)
+    y = ACTIVATIONS[activation][0](_affine(x_hat, weight, bias), param)
+    return y, new_mean, new_var
+
+
+def batch_norm_backward(grad_y, x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
+                        eps=1e-5, activation="identity", param=0.0):
+    """Returns (grad_x, grad_weight, grad_bias); grad_weight/grad_bias are per-channel vectors.
+
+    Training: with dz = dy * act'(z) and M values per channel,
+        dbeta = sum(dz), dgamma = sum(dz * x_hat),
+        dx = gamma * invstd * (dz - dbeta / M - x_hat * dgamma / M).
+    Eval: the statistics are constants, so dx = gamma * invstd * dz.
+    """
+    x = np.asarray(x, np.float64)
+    grad_y = np.asarray(grad_y, np.float64)
+    axes = (0,) + tuple(range(2, x.ndim))
+    if training:
+        mean = x.mean(axis=axes)
+        var = ((x - _broadcast(mean, x.ndim)) ** 2).mean(axis=axes)
+    else:
+        mean, var = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    x_hat = (x - _broadcast(mean, x.ndim)) * _broadcast(invstd, x.ndim)
+    dz = grad_y * ACTIVATIONS[activation][1](_affine(x_hat, weight, bias), param)
+    grad_bias = dz.sum(axis=axes)
+    grad_weight = (dz * x_hat).sum(axis=axes)
+    gamma = np.ones_like(invstd) if weight is None else np.asarray(weight, np.float64)
+    scale = _broadcast(gamma * invstd, x.ndim)
+    if training:
+        count = x.size // x.shape[1] if x.shape[1] else 0
+        grad_x = scale * (dz - _broadcast(grad_bias, x.ndim) / max(count, 1)
+                          - x_hat * _broadcast(grad_weight, x.ndim) / max(count, 1))
+    else:
+        grad_x = scale * dz
+    return grad_x, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces: per-channel statistics, their stable merge, and the two halves of backward.
+# ---------------------------------------------------------------------------------------------
+def channel_stats(x):
+    """(count, mean, m2) per channel: m2 is the sum of squared deviations from the mean."""
+    rows = _per_channel(x)
+    count = rows.shape[1]
+    if count == 0:
+        zeros = np.zeros(rows.shape[0])
+        return np.zeros(rows.shape[0]), zeros, zeros.copy()
+    mean = rows.mean(axis=1)
+    return np.full(rows.shape[0], float(count)), mean, ((rows - mean[:, None]) ** 2).sum(axis=1)
+
+
+def merge_stats(counts, means, m2s):
+    """Chan et al.'s pairwise merge of per-group (count, mean, m2), groups along axis 0."""
+    counts, means, m2s = (np.asarray(a, np.float64) for a in (counts, means, m2s))
+    n, mean, m2 = np.zeros(counts.shape[1:]), np.zeros(counts.shape[1:]), np.zeros(counts.shape[1:])
+    for nb, mb, qb in zip(counts, means, m2s):
+        total = n + nb
+        weight = np.divide(nb, total, out=np.zeros_like(total), where=total > 0)
+        delta = mb - mean
+        mean = mean + delta * weight
+        m2 = m2 + qb + delta * delta * n * weight
+        n = total
+    return n, mean, m2
+
+
+def update_running(running_mean, running_var, count, mean, m2, momentum):
+    """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0."""
+    rm, rv = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+    count = np.asarray(count, np.float64)
+    seen = count > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unbiased = np.asarray(m2, np.float64) / (count - 1.0)
+    new_mean = np.where(seen, (1.0 - momentum) * rm + momentum * np.asarray(mean, np.float64), rm)
+    new_var = np.where(seen, (1.0 - momentum) * rv + momentum * unbiased, rv)
+    return new_mean, new_var
+
+
+def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
+    """y = act(gamma * (x - mean) * invstd + beta) with given per-channel statistics."""
+    x = np.asarray(x, np.float64)
+    x_hat = (x - _broadcast(mean, x.ndim)) * _broadcast(invstd, x.ndim)
+    return ACTIVATIONS[activation][0](_affine(x_hat, weight, bias), param)
+
+
+def backward_reduce(grad_y, x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
+    """Per-channel (sum dz, sum dz * x_hat): dbeta and dgamma, and the two terms dx needs."""
+    x = np.asarray(x, np.float64)
+    axes = (0,) + tuple(range(2, x.ndim))
+    x_hat = (x - _broadcast(mean, x.ndim)) * _broadcast(invstd, x.ndim)
+    dz = np.asarray(grad_y, np.float64) * ACTIVATIONS[activation][1](_affine(x_hat, weight, bias), param)
+    return dz.sum(axis=axes), (dz * x_hat).sum(axis=axes)
+
+
+def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None, sum_dz_xhat=None, count=1,
+                   activation="identity", param=0.0):
+    """dx from the (possibly all-reduced) sums over `count` values per channel; without the sums
+    (eval) the statistics are constants and dx = gamma * invstd * dz."""
+    x = np.asarray(x, np.float64)
+    x_hat = (x - _broadcast(mean, x.ndim)) * _broadcast(invstd, x.ndim)
+    dz = np.asarray(grad_y, np.float64) * ACTIVATIONS[activation][1](_affine(x_hat, weight, bias), param)
+    gamma = np.ones(x.shape[1]) if weight is None else np.asarray(weight, np.float64)
+    scale = _broadcast(gamma * np.asarray(invstd, np.float64), x.ndim)
+    if sum_dz is None:
+        return scale * dz
+    count = np.maximum(np.asarray(count, np.float64), 1.0)
+    return scale * (dz - _broadcast(np.asarray(sum_dz) / count, x.ndim)
+                    - x_hat * _broadcast(np.asarray(sum_dz_xhat) / count, x.ndim))
+
+
+def invstd_from_m2(count, m2, eps):
+    """1 / sqrt(biased variance + eps) from merged statistics (variance 0 where count is 0)."""
+    count = np.asarray(count, np.float64)
+    return 1.0 / np.sqrt(np.asarray(m2, np.float64) / np.maximum(count, 1.0) + eps)
+
+
+def invstd_from_var(var, eps):
+    return 1.0 / np.sqrt(np.asarray(var, np.float64) + eps)
