@@ -1,0 +1,550 @@
+"""Fused cross-entropy (log-softmax + loss), forward and backward, as tkernels custom ops.
+
+Cross-entropy. log-softmax and the loss are one kernel. With the target distribution
+q_i = (1 - eps) * onehot(t_i) + eps / C (class indices) or q_i = (1 - eps) * target_i + eps / C
+(class probabilities), and class weights w, every row's loss is
+
+    loss_i = -sum_c w_c q_ic (x_ic - lse_i) = lse_i * B_i - A_i,   B_i = sum_c w_c q_ic,  A_i = sum_c w_c q_ic x_ic,
+
+so the forward streams the logits once: the online max/sum gives lse_i while A_i and B_i are
+accumulated in the same pass (for class indices, x_{i,t_i} is one gathered load). It keeps only
+lse_i and the coefficient B_i per row (8 bytes a row) for backward, which also streams the
+logits once and writes dx_ic = scale_i * (exp(x_ic - lse_i) * B_i - w_c q_ic) directly; no
+probability tensor is ever stored. scale_i is the incoming gradient, divided for 'mean' by the
+sum of w_{t_i} over non-ignored rows (class indices) or by the number of rows (probabilities),
+as torch does.
+
+Reductions are deterministic: each forward program writes one partial sum of its rows (and of
+their weights), and a one-program kernel (``loss_finish_kernel``, shared with :mod:`.mse`) adds
+the partials in a fixed order. No atomics.
+
+Targets out of range: torch's CPU kernels raise, and a device-side assert would be unreasonable
+here, so the range of the non-ignored targets is checked on the host (one small reduction and a
+host sync per call, inside the custom op so torch.compile still captures the whole graph).
+The kernels also mask the gathered load, so an unchecked target can never read out of bounds.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+import triton
+import triton.language as tl
+
+from .. import _backend
+from ..reference import losses as ref
+from ._common import KernelSpec, Tuned, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
+from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
+                      plan_rows, row_coordinates, row_offsets)
+
+REDUCTIONS = ("none", "mean", "sum")
+NONE, MEAN, SUM = 0, 1, 2
+FINISH_BLOCK = 1024
+_EMPTY = (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def cross_entropy_forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, den_ptr, lse_ptr, coef_ptr,
+                                 C, n_inner, n_tiles, n_outer1,
+                                 sx0, sx1, sxi, sxc, st0, st1, sti, stc, ignore_index, eps,
+                                 PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                                 REDUCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-row loss_i = lse_i * B_i - A_i (see the module docstring), logits read once, online.
+
+    Writes lse_i and B_i (fp32) per row; the loss per row ('none', into the output) or, with
+    REDUCE, one partial sum of the program's losses and of their 'mean' weights (w_{t_i}, or 1
+    per row for probabilities). Tile [BLOCK_R, BLOCK_C]; grid = (outer0 * outer1 * cdiv(inner,
+    BLOCK_R),). Bytes: logits (and probability targets) read once, 8-12 bytes a row written;
+    memory-bound.
+    """
+    o0, o1, inner, row_mask, row_id = row_coordinates(n_inner, n_tiles, n_outer1, BLOCK_R)
+    x_row = x_ptr + row_offsets(o0, o1, inner, sx0, sx1, sxi)
+    t_row = t_ptr + row_offsets(o0, o1, inner, st0, st1, sti)
+    cols = tl.arange(0, BLOCK_C).to(tl.int64)
+    m = tl.full((BLOCK_R,), -float("inf"), tl.float32)
+    s = tl.zeros((BLOCK_R,), tl.float32)
+    a = tl.zeros((BLOCK_R,), tl.float32)
+    b = tl.zeros((BLOCK_R,), tl.float32)
+    if not PROB:
+        t = tl.load(t_row, mask=row_mask, other=ignore_index).to(tl.int64)
+        valid = row_mask & (t != ignore_index)
+        in_range = valid & (t >= 0) & (t < C)
+        x_t = tl.load(x_row + t * sxc, mask=in_range, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + t, mask=in_range, other=0.0).to(tl.float32)
+        else:
+            w_t = tl.where(in_range, 1.0, 0.0)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        mask = row_mask[:, None] & (c < C)[None, :]
+        x = tl.load(x_row[:, None] + c[None, :] * sxc, mask=mask, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        m = m_new
+        if PROB or SMOOTH:
+            if PROB:
+                wq = tl.load(t_row[:, None] + c[None, :] * stc, mask=mask, other=0.0).to(tl.float32)
+                if SMOOTH:
+                    wq = wq * (1.0 - eps) + eps / C
+            else:
+                wq = tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32)
+            if HAS_WEIGHT:
+                wq = wq * tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+            wq = tl.where(mask, wq, 0.0)
+            a += tl.sum(wq * tl.where(mask, x, 0.0), axis=1)
+            b += tl.sum(wq, axis=1)
+    lse = tl.where(m == -float("inf"), 0.0, m) + tl.log(tl.where(row_mask, s, 1.0))
+    if PROB:
+        loss = lse * b - a
+        coef = b
+        den = tl.where(row_mask, 1.0, 0.0)
+    else:
+        loss = w_t * (lse - x_t)
+        coef = w_t
+        if SMOOTH:  # torch: (1 - eps) * nll + eps / C * sum_c -w_c log p_c; here b = sum_c w_c
+            loss = (1.0 - eps) * loss + (eps / C) * (lse * b - a)
+            coef = (1.0 - eps) * w_t + (eps / C) * b
+        loss = tl.where(valid, loss, 0.0)
+        coef = tl.where(valid, coef, 0.0)
+        den = w_t
+    loss = tl.where(row_mask, loss, 0.0)
+    tl.store(lse_ptr + row_id, lse, mask=row_mask)
+    tl.store(coef_ptr + row_id, coef, mask=row_mask)
+    if REDUCE:
+        pid = tl.program_id(0)
+        tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
+        tl.store(den_ptr + pid, tl.sum(den, axis=0))
+    else:
+        tl.store(loss_ptr + row_id, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def cross_entropy_backward_kernel(g_ptr, x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, denom_ptr, dx_ptr, dt_ptr,
+                                  C, n_inner, n_tiles, n_outer1,
+                                  sg0, sg1, sgi, sx0, sx1, sxi, sxc, st0, st1, sti, stc, sd0, sd1, sdi, sdc,
+                                  ignore_index, eps,
+                                  PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                                  REDUCTION: tl.constexpr, TARGET_GRAD: tl.constexpr,
+                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx_ic = scale_i * (exp(x_ic - lse_i) * B_i - w_c q_ic), logits read once, dx written once.
+
+    With TARGET_GRAD (probability targets): d target_ic = -scale_i * (1 - eps) * w_c * (x_ic - lse_i),
+    written with dx's strides. Tile and grid as the forward. Bytes: logits (+ targets) read once,
+    dx (+ d target) written once, 8 bytes a row of saved statistics; memory-bound.
+    """
+    o0, o1, inner, row_mask, row_id = row_coordinates(n_inner, n_tiles, n_outer1, BLOCK_R)
+    x_row = x_ptr + row_offsets(o0, o1, inner, sx0, sx1, sxi)
+    t_row = t_ptr + row_offsets(o0, o1, inner, st0, st1, sti)
+    d_off = row_offsets(o0, o1, inner, sd0, sd1, sdi)
+    if REDUCTION == 0:
+        scale = tl.load(g_ptr + row_offsets(o0, o1, inner, sg0, sg1, sgi), mask=row_mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr).to(tl.float32)
+        if REDUCTION == 1:
+            g = g / tl.load(denom_ptr)
+        scale = tl.full((BLOCK_R,), 0.0, tl.float32) + g
+    lse = tl.load(lse_ptr + row_id, mask=row_mask, other=0.0)
+    coef = tl.load(coef_ptr + row_id, mask=row_mask, other=0.0)
+    valid = row_mask
+    if not PROB:
+        t = tl.load(t_row, mask=row_mask, other=ignore_index).to(tl.int64)
+        valid = row_mask & (t != ignore_index)
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + t, mask=valid & (t >= 0) & (t < C), other=0.0).to(tl.float32)
+        else:
+            w_t = tl.full((BLOCK_R,), 1.0, tl.float32)
+        hit = (1.0 - eps) * w_t if SMOOTH else w_t
+    cols = tl.arange(0, BLOCK_C).to(tl.int64)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cols
+        mask = row_mask[:, None] & (c < C)[None, :]
+        x = tl.load(x_row[:, None] + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse[:, None])
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+        if PROB:
+            q = tl.load(t_row[:, None] + c[None, :] * stc, mask=mask, other=0.0).to(tl.float32)
+            if SMOOTH:
+                q = q * (1.0 - eps) + eps / C
+            wq = q * w if HAS_WEIGHT else q
+        else:
+            wq = tl.where(c[None, :] == t[:, None], hit[:, None], 0.0)
+            if SMOOTH:
+                wq += eps / C * w if HAS_WEIGHT else eps / C
+        dx = scale[:, None] * (p * coef[:, None] - wq)
+        # ignored rows get exactly 0, even when 'mean' divides by a zero total weight
+        dx = tl.where(valid[:, None], dx, 0.0)
+        tl.store(dx_ptr + d_off[:, None] + c[None, :] * sdc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if TARGET_GRAD:
+            dq = -(scale * (1.0 - eps))[:, None] * (x - lse[:, None])
+            if HAS_WEIGHT:
+                dq = dq * w
+            tl.store(dt_ptr + d_off[:, None] + c[None, :] * sdc, dq.to(dt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def loss_finish_kernel(part_ptr, den_part_ptr, out_ptr, denom_ptr, n_parts, count,
+                       MEAN: tl.constexpr, HAS_DEN: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sum(parts) [/ sum(den parts) or / count for 'mean']; also stores the divisor.
+
+    One program walks the n_parts fp32 partials in a fixed order (deterministic). Bytes: 4-8 per
+    partial read; latency-bound (partials are one per forward program).
+    """
+    acc = tl.zeros((BLOCK,), tl.float32)
+    dacc = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, n_parts, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + offs, mask=offs < n_parts, other=0.0)
+        if HAS_DEN:
+            dacc += tl.load(den_part_ptr + offs, mask=offs < n_parts, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if HAS_DEN:
+        denom = tl.sum(dacc, axis=0)
+    else:
+        denom = count + 0.0 * total
+    if MEAN:
+        total = total / denom
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+    tl.store(denom_ptr, denom)
+
+
+_CE_KEY = ["C", "n_inner", "PROB", "HAS_WEIGHT", "SMOOTH", "BLOCK_R", "BLOCK_C"]
+_CE_FORWARD = Tuned(cross_entropy_forward_kernel, _num_warps_configs(), config(num_warps=4, num_stages=1),
+                    key=_CE_KEY)
+_CE_BACKWARD = Tuned(cross_entropy_backward_kernel, _num_warps_configs(), config(num_warps=4, num_stages=1),
+                     key=_CE_KEY)
+
+_ROW_SIG = {"C": "i32", "n_inner": "i32", "n_tiles": "i32", "n_outer1": "i32", "ignore_index": "i64",
+            "eps": "fp32"}
+register_kernel(KernelSpec(
+    name="cross_entropy_forward", kernel=cross_entropy_forward_kernel,
+    signature={"x_ptr": "*{dtype}", "t_ptr": "*i64", "w_ptr": "*{dtype}", "loss_ptr": "*fp32", "den_ptr": "*fp32",
+               "lse_ptr": "*fp32", "coef_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
+    configs_by_arch=_spec_configs(*SPEC_BLOCKS),
+    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCE=True, sxc=1, sti=1),
+              dict(PROB=False, HAS_WEIGHT=False, SMOOTH=False, REDUCE=False, sxi=1, sti=1)],
+    example_args={"C": 32000, "n_inner": 4096},
+))
+register_kernel(KernelSpec(  # uint8 class indices (torch accepts Byte targets)
+    name="cross_entropy_forward_u8", kernel=cross_entropy_forward_kernel,
+    signature={"x_ptr": "*{dtype}", "t_ptr": "*u8", "w_ptr": "*{dtype}", "loss_ptr": "*fp32", "den_ptr": "*fp32",
+               "lse_ptr": "*fp32", "coef_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
+    configs_by_arch=_spec_configs(SPEC_BLOCKS[0]),
+    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCE=True, sxc=1, sti=1)],
+    dtypes=("fp16",),
+))
+register_kernel(KernelSpec(
+    name="cross_entropy_forward_probs", kernel=cross_entropy_forward_kernel,
+    signature={"x_ptr": "*{dtype}", "t_ptr": "*{dtype}", "w_ptr": "*{dtype}", "loss_ptr": "*fp32",
+               "den_ptr": "*fp32", "lse_ptr": "*fp32", "coef_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
+    configs_by_arch=_spec_configs(*SPEC_BLOCKS),
+    variants=[dict(PROB=True, HAS_WEIGHT=True, SMOOTH=True, REDUCE=True, sxc=1, stc=1)],
+    example_args={"C": 32000, "n_inner": 4096},
+))
+register_kernel(KernelSpec(
+    name="cross_entropy_backward", kernel=cross_entropy_backward_kernel,
+    signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*i64", "w_ptr": "*{dtype}", "lse_ptr": "*fp32",
+               "coef_ptr": "*fp32", "denom_ptr": "*fp32", "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG,
+               **_stride_sig("sg", with_class=False), **_stride_sig("sx", "st", "sd")},
+    configs_by_arch=_spec_configs(*SPEC_BLOCKS),
+    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, TARGET_GRAD=False, sxc=1, sdc=1,
+                   sti=1),
+              dict(PROB=False, HAS_WEIGHT=False, SMOOTH=False, REDUCTION=NONE, TARGET_GRAD=False, sxi=1, sdi=1,
+                   sti=1, sgi=1)],
+    example_args={"C": 32000, "n_inner": 4096},
+))
+register_kernel(KernelSpec(
+    name="cross_entropy_backward_u8", kernel=cross_entropy_backward_kernel,
+    signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*u8", "w_ptr": "*{dtype}", "lse_ptr": "*fp32",
+               "coef_ptr": "*fp32", "denom_ptr": "*fp32", "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG,
+               **_stride_sig("sg", with_class=False), **_stride_sig("sx", "st", "sd")},
+    configs_by_arch=_spec_configs(SPEC_BLOCKS[0]),
+    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, TARGET_GRAD=False, sxc=1, sdc=1)],
+    dtypes=("fp16",),
+))
+register_kernel(KernelSpec(
+    name="cross_entropy_backward_probs", kernel=cross_entropy_backward_kernel,
+    signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*{dtype}", "w_ptr": "*{dtype}",
+               "lse_ptr": "*fp32", "coef_ptr": "*fp32", "denom_ptr": "*fp32", "dx_ptr": "*{dtype}",
+               "dt_ptr": "*{dtype}", **_ROW_SIG, **_stride_sig("sg", with_class=False),
+               **_stride_sig("sx", "st", "sd")},
+    configs_by_arch=_spec_configs(*SPEC_BLOCKS),
+    variants=[dict(PROB=True, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=SUM, TARGET_GRAD=True, sxc=1, stc=1, sdc=1)],
+    example_args={"C": 32000, "n_inner": 4096},
+))
+register_kernel(KernelSpec(
+    name="loss_finish", kernel=loss_finish_kernel,
+    signature={"part_ptr": "*fp32", "den_part_ptr": "*fp32", "out_ptr": "*{dtype}", "denom_ptr": "*fp32",
+               "n_parts": "i32", "count": "fp32"},
+    configs_by_arch={a: [config(num_warps=4, num_stages=1, BLOCK=FINISH_BLOCK)] for a in ("sm_80", "sm_90")},
+    variants=[dict(MEAN=True, HAS_DEN=True), dict(MEAN=False, HAS_DEN=False)],
+))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy: launchers and custom ops. x is (N, C, d1, ...) (class dim 1); target is (N, d1, ...)
+# of class indices or x's shape of probabilities.
+# ---------------------------------------------------------------------------------------------
+def _reduction_code(reduction: str) -> int:
+    return {"none": NONE, "mean": MEAN, "sum": SUM}[reduction]
+
+
+def _row_count(x: Tensor) -> int:
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def _check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """torch raises for a class index outside [0, C); so do we, with one host-side reduction."""
+    if target.is_floating_point() or target.numel() == 0:
+        return
+    t = target.to(torch.int64) if target.dtype != torch.int64 else target
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if bool(bad.any()):
+        value = int(t[bad].flatten()[0])
+        raise IndexError(f"cross_entropy: Target {value} is out of bounds: expected a class index in "
+                         f"[0, {n_classes - 1}] or ignore_index={ignore_index}")
+
+
+def _ce_plan(x: Tensor, target: Tensor, *others: Tensor) -> Optional[RowPlan]:
+    prob = target.dim() == x.dim()
+    strides = [batch_strides(x, 1), batch_strides(target, 1) if prob else list(target.stride())]
+    strides += [batch_strides(t, 1) if t.dim() == x.dim() else list(t.stride()) for t in others]
+    return plan_rows([n for i, n in enumerate(x.shape) if i != 1], x.shape[1], x.stride(1), *strides)
+
+
+def _class_stride(t: Tensor, prob: bool) -> int:
+    return t.stride(1) if prob else 0
+
+
+@torch.library.custom_op("tkernels::cross_entropy", mutates_args=())
+def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
+                          label_smoothing: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse (rows,) fp32, coef (rows,) fp32, divisor () fp32) for x (N, C, ...)."""
+    C, rows = x.shape[1], _row_count(x)
+    prob = target.dim() == x.dim()
+    _check_target_range(target, C, ignore_index)
+    loss_shape = target.shape if not prob else x.shape[:1] + x.shape[2:]
+    stats = [x.new_empty((rows,), dtype=torch.float32) for _ in range(2)]
+    denom = x.new_ones((), dtype=torch.float32)  # 'none' has no divisor; keep the output defined
+    if _backend.resolve("cross_entropy", x) == "numpy":
+        # the reference backward recomputes everything from x, so the saved statistics stay unused
+        loss = ref.cross_entropy(to_numpy(x), target.cpu().numpy() if not prob else to_numpy(target),
+                                 to_numpy(weight), ignore_index, reduction, label_smoothing)
+        for t in stats:
+            t.zero_()
+        return from_numpy(loss, x).reshape(loss_shape if reduction == "none" else ()), stats[0], stats[1], denom
+    check_triton_dtype("cross_entropy", x)
+    reduce = reduction != "none"
+    loss = torch.empty(() if reduce else loss_shape, device=x.device, dtype=x.dtype)
+    if not reduce and rows == 0:
+        return loss, stats[0], stats[1], denom
+    plan = _ce_plan(x, target)
+    if plan is None:
+        x, target = x.contiguous(), target.contiguous()
+        plan = _ce_plan(x, target)
+    n_parts = plan.grid[0]
+    parts = [x.new_empty((n_parts,), dtype=torch.float32) for _ in range(2)] if reduce else [loss, loss]
+    eps = max(float(label_smoothing), 0.0)
+    kernel, meta = _CE_FORWARD.launcher(x.device)
+    if rows:
+        kernel[plan.grid](x, target, weight if weight is not None else x, parts[0], parts[1], stats[0], stats[1],
+                          *plan.launch_args(), *plan.strides[0], x.stride(1), *plan.strides[1],
+                          _class_stride(target, prob), int(ignore_index), eps,
+                          PROB=prob, HAS_WEIGHT=weight is not None, SMOOTH=eps > 0, REDUCE=reduce,
+                          BLOCK_R=plan.BLOCK_R, BLOCK_C=plan.BLOCK_C, **meta)
+    if reduce:
+        loss_finish_kernel[(1,)](parts[0], parts[1], loss, denom, n_parts, float(rows), MEAN=reduction == "mean",
+                                 HAS_DEN=True, BLOCK=FINISH_BLOCK)
+    return loss, stats[0], stats[1], denom
+
+
+@cross_entropy_forward.register_fake
+def _(x, target, weight, reduction, ignore_index, label_smoothing):
+    rows = _row_count(x)
+    loss_shape = () if reduction != "none" else (target.shape if target.dim() != x.dim()
+                                                 else x.shape[:1] + x.shape[2:])
+    return (x.new_empty(loss_shape), x.new_empty((rows,), dtype=torch.float32),
+            x.new_empty((rows,), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("tkernels::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                           coef: Tensor, denom: Tensor, reduction: str, ignore_index: int, label_smoothing: float,
+                           need_target: bool) -> Tuple[Tensor, Tensor]:
+    """(grad_input, grad_target or an empty tensor)."""
+    prob = target.dim() == x.dim()
+    if _backend.resolve("cross_entropy", x) == "numpy":
+        dx, dt = ref.cross_entropy_backward(to_numpy(grad), to_numpy(x),
+                                            to_numpy(target) if prob else target.cpu().numpy(),
+                                            to_numpy(weight), ignore_index, reduction, label_smoothing)
+        dx_out = torch.empty_like(x)
+        dx_out.copy_(from_numpy(dx, x))
+        dt_out = torch.empty_like(x, dtype=target.dtype) if need_target else x.new_empty(_EMPTY)
+        if need_target:
+            dt_out.copy_(from_numpy(dt, target))
+        return dx_out, dt_out
+    dx = torch.empty_like(x)
+    dt = torch.empty_like(dx, dtype=target.dtype) if need_target else x.new_empty(_EMPTY)
+    if x.numel() == 0:
+        return dx, dt
+    per_row = reduction == "none"
+    plan = _ce_plan(x, target, dx, *([grad] if per_row else []))
+    if plan is None:  # batch dims that do not collapse to three (rare): contiguous copies
+        x, target = x.contiguous(), target.contiguous()
+        grad = grad.contiguous() if per_row else grad
+        dx_out, dt_out = dx, dt
+        dx = torch.empty_like(x)
+        dt = torch.empty_like(dx, dtype=target.dtype) if need_target else dt
+        plan = _ce_plan(x, target, dx, *([grad] if per_row else []))
+        _launch_ce_backward(plan, grad, x, target, weight, lse, coef, denom, dx, dt, reduction, ignore_index,
+                            label_smoothing, need_target)
+        dx_out.copy_(dx)
+        if need_target:
+            dt_out.copy_(dt)
+        return dx_out, dt_out
+    _launch_ce_backward(plan, grad, x, target, weight, lse, coef, denom, dx, dt, reduction, ignore_index,
+                        label_smoothing, need_target)
+    return dx, dt
+
+
+def _launch_ce_backward(plan, grad, x, target, weight, lse, coef, denom, dx, dt, reduction, ignore_index,
+                        label_smoothing, need_target):
+    prob = target.dim() == x.dim()
+    per_row = reduction == "none"
+    g_strides = plan.strides[3] if per_row else (0, 0, 0)
+    kernel, meta = _CE_BACKWARD.launcher(x.device)
+    eps = max(float(label_smoothing), 0.0)
+    kernel[plan.grid](grad, x, target, weight if weight is not None else x, lse, coef, denom, dx,
+                      dt if need_target else dx, *plan.launch_args(), *g_strides,
+                      *plan.strides[0], x.stride(1), *plan.strides[1], _class_stride(target, prob),
+                      *plan.strides[2], dx.stride(1), int(ignore_index), eps,
+                      PROB=prob, HAS_WEIGHT=weight is not None, SMOOTH=eps > 0,
+                      REDUCTION=_reduction_code(reduction), TARGET_GRAD=need_target,
+                      BLOCK_R=plan.BLOCK_R, BLOCK_C=plan.BLOCK_C, **meta)
+
+
+@cross_entropy_backward.register_fake
+def _(grad, x, target, weight, lse, coef, denom, reduction, ignore_index, label_smoothing, need_target):
+    return torch.empty_like(x), (torch.empty_like(x, dtype=target.dtype) if need_target else x.new_empty(_EMPTY))
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Autograd for the fused cross-entropy; keeps x, target and 8 bytes of statistics per row."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
+                label_smoothing: float):
+        loss, lse, coef, denom = torch.ops.tkernels.cross_entropy(x, target, weight, reduction, ignore_index,
+                                                                  label_smoothing)
+        ctx.save_for_backward(x, target, weight, lse, coef, denom)
+        ctx.options = (reduction, ignore_index, label_smoothing)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, target, weight, lse, coef, denom = ctx.saved_tensors
+        need_target = ctx.needs_input_grad[1]
+        dx, dt = torch.ops.tkernels.cross_entropy_backward(grad, x, target, weight, lse, coef, denom, *ctx.options,
+                                                           need_target)
+        return (dx if ctx.needs_input_grad[0] else None), (dt if need_target else None), None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions (torch.nn.functional signatures)
+# ---------------------------------------------------------------------------------------------
+def _resolve_reduction(op: str, size_average: Optional[bool], reduce: Optional[bool], reduction: str) -> str:
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)  # warns like torch
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: {reduction!r} is not a valid value for reduction; expected 'none', 'mean' or 'sum'")
+    return reduction
+
+
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, not {type(t).__name__}")
+
+
+def _check_float(op: str, name: str, t: Tensor) -> None:
+    _check_tensor(op, name, t)
+    if not t.dtype.is_floating_point:
+        # torch raises NotImplementedError ("... not implemented for 'Long'"), a RuntimeError
+        raise NotImplementedError(f"{op}: {name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                                  f"float64), but got {t.dtype}")
+
+
+def _check_device(op: str, x: Tensor, **others: Optional[Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: expected {name} on the device of input ({x.device}), but it is on {t.device}")
+
+
+def _promote(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
+                  ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """``torch.nn.functional.cross_entropy`` with log-softmax and the loss fused (see the module docstring).
+
+    input (C,), (N, C) or (N, C, d1, ...); target class indices (int64 or uint8) of the batch shape, or
+    class probabilities of input's shape. Targets outside [0, C) (other than ignore_index) raise
+    IndexError, checked on the host.
+    """
+    op = "cross_entropy"
+    reduction = _resolve_reduction(op, size_average, reduce, reduction)
+    _check_float(op, "input", input)
+    _check_tensor(op, "target", target)
+    _check_device(op, input, target=target, weight=weight)
+    if input.dim() == 0:
+        raise RuntimeError(f"{op}: input must be (C,), (N, C) or (N, C, d1, ...), but got a 0-d tensor")
+    label_smoothing = float(label_smoothing)
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"{op}: label_smoothing must be between 0.0 and 1.0, but got {label_smoothing}")
+    batched = input.dim() >= 2
+    n_classes = input.shape[1] if batched else input.shape[0]
+    if n_classes == 0:
+        raise RuntimeError(f"{op}: input has 0 classes (shape {tuple(input.shape)}); expected at least one")
+    probabilities = target.shape == input.shape
+    if probabilities:
+        if not target.dtype.is_floating_point:
+            raise RuntimeError(f"{op}: target has input's shape {tuple(input.shape)}, so it holds class "
+                               f"probabilities and must be floating point, but it is {target.dtype}")
+        if ignore_index != -100:
+            raise RuntimeError(f"{op}: ignore_index={ignore_index} is not supported with class-probability targets")
+        if target.dtype != input.dtype:
+            input, target = _promote(input, target)
+    else:
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise RuntimeError(f"{op}: class-index targets must be int64 (Long) or uint8 (Byte), but got "
+                               f"{target.dtype} (class probabilities need target.shape == input.shape "
+                               f"{tuple(input.shape)}, got {tuple(target.shape)})")
+        expected = (input.shape[0],) + tuple(input.shape[2:]) if batched else ()
+        if batched and (target.dim() == 0 or target.shape[0] != input.shape[0]):
+            raise ValueError(f"{op}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                             f"({target.shape[0] if target.dim() else 'none: target is 0-d'})")
+        if tuple(target.shape) != expected:
+            raise RuntimeError(f"{op}: size mismatch: input {tuple(input.shape)} needs class-index target of shape "
+                               f"{expected}, but got {tuple(target.shape)}")
+    if weight is not None:
+        _check_tensor(op, "weight", weight)
+        if weight.dim() != 1 or weight.shape[0] != n_classes:
+            raise RuntimeError(f"{op}: weight tensor should be defined either for all {n_classes} classes or no "
+                               f"classes, but got weight of shape {tuple(weight.shape)}")
+        if weight.dtype != input.dtype:
+            raise RuntimeError(f"{op}: expected weight to have input's dtype {input.dtype}, but got {weight.dtype}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{op}: the gradient with respect to weight is not supported (torch has none for "
+                               "class-index targets); pass weight.detach()")
+        weight = weight.contiguous()  # C values; the kernels index it densely
+    x = input if batched else input.unsqueeze(0)
+    t = target if batched else target.unsqueeze(0)
+    loss = CrossEntropyFunction.apply(x, t, weight, reduction, int(ignore_index), label_smoothing)
+    return loss.squeeze(0) if reduction == "none" and not batched else loss

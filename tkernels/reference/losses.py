@@ -1,0 +1,139 @@
+"""Cross-entropy and mean-squared-error losses, and their gradients, in float64 NumPy.
+
+Cross-entropy is written as one formula for both kinds of target: with the target distribution
+q (a one-hot row mixed with label smoothing, or the given class probabilities mixed the same way),
+
+    loss_i = -sum_c w_c q_ic log_softmax(x_i)_c,
+
+and 'mean' divides by sum_i w_{t_i} over non-ignored rows (class indices) or by the number of
+rows (class probabilities), as torch does. Arrays keep torch's layout: the class axis is 1
+for batched input (N, C, d1, ...) and 0 for a single sample (C,).
+"""
+import numpy as np
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _class_axis(x):
+    return 1 if x.ndim >= 2 else 0
+
+
+def _log_softmax_last(z):
+    m = np.max(z, axis=-1, keepdims=True)
+    return z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
+
+
+def _distribution(z, target, ignore_index, label_smoothing, probabilities):
+    """(q, valid) with the class axis last: q is (..., C), valid is (...)."""
+    C = z.shape[-1]
+    eps = max(float(label_smoothing), 0.0)
+    if probabilities:
+        q = np.asarray(target, np.float64) * (1.0 - eps) + eps / C
+        return q, np.ones(z.shape[:-1], dtype=bool)
+    t = np.asarray(target).astype(np.int64)
+    valid = t != ignore_index
+    if np.any((t[valid] < 0) | (t[valid] >= C)):
+        raise IndexError("target out of range")
+    onehot = (np.arange(C) == np.where(valid, t, -1)[..., None]).astype(np.float64)
+    q = (1.0 - eps) * onehot + eps / C
+    return np.where(valid[..., None], q, 0.0), valid
+
+
+def _prepare(x, target, weight, ignore_index, label_smoothing):
+    x = np.asarray(x, np.float64)
+    axis = _class_axis(x)
+    z = np.moveaxis(x, axis, -1)
+    probabilities = np.asarray(target).shape == x.shape and np.issubdtype(np.asarray(target).dtype, np.floating)
+    tgt = np.moveaxis(np.asarray(target), axis, -1) if probabilities else target
+    q, valid = _distribution(z, tgt, ignore_index, label_smoothing, probabilities)
+    w = np.ones(z.shape[-1]) if weight is None else np.asarray(weight, np.float64)
+    if probabilities:
+        denom = float(valid.size)
+    else:
+        t = np.asarray(target).astype(np.int64)
+        denom = float(np.sum(w[t[valid]]))
+    return axis, z, q, valid, w, denom, probabilities
+
+
+def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """Loss: a scalar for 'mean'/'sum', per-sample (target's batch shape) for 'none'."""
+    _, z, q, valid, w, denom, _ = _prepare(x, target, weight, ignore_index, label_smoothing)
+    logp = _log_softmax_last(z)
+    wq = w * q
+    # a class the target distribution does not touch contributes 0 even where log p = -inf
+    per_row = -np.sum(np.where(wq != 0.0, wq * logp, 0.0), axis=-1)
+    per_row = np.where(valid, per_row, 0.0)
+    if reduction == "none":
+        return per_row
+    total = np.sum(per_row)
+    if reduction == "sum":
+        return np.asarray(total)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.float64(total) / np.float64(denom))
+
+
+def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, reduction="mean",
+                           label_smoothing=0.0):
+    """(grad_input, grad_target); grad_target is None for class-index targets."""
+    axis, z, q, valid, w, denom, probabilities = _prepare(x, target, weight, ignore_index, label_smoothing)
+    logp = _log_softmax_last(z)
+    p = np.exp(logp)
+    g = np.asarray(grad, np.float64)
+    if reduction == "none":
+        scale = g
+    elif reduction == "sum":
+        scale = np.full(valid.shape, float(g))
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.full(valid.shape, np.float64(g) / np.float64(denom))
+    wq = w * q
+    # d loss_i / d x_ic = p_ic * sum_k w_k q_ik - w_c q_ic
+    dz = np.where(valid[..., None], scale[..., None] * (p * np.sum(wq, axis=-1, keepdims=True) - wq), 0.0)
+    grad_input = np.moveaxis(dz, -1, axis)
+    grad_target = None
+    if probabilities:
+        eps = max(float(label_smoothing), 0.0)
+        grad_target = np.moveaxis(-scale[..., None] * w * (1.0 - eps) * logp, -1, axis)
+    return grad_input, grad_target
+
+
+def _sum_to_shape(a, shape):
+    """Undo broadcasting: sum `a` over the axes that were broadcast to reach a.shape."""
+    extra = a.ndim - len(shape)
+    a = np.sum(a, axis=tuple(range(extra))) if extra else a
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
+    return np.sum(a, axis=axes, keepdims=True) if axes else a
+
+
+def mse_loss(x, y, reduction="mean", weight=None):
+    """(x - y)^2, times `weight` if given; 'mean' divides by the number of elements, or by sum(weight)."""
+    d = np.asarray(x, np.float64) - np.asarray(y, np.float64)
+    sq = d * d
+    if weight is not None:
+        sq = sq * np.asarray(weight, np.float64)
+    if reduction == "none":
+        return sq
+    if reduction == "sum":
+        return np.asarray(np.sum(sq))
+    divisor = np.sum(np.broadcast_to(weight, sq.shape)) if weight is not None else sq.size
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.sum(sq) / np.float64(divisor))
+
+
+def mse_loss_backward(grad, x, y, reduction="mean", weight=None):
+    """(grad_x, grad_y, grad_weight), each summed back to its own (pre-broadcast) shape;
+    grad_weight is None without a weight."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    d = x - y
+    w = np.ones(d.shape) if weight is None else np.broadcast_to(np.asarray(weight, np.float64), d.shape)
+    g = np.asarray(grad, np.float64)
+    if reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            g = g / np.float64(np.sum(w) if weight is not None else d.size)
+    dd = 2.0 * d * w * g
+    grad_weight = None
+    if weight is not None:
+        # d/dw_j of sum_k w_k sq_k / sum_k w_k is (sq_j - loss) / sum_k w_k
+        shift = mse_loss(x, y, "mean", weight) if reduction == "mean" else 0.0
+        grad_weight = _sum_to_shape((d * d - shift) * g * np.ones(d.shape), np.shape(weight))
+    return _sum_to_shape(dd, x.shape), _sum_to_shape(-dd, y.shape), grad_weight
