@@ -117,16 +117,14 @@ def sum_partials_kernel(part_ptr, out_ptr, L, SPLIT, stride_out, BLOCK: tl.const
 
 
 def _configs(sm90: bool):
-    big = [
-        config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        config(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    ] if sm90 else [
-        config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-    ]
-    return big + [
-        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
-        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
-        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+    # Accumulator registers per thread = BLOCK_M*BLOCK_N / (32*num_warps); the fused epilogue
+    # (bias, stored pre-activation, gelu) needs headroom on top, so no tile holds more than
+    # 64 fp32 accumulators per thread (larger tiles spilled in `tkernels inspect`).
+    bk = 64 if sm90 else 32
+    return [
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3),
         config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
         config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=5),
         config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=2, num_stages=4),
@@ -154,10 +152,16 @@ register_kernel(KernelSpec(
     },
     configs_by_arch=MATMUL_CONFIGS,
     # forward with the heaviest epilogue, and the backward with the gate prologue + bias rowsum
+    # unit strides as the linear launches them: forward A = x, B = W^T; weight gradient A = dY^T, B = x
     variants=[
-        dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, HAS_GATE=False, GATE_ACT=0, ROWSUM=False, SPLIT_K=1),
-        dict(HAS_BIAS=False, ACT=0, STORE_PREACT=False, HAS_GATE=True, GATE_ACT=4, ROWSUM=True, SPLIT_K=1),
+        dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, HAS_GATE=False, GATE_ACT=0, ROWSUM=False, SPLIT_K=1,
+             stride_ak=1, stride_bk=1, stride_cn=1, stride_pn=1, stride_gk=1),
+        dict(HAS_BIAS=False, ACT=0, STORE_PREACT=False, HAS_GATE=True, GATE_ACT=4, ROWSUM=True, SPLIT_K=1,
+             stride_am=1, stride_gm=1, stride_bn=1, stride_cn=1, stride_pn=1),
     ],
+    example_args={name: 4096 for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                                          "stride_cm", "stride_cn", "stride_gm", "stride_gk", "stride_pm",
+                                          "stride_pn", "stride_split_c", "stride_split_r")},
     per_dtype={"fp32": {"INPUT_PRECISION": "tf32"}, "fp16": {"INPUT_PRECISION": "ieee"},
                "bf16": {"INPUT_PRECISION": "ieee"}},
     tensor_cores=True,

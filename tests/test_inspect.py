@@ -1,0 +1,210 @@
+"""`tkernels inspect`: registered kernel configs compile for sm_80 and sm_90 with Triton's AOT
+compiler, without spills, and the fp16/bf16 builds of tensor-core kernels contain HMMA/HGMMA.
+
+Compiling every build (config x variant x dtype x arch of every spec: 1300+ once all families
+registered, about 2-4 CPU-seconds each) does not fit this file's 5-minute budget on 2 cores. So the
+test compiles in ``coverage_order`` for ``TKERNELS_INSPECT_BUDGET_S`` seconds (default 150):
+always one build per kernel x arch (its costliest config, in bf16) and every fp16/bf16 matmul build,
+then as many other configs, variants and dtypes as fit. Results are cached on disk keyed by the
+kernel source, and every cached build is checked too, so repeated runs (or a prior full
+`tkernels inspect`, the CI main job) extend the check to everything. TKERNELS_INSPECT_BUDGET_S=none
+compiles everything. Compiles run on worker subprocesses without TRITON_INTERPRET, one per CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter
+
+import pytest
+
+from tkernels import inspection
+from tkernels.cli import main
+from tkernels.ops._common import KERNEL_SPECS
+
+_BUDGET = os.environ.get("TKERNELS_INSPECT_BUDGET_S", "150")
+BUDGET_S = None if _BUDGET.lower() in ("none", "full", "") else float(_BUDGET)
+
+
+def _describe(rows):
+    return "\n".join(f"  {r['kernel']} {r['arch']} {r['dtype']} config {r['config_index']} [{r['config']}] "
+                     f"variant {r['variant_index']}: {'; '.join(r['problems'])}"
+                     + (f"\n    {r['error'][:400]}" if r["error"] else "") for r in rows)
+
+
+def _expected_builds(spec, arch):
+    return len(spec.configs_by_arch[arch]) * len(spec.variants) * len(spec.dtypes)
+
+
+def _is_tensor_core_matmul(build):
+    return build.kernel == "matmul" and build.dtype in ("fp16", "bf16")
+
+
+@pytest.mark.slow
+def test_registered_configs_compile_for_both_archs():
+    stats = {}
+    rows = inspection.inspect_kernels(archs=["sm_80", "sm_90"], budget_s=BUDGET_S, always=_is_tensor_core_matmul,
+                                      stats=stats)
+    total = sum(_expected_builds(spec, arch) for spec in KERNEL_SPECS.values() for arch in ("sm_80", "sm_90"))
+    assert stats["builds"] == total and len(rows) + stats["left_out"] == total
+    assert len({(r["kernel"], r["arch"], r["dtype"], r["config_index"], r["variant_index"]) for r in rows}) == len(rows)
+    if stats["left_out"]:
+        warnings.warn(f"tkernels inspect test: checked {len(rows)} of {total} builds within its {BUDGET_S:.0f} s "
+                      f"budget ({stats['cached']} from the cache); `tkernels inspect` checks them all")
+
+    # always checked: every kernel on both archs, and every fp16/bf16 matmul build
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(n, a) for n in KERNEL_SPECS for a in ("sm_80", "sm_90")}
+    matmul = KERNEL_SPECS["matmul"]
+    tc_matmul = [r for r in rows if r["kernel"] == "matmul" and r["dtype"] in ("fp16", "bf16")]
+    assert len(tc_matmul) == sum(len(matmul.configs_by_arch[a]) * len(matmul.variants) * 2 for a in ("sm_80", "sm_90"))
+
+    failures = [
+        ("do not compile", [r for r in rows if r["error"]]),
+        ("spill registers", [r for r in rows if not r["error"] and r["spill_bytes"]]),
+        ("are fp16/bf16 builds of tensor-core kernels without HMMA/HGMMA",
+         [r for r in rows if not r["error"] and r["tensor_cores_expected"] and not r["tensor_core_ops"]]),
+    ]
+    report = "\n".join(f"{len(bad)} builds {what}:\n{_describe(bad)}" for what, bad in failures if bad)
+    if report:
+        pytest.fail(report, pytrace=False)
+    assert all(r["ok"] for r in rows)
+
+    # the measurements are real: registers in range, wgmma only where it exists
+    assert all(1 <= r["registers"] <= 255 for r in rows)
+    assert all(r["hgmma"] == 0 for r in rows if r["arch"] == "sm_80")
+    assert all(r["tensor_core_ops"] > 0 for r in tc_matmul)
+    for dtype in ("fp16", "bf16"):
+        assert any(r["hgmma"] > 0 for r in tc_matmul if r["arch"] == "sm_90" and r["dtype"] == dtype), \
+            f"no {dtype} matmul config uses wgmma on sm_90"
+    plain = [r for r in rows if r["kernel"] == "sum_partials"]
+    assert plain and all(r["tensor_core_ops"] == 0 for r in plain)
+
+
+def test_coverage_order_covers_every_axis_early():
+    specs = KERNEL_SPECS
+    builds = inspection.plan(specs, sorted(specs), ["sm_80", "sm_90"])
+    order = inspection.coverage_order(specs, builds)
+    assert sorted(map(repr, (b for _, b in order))) == sorted(map(repr, builds))  # each build once
+    tiers = [t for t, _ in order]
+    assert tiers == sorted(tiers)
+    groups = {(b.kernel, b.arch) for b in builds}
+    tier0 = [b for t, b in order if t == 0]
+    assert sorted((b.kernel, b.arch) for b in tier0) == sorted(groups)
+    for b in tier0:
+        spec = specs[b.kernel]
+        assert b.dtype == ("bf16" if "bf16" in spec.dtypes else spec.dtypes[0]) and b.variant_index == 0
+    upto = lambda tier: [b for t, b in order if t <= tier]  # noqa: E731
+    for (kernel, arch) in groups:
+        spec = specs[kernel]
+        first = [b for b in upto(1) if (b.kernel, b.arch) == (kernel, arch)]
+        assert {b.config_index for b in first} == set(range(len(spec.configs_by_arch[arch])))
+        if spec.tensor_cores:
+            for dt in ("fp16", "bf16"):
+                assert {b.config_index for b in first if b.dtype == dt} == set(range(len(spec.configs_by_arch[arch])))
+        second = [b for b in upto(2) if (b.kernel, b.arch) == (kernel, arch)]
+        assert {b.variant_index for b in second} == set(range(len(spec.variants)))
+        assert {b.dtype for b in second} == set(spec.dtypes)
+
+
+@pytest.mark.slow
+def test_budget_keeps_one_build_per_kernel_and_arch(tmp_path):
+    stats = {}
+    rows = inspection.inspect_kernels(kernels=["sum_partials"], archs=["sm_80"], budget_s=0, cache_dir=tmp_path,
+                                      jobs=1, stats=stats)
+    assert [(r["kernel"], r["arch"], r["dtype"]) for r in rows] == [("sum_partials", "sm_80", "bf16")]
+    assert stats["left_out"] == len(KERNEL_SPECS["sum_partials"].dtypes) - 1 and rows[0]["ok"]
+
+
+@pytest.mark.slow
+def test_json_schema_filtering_and_cache(capsys, tmp_path):
+    argv = ["inspect", "--json", "--kernel", "sum_part*", "--arch", "sm_80,sm_90", "--dtype", "fp32", "bf16",
+            "--cache-dir", str(tmp_path), "--jobs", "1", "--quiet"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+
+    spec = KERNEL_SPECS["sum_partials"]
+    assert {r["kernel"] for r in first} == {"sum_partials"}
+    assert sorted((r["arch"], r["dtype"]) for r in first) == sorted(
+        (a, d) for a in ("sm_80", "sm_90") for d in ("fp32", "bf16") for _ in spec.variants
+        for _ in spec.configs_by_arch[a])
+    for r in first:
+        assert set(inspection.ROW_KEYS) <= set(r)
+        assert r["arch"] in ("sm_80", "sm_90") and isinstance(r["config"], str) and r["config"]
+        for key in ("registers", "spill_bytes", "shared_bytes", "tensor_core_ops", "hmma", "hgmma"):
+            assert isinstance(r[key], int) and r[key] >= 0, (key, r[key])
+        assert r["ok"] is True and r["error"] is None and r["problems"] == [] and r["cached"] is False
+        assert r["num_warps"] == spec.configs_by_arch[r["arch"]][r["config_index"]].num_warps
+
+    # the second run is answered from the cache, with the same numbers
+    assert main(argv) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert all(r["cached"] for r in second)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "cached"} for r in rows]  # noqa: E731
+    assert strip(second) == strip(first)
+    assert len(list(tmp_path.rglob("*.json"))) == len(first)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--kernel", "no_such_kernel"], ["no_such_kernel", "matmul"]),
+    (["--kernel", "matmul", "--arch", "sm_75"], ["sm_75", "sm_80", "sm_90"]),
+    (["--kernel", "matmul", "--arch", "sm_80,hopper"], ["hopper"]),
+    (["--kernel", "matmul", "--dtype", "fp64"], ["fp64", "fp16", "bf16", "fp32"]),
+    (["--kernel", "matmul", "--jobs", "0"], ["--jobs", "0"]),
+])
+def test_bad_request_is_a_clear_error_before_any_compile(capsys, argv, expected, monkeypatch):
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a bad request must be refused before any compile worker starts")
+    monkeypatch.setattr(inspection, "_Worker", no_worker)
+    assert main(["inspect", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "tkernels inspect: error:" in captured.err
+    for word in expected:
+        assert word in captured.err
+
+
+def test_arch_and_dtype_parsing():
+    assert inspection.parse_archs(None) == ["sm_80", "sm_90"]
+    assert inspection.parse_archs(["sm_90,sm_80", "sm_90"]) == ["sm_90", "sm_80"]
+    assert inspection.parse_archs(["80", "sm90"]) == ["sm_80", "sm_90"]
+    assert inspection.parse_dtypes(["bfloat16,fp16"]) == ["bf16", "fp16"]
+    assert inspection.parse_dtypes(None) is None
+
+
+def _row(**metrics):
+    spec = KERNEL_SPECS["matmul"]
+    base = dict(registers=128, spill_bytes=0, shared_bytes=16384, static_shared_bytes=0, hmma=32, hgmma=0,
+                tensor_core_ops=32, error=None, compile_s=1.0)
+    base.update(metrics)
+    return inspection.make_row(spec, inspection.Build("matmul", "sm_80", "fp16", 0, 0), base)
+
+
+def test_shared_memory_over_the_limit_is_a_warning(capsys, monkeypatch):
+    row = _row(shared_bytes=200 * 1024)  # sm_80 blocks have 163 KiB at most
+    assert row["ok"] and row["problems"] == [] and "never launches" in row["warnings"][0]
+    monkeypatch.setattr(inspection, "inspect_kernels", lambda **kwargs: [row])
+    assert main(["inspect", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: never launches" in out and "1 never launch" in out
+
+
+@pytest.mark.parametrize("metrics, problem", [
+    ({}, None),
+    ({"spill_bytes": 8}, "spills"),
+    ({"hmma": 0, "tensor_core_ops": 0}, "no tensor-core ops"),
+    ({"error": "CompilationError: at 12:4: boom"}, "compile failed"),
+])
+def test_each_problem_fails_the_run_and_shows_in_the_table(capsys, monkeypatch, metrics, problem):
+    row = _row(**metrics)
+    monkeypatch.setattr(inspection, "inspect_kernels", lambda **kwargs: [row])
+    code = main(["inspect", "--quiet"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["kernel", "arch", "dtype", "config", "var"]
+    assert any(line.startswith("matmul") and "sm_80" in line and "fp16" in line for line in lines)
+    assert "1 builds of 1 kernels" in out
+    if problem is None:
+        assert code == 0 and row["ok"] and " ok" in lines[2]
+    else:
+        assert code == 1 and not row["ok"] and problem in lines[2]
