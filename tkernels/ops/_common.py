@@ -82,6 +82,13 @@ class KernelSpec:
     each entry of ``dtypes`` ("fp16", "bf16", "fp32"). ``variants`` are dicts of the
     kernel's non-tuning constexprs (activation, flags); each config is compiled with each
     variant. ``tensor_cores`` says whether fp16/bf16 builds must use HMMA/HGMMA.
+
+    ``example_args`` gives runtime integer arguments the values a typical launch passes
+    (e.g. {"K": 4096, "stride_ak": 1}); inspect specialises them as the JIT would: 1 becomes
+    a constant and multiples of 16 get 16-divisibility (unit strides and aligned sizes are
+    what make loads vectorise, so without them registers and spills are those of arbitrary
+    strides). A variant may hold such values too, overriding these (e.g. per call site).
+    Pointer arguments are always taken as 16-byte aligned.
     """
 
     name: str
@@ -93,6 +100,7 @@ class KernelSpec:
     tensor_cores: bool = False
     # Constexprs that depend on the dtype, e.g. {"fp32": {"INPUT_PRECISION": "tf32"}}
     per_dtype: Dict[str, dict] = field(default_factory=dict)
+    example_args: Dict[str, int] = field(default_factory=dict)
 
 
 KERNEL_SPECS: Dict[str, KernelSpec] = {}
