@@ -24,15 +24,8 @@ from tkernels.data import load_digits, minibatches
 from tkernels.models import LeNet
 
 
-class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
-    """torch's DDP, minus one guard: it refuses every SyncBatchNorm on CPU because torch's own
-    SyncBatchNorm needs a GPU. tkernels' SyncBatchNorm (a subclass, so the guard catches it) runs
-    on CPU processes over gloo, so the guard is kept for torch's class only."""
-
-    def _passing_sync_batchnorm_handle(self, module):
-        if any(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, tkernels.nn.SyncBatchNorm)
-               for m in module.modules()):
-            super()._passing_sync_batchnorm_handle(module)
+# tkernels' DDP: torch's, minus the guard that refuses SyncBatchNorm on CPU processes
+DistributedDataParallel = tkernels.nn.parallel.DistributedDataParallel
 
 
 def parse_args():

@@ -67,7 +67,7 @@ def _worker(out_dir: Path) -> None:
     spec = importlib.util.spec_from_file_location("ddp_train", ROOT / "examples" / "ddp_train.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    DistributedDataParallel = example.DistributedDataParallel  # lets tkernels' SyncBatchNorm run on CPU
+    DistributedDataParallel = tkernels.nn.parallel.DistributedDataParallel  # lets tkernels' SyncBatchNorm run on CPU
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

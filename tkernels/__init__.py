@@ -11,6 +11,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 from ._backend import INTERPRET, get_backend, set_backend, use_backend  # noqa: E402
 from . import activations, ops  # noqa: E402,F401
 from . import functional, nn  # noqa: E402,F401
+from . import optim  # noqa: E402,F401
+from . import models  # noqa: E402,F401  (after nn: the models are converted to tkernels layers)
 
 __version__ = "0.1.0"
-__all__ = ["use_backend", "set_backend", "get_backend", "INTERPRET", "functional", "nn", "activations", "ops"]
+__all__ = ["use_backend", "set_backend", "get_backend", "INTERPRET", "functional", "nn", "optim", "models",
+           "activations", "ops"]

@@ -6,9 +6,21 @@ from torch import Tensor
 
 from .activations import Activation
 from .ops import elementwise as _elementwise
+from .ops.avg_pooling import adaptive_avg_pool2d, avg_pool2d
+from .ops.batch_norm import batch_norm
+from .ops.conv import conv2d
+from .ops.dropout import dropout
 from .ops.linear import linear
+from .ops.losses import cross_entropy
+from .ops.mse import mse_loss
+from .ops.pooling import max_pool2d
+from .ops.softmax import log_softmax, softmax
 
-__all__ = ["linear", "relu", "leaky_relu", "gelu", "silu", "sigmoid", "tanh"]
+__all__ = [
+    "linear", "conv2d", "batch_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+    "relu", "leaky_relu", "gelu", "silu", "sigmoid", "tanh",
+    "softmax", "log_softmax", "cross_entropy", "mse_loss", "dropout",
+]
 
 
 def relu(input: Tensor, inplace: bool = False) -> Tensor:

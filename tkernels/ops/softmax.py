@@ -96,9 +96,13 @@ def plan_rows(batch_shape: Sequence[int], C: int, class_stride: int,
     n_outer1, n_inner = sizes[2], sizes[3]
     c_pow2 = triton.next_power_of_2(max(C, 1))
     inner_pow2 = triton.next_power_of_2(max(n_inner, 1))
-    if class_stride == 1 or n_inner == 1:
+    if class_stride == 1:
         block_c = min(c_pow2, MAX_BLOCK_C)
         block_r = min(inner_pow2, max(1, MAX_TILE // block_c), MAX_BLOCK_R)
+    elif n_inner == 1:
+        # strided classes need a 64-bit address per element: 4096-wide rows spilled on sm_80
+        block_c = min(c_pow2, MAX_TILE)
+        block_r = 1
     else:
         block_r = min(inner_pow2, MAX_BLOCK_R)
         block_c = min(c_pow2, max(1, MAX_TILE // block_r), MAX_BLOCK_C)
@@ -134,7 +138,10 @@ def _spec_configs(*blocks: Tuple[int, int, int]):
             for arch in ("sm_80", "sm_90")}
 
 
-SPEC_BLOCKS = ((1, MAX_BLOCK_C, 8), (MAX_BLOCK_R, MAX_TILE // MAX_BLOCK_R, 4), (8, MAX_TILE // 8, 4))
+# the tiles plan_rows makes: unit class stride (rows up to MAX_BLOCK_C wide), strided classes (<= MAX_TILE)
+SPEC_BLOCKS_UNIT = ((1, MAX_BLOCK_C, 8), (8, MAX_TILE // 8, 4))
+SPEC_BLOCKS_STRIDED = ((1, MAX_TILE, 4), (MAX_BLOCK_R, MAX_TILE // MAX_BLOCK_R, 4), (8, MAX_TILE // 8, 4))
+SPEC_BLOCKS = ((1, MAX_BLOCK_C, 8), (MAX_BLOCK_R, MAX_TILE // MAX_BLOCK_R, 4), (8, MAX_TILE // 8, 4))  # losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,22 +258,26 @@ def _stride_sig(*prefixes: str, with_class: bool = True) -> dict:
     return {f"{p}{n}": "i64" for p in prefixes for n in names}
 
 
-register_kernel(KernelSpec(
-    name="softmax_forward", kernel=softmax_forward_kernel,
-    signature={"x_ptr": "*{dtype}", "y_ptr": "*{dtype}", **_ROW_SIG, **_stride_sig("sx", "sy")},
-    configs_by_arch=_spec_configs(*SPEC_BLOCKS),
-    # call sites: softmax over the last dim (unit class stride), log-softmax over dim 1 of NCHW (unit inner stride)
-    variants=[dict(LOG=False, SINGLE=True, sxc=1, syc=1), dict(LOG=True, SINGLE=False, sxi=1, syi=1)],
-    example_args={"C": 32000, "n_inner": 4096},
-))
-register_kernel(KernelSpec(
-    name="softmax_backward", kernel=softmax_backward_kernel,
-    signature={"g_ptr": "*{dtype}", "y_ptr": "*{dtype}", "dx_ptr": "*{dtype}", **_ROW_SIG,
-               **_stride_sig("sg", "sy", "sd")},
-    configs_by_arch=_spec_configs(*SPEC_BLOCKS),
-    variants=[dict(LOG=False, SINGLE=False, sgc=1, syc=1, sdc=1), dict(LOG=True, SINGLE=True, sgi=1, syi=1, sdi=1)],
-    example_args={"C": 32000, "n_inner": 4096},
-))
+# call sites: softmax over the last dim (unit class stride) and log-softmax over dim 1 of NCHW
+# (strided classes, unit inner stride), each compiled with the tiles plan_rows gives it
+for _suffix, _blocks, _unit_class in (("", SPEC_BLOCKS_UNIT, True), ("_strided", SPEC_BLOCKS_STRIDED, False)):
+    register_kernel(KernelSpec(
+        name="softmax_forward" + _suffix, kernel=softmax_forward_kernel,
+        signature={"x_ptr": "*{dtype}", "y_ptr": "*{dtype}", **_ROW_SIG, **_stride_sig("sx", "sy")},
+        configs_by_arch=_spec_configs(*_blocks),
+        variants=[dict(LOG=False, SINGLE=True, sxc=1, syc=1)] if _unit_class else
+                 [dict(LOG=True, SINGLE=False, sxi=1, syi=1)],
+        example_args={"C": 32000, "n_inner": 4096},
+    ))
+    register_kernel(KernelSpec(
+        name="softmax_backward" + _suffix, kernel=softmax_backward_kernel,
+        signature={"g_ptr": "*{dtype}", "y_ptr": "*{dtype}", "dx_ptr": "*{dtype}", **_ROW_SIG,
+                   **_stride_sig("sg", "sy", "sd")},
+        configs_by_arch=_spec_configs(*_blocks),
+        variants=[dict(LOG=False, SINGLE=False, sgc=1, syc=1, sdc=1)] if _unit_class else
+                 [dict(LOG=True, SINGLE=True, sgi=1, syi=1, sdi=1)],
+        example_args={"C": 32000, "n_inner": 4096},
+    ))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,590 @@
+"""Conv2d backward kernels: input, weight and bias gradients.
+
+s is what forward kept for the activation derivative (y for relu/sigmoid/tanh, else the
+pre-activation z; see :mod:`tkernels.activations`).
+
+* **dz and the bias gradient**, one memory-bound pass: dz = dy * act'(s) is written once for
+  the two GEMMs below, and db[co] = sum_p dz[p, co] is summed on the way (the activation
+  derivative fused into the bias gradient). With no activation, dz is dy itself and the pass
+  only sums. Recomputing act' inside the GEMM loops instead would redo it KH*KW times per tile
+  and load two tiles per step, which costs the GEMMs their registers.
+* **Input gradient**, an implicit GEMM of dz with the flipped weight:
+      dx[n, ci, ih, iw] = sum_{co, kh, kw} dz[n, co, oh, ow] * W[co, ci, kh, kw],
+      oh = (ih + pt - kh*dh) / sh  when that divides exactly and 0 <= oh < OH (same for ow).
+  Input pixels are split into the sh*sw stride phases (ih mod sh, iw mod sw). Inside one phase,
+  whether kernel row kh reaches an output row is the same for the whole tile, so the taps that
+  cannot contribute are skipped as a scalar branch and ``oh = i + (rh + pt - kh*dh) / sh`` needs
+  no per-element division. No dilated copy of dz is built.
+* **Weight gradient**, an implicit GEMM reducing over the N*OH*OW output pixels p:
+      dW[co, (kh, kw, ci)] = sum_p dz[p, co] * x[n, ci, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw].
+Long reductions (weight and bias gradients) are split over SPLIT programs when the output has
+too few tiles to fill the GPU; they write fp32 partials and a second kernel sums them in a fixed
+order (deterministic, no float atomics).
+
+As in the forward, ``FAST`` variants take channels_last tensors with 8-aligned channel runs and
+move them as vectors (the weight is re-laid tap-major for the input gradient; the weight
+gradient is written tap-major and re-laid into dW). 1x1 stride-1 unpadded convs whose pixels
+form a 2-D (pixels, channels) view are GEMMs and reuse the matmul kernel with act' fused into
+its loads, as Linear does (dx = dz @ W, dW = dz^T @ X with db as its row sums).
+One-input-channel-per-group (depthwise) input gradients use a direct CUDA-core kernel. All conv
+kernels use num_warps <= 4.
+
+This module also holds what the forward shares with it: the device helpers ``aligned8`` and
+``gather_k_major``, the layout predicates and the implicit-GEMM tile configs.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+import triton
+import triton.language as tl
+
+from ..activations import Activation, activation_grad
+from ._common import KernelSpec, Tuned, cdiv, config, register_kernel, tl_input_precision
+from .matmul import SUM_PARTIALS_BLOCK, matmul, sum_partials_kernel
+
+# Tests set this to exercise the split-reduction path on small (interpreter-sized) shapes.
+FORCE_SPLIT: Optional[int] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers, shared with the forward kernels in conv.py
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def aligned8(stride):
+    """``stride`` (a multiple of 8, checked on the host) in a form whose divisibility the compiler sees."""
+    return (stride // 8) * 8
+
+
+@triton.jit
+def gather_k_major(ptr, row_offs, k_offs, row_ok, k_ok, FAST: tl.constexpr):
+    """A [rows, K] tile at ptr + row_offs[r] + k_offs[k]. FAST: K is a contiguous, 8-aligned run,
+    loaded as vectors. Otherwise nothing is known about the layout, so the tile is gathered K-major
+    ([K, rows], threads along the rows) and transposed: the per-row index vectors then take a
+    few registers per thread instead of one register per row."""
+    if FAST:
+        tile = tl.load(ptr + row_offs[:, None] + k_offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    else:
+        tile = tl.trans(tl.load(ptr + row_offs[None, :] + k_offs[:, None], mask=k_ok[:, None] & row_ok[None, :],
+                                other=0.0))
+    return tile
+
+
+@triton.jit
+def conv2d_dgrad_kernel(
+    dz_ptr, w_ptr, dx_ptr,
+    H, W, C_in_g, C_out_g, OH, OW, KH, KW, HQ, WQ, M,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
+    FAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Input gradient as an implicit GEMM. Rows: the N*HQ*WQ input pixels of one stride phase
+    (HQ = cdiv(H, sh)); columns: C_in/groups; reduction: C_out/groups per kernel tap, BLOCK_K >= 16.
+    FAST: channels_last dz and dx and a tap-major weight (KH, KW, C_out, C_in_g), all 8-aligned.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(C_in_g, BLOCK_N), groups * sh * sw).
+    Traffic: dz read about C_in_g/BLOCK_N times, W M/BLOCK_M times, dx written once;
+    compute-bound at ResNet/VGG shapes."""
+    if FAST:
+        sdc = 1
+        swi = 1
+        sxc = 1
+        sdn, sdh, sdw = aligned8(sdn), aligned8(sdh), aligned8(sdw)
+        sxn, sxh, sxw = aligned8(sxn), aligned8(sxh), aligned8(sxw)
+        swo, swh, sww = aligned8(swo), aligned8(swh), aligned8(sww)
+        C_in_g, C_out_g = aligned8(C_in_g), aligned8(C_out_g)
+    pid = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    phases = stride_h * stride_w
+    g = pid_g // phases
+    rh = (pid_g % phases) // stride_w
+    rw = pid_g % stride_w
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_in_g, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % width) % group_rows)
+    pid_n = (pid % width) // group_rows
+
+    # int32 indices, widened to int64 where they meet a stride
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = offs_m // (HQ * WQ)
+    i = (offs_m % (HQ * WQ)) // WQ
+    j = offs_m % WQ
+    ih = rh + i * stride_h
+    iw = rw + j * stride_w
+    mask_m = (offs_m < M) & (ih < H) & (iw < W)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # ci within the group
+    mask_n = offs_n < C_in_g
+    co_base = g * C_out_g
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in range(0, KH):
+        th = rh + pad_h - kh * dil_h
+        # kernel rows (and below, columns) that land between output rows for this phase
+        # contribute nothing to the whole tile: skip them as a scalar branch
+        if th % stride_h == 0:
+            oh = i + th // stride_h
+            h_ok = mask_m & (oh >= 0) & (oh < OH)
+            for kw in range(0, KW):
+                tw = rw + pad_w - kw * dil_w
+                if tw % stride_w == 0:
+                    ow = j + tw // stride_w
+                    row_ok = h_ok & (ow >= 0) & (ow < OW)
+                    d_rows = n.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+                    b_cols = offs_n.to(tl.int64) * swi + kh * swh + kw * sww
+                    for c0 in range(0, C_out_g, BLOCK_K):
+                        offs_c = c0 + tl.arange(0, BLOCK_K)
+                        mask_c = offs_c < C_out_g
+                        co = (co_base + offs_c).to(tl.int64)
+                        a = gather_k_major(dz_ptr, d_rows, co * sdc, row_ok, mask_c, FAST)
+                        b = tl.load(w_ptr + b_cols[None, :] + (co * swo)[:, None],
+                                    mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+                        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    ci = (g * C_in_g + offs_n).to(tl.int64)
+    dx_offs = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + (ci * sxc)[None, :]
+    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def conv2d_depthwise_dgrad_kernel(
+    dz_ptr, w_ptr, dx_ptr,
+    H, W, C_in, MULT, OH, OW, KH, KW, M,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdn, sdc, sdh, sdw, swo, swh, sww, sxn, sxc, sxh, sxw,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Direct input gradient for one input channel per group (depthwise, channel multiplier MULT):
+    dx[n, ci, ih, iw] = sum_{j < MULT, kh, kw} dz[n, ci*MULT + j, oh, ow] * W[ci*MULT + j, 0, kh, kw].
+    Tile: BLOCK_C channels x BLOCK_M input pixels, channel-major so the per-pixel index vectors
+    stay small in registers. Grid: (cdiv(N*H*W, BLOCK_M), cdiv(C_in, BLOCK_C)).
+    Traffic: dz read about once per tap from cache, dx written once; memory-bound."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 indices, int64 offsets
+    mask_m = offs_m < M
+    n = offs_m // (H * W)
+    ih = (offs_m % (H * W)) // W
+    iw = offs_m % W
+    ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = ci < C_in
+    acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
+    for kpos in range(0, KH * KW):
+        kh = kpos // KW
+        kw = kpos % KW
+        th = ih + pad_h - kh * dil_h
+        tw = iw + pad_w - kw * dil_w
+        oh = th // stride_h
+        ow = tw // stride_w
+        row_ok = (mask_m & (th >= 0) & (tw >= 0) & (oh * stride_h == th) & (ow * stride_w == tw)
+                  & (oh < OH) & (ow < OW))
+        mask = mask_c[:, None] & row_ok[None, :]
+        pix = n.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+        for mult in range(0, MULT):
+            co = (ci * MULT + mult).to(tl.int64)
+            g = tl.load(dz_ptr + (co * sdc)[:, None] + pix[None, :], mask=mask, other=0.0)
+            wv = tl.load(w_ptr + co * swo + kh * swh + kw * sww, mask=mask_c, other=0.0)
+            acc += g.to(tl.float32) * wv.to(tl.float32)[:, None]
+    dx_pix = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+    dx_offs = (ci.to(tl.int64) * sxc)[:, None] + dx_pix[None, :]
+    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def conv2d_wgrad_kernel(
+    dz_ptr, x_ptr, out_ptr,
+    H, W, C_in_g, C_out_g, OH, OW, KH, KW, P, J,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
+    soo, soi, soh, sow, stride_split,
+    SPLIT: tl.constexpr, FAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Weight gradient as an implicit GEMM. Rows: C_out/groups; reduction: this program's share
+    of the P = N*OH*OW output pixels in BLOCK_K steps; columns J:
+    * generic: J = KH*KW*C_in/groups flattened with ci fastest (fills the tile for few channels);
+    * FAST (channels_last dz and x, 8-aligned): one kernel tap per grid column, J = C_in/groups,
+      so the x tile is a contiguous channel run; dW is written tap-major (KH, KW, C_out, C_in_g).
+    Writes dW (SPLIT == 1) or fp32 partials at out_ptr + split * stride_split.
+    Grid: (cdiv(C_out_g, BLOCK_M) * cdiv(J, BLOCK_N), groups (* KH*KW if FAST), SPLIT).
+    Traffic: dz read J/BLOCK_N times, x C_out_g/BLOCK_M times; compute-bound at large P."""
+    if FAST:
+        sdc = 1
+        sxc = 1
+        soi = 1
+        sdn, sdh, sdw = aligned8(sdn), aligned8(sdh), aligned8(sdw)
+        sxn, sxh, sxw = aligned8(sxn), aligned8(sxh), aligned8(sxw)
+        soo, soh, sow = aligned8(soo), aligned8(soh), aligned8(sow)
+        C_in_g, C_out_g = aligned8(C_in_g), aligned8(C_out_g)
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(2)
+    num_pid_m = tl.cdiv(C_out_g, BLOCK_M)
+    num_pid_n = tl.cdiv(J, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % width) % group_rows)
+    pid_n = (pid % width) // group_rows
+
+    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_co < C_out_g
+    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_j = offs_j < J
+    if FAST:
+        g = tl.program_id(1) // (KH * KW)
+        kpos = tl.program_id(1) % (KH * KW)
+        ci = offs_j
+    else:
+        g = tl.program_id(1)
+        ci = offs_j % C_in_g
+        kpos = offs_j // C_in_g
+    kh = kpos // KW
+    kw = kpos % KW
+    co = (g * C_out_g + offs_co).to(tl.int64)
+    x_cols = (g * C_in_g + ci).to(tl.int64) * sxc  # [BLOCK_N]
+    dh = kh * dil_h - pad_h  # scalar if FAST, else [BLOCK_N]
+    dw = kw * dil_w - pad_w
+
+    p_tiles = tl.cdiv(P, BLOCK_K)
+    tiles_per_split = tl.cdiv(p_tiles, SPLIT)
+    p_lo = pid_s * tiles_per_split * BLOCK_K
+    p_hi = tl.minimum(P, p_lo + tiles_per_split * BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_K):
+        offs_p = p0 + tl.arange(0, BLOCK_K)
+        mask_p = offs_p < p_hi
+        n = offs_p // (OH * OW)
+        oh = (offs_p % (OH * OW)) // OW
+        ow = offs_p % OW
+        n64 = n.to(tl.int64)
+        a_mask = mask_m[:, None] & mask_p[None, :]
+        d_cols = n64 * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+        a = tl.load(dz_ptr + (co * sdc)[:, None] + d_cols[None, :], mask=a_mask, other=0.0)
+        if FAST:
+            ih = oh * stride_h + dh
+            iw = ow * stride_w + dw
+            p_ok = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_rows = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            b = tl.load(x_ptr + x_rows[:, None] + x_cols[None, :], mask=p_ok[:, None] & mask_j[None, :], other=0.0)
+        else:
+            ih = (oh * stride_h)[:, None] + dh[None, :]
+            iw = (ow * stride_w)[:, None] + dw[None, :]
+            b_mask = mask_p[:, None] & mask_j[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            b_offs = (n64 * sxn)[:, None] + x_cols[None, :] + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            b = tl.load(x_ptr + b_offs, mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    out_offs = (co * soo)[:, None] + (ci.to(tl.int64) * soi + kh * soh + kw * sow)[None, :]
+    tl.store(out_ptr + pid_s * stride_split + out_offs, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def conv2d_grad_z_kernel(
+    dy_ptr, s_ptr, dz_ptr, db_ptr, P, C, OH, OW,
+    sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, szn, szc, szh, szw,
+    act_param,
+    HAS_GATE: tl.constexpr, GATE_ACT: tl.constexpr, STORE_DZ: tl.constexpr, SUM: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dz = dy * act'(s) (just dy without HAS_GATE) over this program's share of the P = N*OH*OW
+    pixels: stored to dz if STORE_DZ, and if SUM its per-channel fp32 sum (the bias gradient) is
+    written to db_ptr + split * C (partials) or to db (SPLIT == 1), in a fixed order.
+    Tile: BLOCK_P pixels x BLOCK_C channels. Grid: (cdiv(C, BLOCK_C), SPLIT).
+    Traffic: dy (and s) read once, dz written once; memory-bound."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    c64 = offs_c.to(tl.int64)
+    pid_s = tl.program_id(1)
+    p_tiles = tl.cdiv(P, BLOCK_P)
+    tiles_per_split = tl.cdiv(p_tiles, SPLIT)
+    p_lo = pid_s * tiles_per_split * BLOCK_P
+    p_hi = tl.minimum(P, p_lo + tiles_per_split * BLOCK_P)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        n = (offs_p // (OH * OW)).to(tl.int64)
+        oh = ((offs_p % (OH * OW)) // OW).to(tl.int64)
+        ow = (offs_p % OW).to(tl.int64)
+        mask = (offs_p < p_hi)[:, None] & mask_c[None, :]
+        g = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + (c64 * sdc)[None, :], mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        if HAS_GATE:
+            sv = tl.load(s_ptr + (n * ssn + oh * ssh + ow * ssw)[:, None] + (c64 * ssc)[None, :], mask=mask, other=0.0)
+            g = g * activation_grad(sv.to(tl.float32), GATE_ACT, act_param)
+        if STORE_DZ:
+            tl.store(dz_ptr + (n * szn + oh * szh + ow * szw)[:, None] + (c64 * szc)[None, :],
+                     g.to(dz_ptr.dtype.element_ty), mask=mask)
+        if SUM:
+            acc += tl.where(mask, g, 0.0)
+    if SUM:
+        tl.store(db_ptr + pid_s * C + offs_c, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=mask_c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and `tkernels inspect` registrations (num_warps <= 4 throughout)
+# ---------------------------------------------------------------------------------------------
+def _tile(m: int, n: int, k: int, stages: int = 3) -> triton.Config:
+    return config(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=4, num_stages=stages)
+
+
+# Implicit-GEMM tiles per (FAST, fp32), then per arch; num_warps = 4 throughout. FAST (vectorised
+# channels_last) tiles go up to 128x64; generic-layout tiles gather every element with its own
+# address and stay at 64x64. fp32 operands take twice the registers (BLOCK_K 16 for generic
+# tiles). Each list is what `tkernels inspect` compiles without spills on sm_80 and sm_90.
+_FAST_HALF = [_tile(128, 64, 32, 4), _tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4),
+              _tile(32, 64, 32, 4)]
+_FAST_FP32 = [_tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4)]
+_GENERIC_HALF = [_tile(64, 64, 32), _tile(64, 32, 32), _tile(32, 64, 32), _tile(16, 64, 32)]
+_GENERIC_FP32 = [_tile(64, 64, 16), _tile(64, 32, 16)]
+GEMM_CONFIGS = {
+    (True, False): {"sm_80": _FAST_HALF, "sm_90": [_tile(128, 64, 64)] + _FAST_HALF},
+    (True, True): {"sm_80": _FAST_FP32, "sm_90": _FAST_FP32},
+    (False, False): {"sm_80": _GENERIC_HALF, "sm_90": _GENERIC_HALF},
+    (False, True): {"sm_80": _GENERIC_FP32, "sm_90": _GENERIC_FP32},
+}
+
+
+def tuned_family(kernel, key, interpreter: triton.Config) -> Dict[Tuple[bool, bool], Tuned]:
+    """One Tuned per (FAST, fp32) config family of an implicit-GEMM kernel."""
+    return {family: Tuned(kernel, configs, interpreter=interpreter, key=key)
+            for family, configs in GEMM_CONFIGS.items()}
+
+
+def register_family(name: str, kernel, signature: dict, variants: List[dict],
+                    fast_variants: Optional[List[dict]] = None) -> None:
+    """Register each (FAST, fp32) family for `tkernels inspect` as name[_fast][_fp32]."""
+    for (fast, fp32), configs in GEMM_CONFIGS.items():
+        chosen = fast_variants if fast and fast_variants is not None else variants
+        register_kernel(KernelSpec(
+            name=name + ("_fast" if fast else "") + ("_fp32" if fp32 else ""), kernel=kernel, signature=signature,
+            configs_by_arch=configs, variants=[dict(v, FAST=fast) for v in chosen],
+            dtypes=("fp32",) if fp32 else ("fp16", "bf16"), per_dtype=_PRECISION, tensor_cores=True,
+        ))
+
+
+_PRECISION = {"fp32": {"INPUT_PRECISION": "tf32"}, "fp16": {"INPUT_PRECISION": "ieee"},
+              "bf16": {"INPUT_PRECISION": "ieee"}}
+TUNED_DGRAD = tuned_family(conv2d_dgrad_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w"],
+                           interpreter=config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, GROUP_M=4))
+TUNED_WGRAD = tuned_family(conv2d_wgrad_kernel, ["P", "J", "C_out_g", "KH", "KW", "SPLIT"],
+                           interpreter=config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4))
+_DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, num_warps=4, num_stages=2),
+               config(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=2)]
+DW_DGRAD_CONFIGS = {"sm_80": _DW_CONFIGS, "sm_90": _DW_CONFIGS}
+TUNED_DW_DGRAD = Tuned(conv2d_depthwise_dgrad_kernel, DW_DGRAD_CONFIGS, interpreter=config(BLOCK_M=64, BLOCK_C=32),
+                       key=["M", "C_in", "MULT", "KH", "KW", "sdc"])
+GRAD_Z_META = dict(BLOCK_P=64, BLOCK_C=32)
+
+_I32 = "i32"
+_GEOMETRY_SIG = {k: _I32 for k in ("H", "W", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w",
+                                   "dil_h", "dil_w")}
+
+
+def _strides(*names: str) -> dict:
+    return {f"s{p}{d}": _I32 for p in names for d in ("n", "c", "h", "w")}
+
+
+_DGRAD_SIG = {"dz_ptr": "*{dtype}", "w_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
+              **_GEOMETRY_SIG, "C_in_g": _I32, "C_out_g": _I32, "HQ": _I32, "WQ": _I32, "M": _I32,
+              **_strides("d"), "swo": _I32, "swi": _I32, "swh": _I32, "sww": _I32, **_strides("x")}
+_WGRAD_SIG = {"dz_ptr": "*{dtype}", "x_ptr": "*{dtype}", "out_ptr": "*fp32",
+              **_GEOMETRY_SIG, "C_in_g": _I32, "C_out_g": _I32, "P": _I32, "J": _I32,
+              **_strides("d", "x"), "soo": _I32, "soi": _I32, "soh": _I32, "sow": _I32, "stride_split": _I32}
+register_family("conv2d_dgrad", conv2d_dgrad_kernel, _DGRAD_SIG, [{}])
+# out_ptr is the fp32 partials buffer (split) or dW itself; only the store's cast differs
+register_family("conv2d_wgrad", conv2d_wgrad_kernel, _WGRAD_SIG, [dict(SPLIT=4)])
+register_kernel(KernelSpec(
+    name="conv2d_depthwise_dgrad",
+    kernel=conv2d_depthwise_dgrad_kernel,
+    signature={"dz_ptr": "*{dtype}", "w_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
+               **_GEOMETRY_SIG, "C_in": _I32, "MULT": _I32, "M": _I32,
+               **_strides("d"), "swo": _I32, "swh": _I32, "sww": _I32, **_strides("x")},
+    configs_by_arch=DW_DGRAD_CONFIGS,
+))
+register_kernel(KernelSpec(
+    name="conv2d_grad_z",
+    kernel=conv2d_grad_z_kernel,
+    signature={"dy_ptr": "*{dtype}", "s_ptr": "*{dtype}", "dz_ptr": "*{dtype}", "db_ptr": "*fp32", "P": _I32,
+               "C": _I32, "OH": _I32, "OW": _I32, **_strides("d", "s", "z"), "act_param": "fp32"},
+    configs_by_arch={arch: [config(num_warps=4, num_stages=2, **GRAD_Z_META)] for arch in ("sm_80", "sm_90")},
+    variants=[dict(HAS_GATE=True, GATE_ACT=4, STORE_DZ=True, SUM=True, SPLIT=8)],
+))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _split(programs: int, length: int, device: torch.device) -> int:
+    """How many programs share one reduction: enough to fill the GPU when the output is small and
+    the reduction long (>= 2048 pixels each); 1 on the interpreter unless a test forces it."""
+    if FORCE_SPLIT is not None:
+        return max(1, FORCE_SPLIT)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(64, cdiv(2 * sms, programs), length // 2048))
+
+
+def _reduce_partials(part: Tensor, out: Tensor) -> None:
+    """out (contiguous) = sum over part's leading split axis, in a fixed order."""
+    numel = out.numel()
+    sum_partials_kernel[(cdiv(numel, SUM_PARTIALS_BLOCK),)](part, out, numel, part.shape[0], 1,
+                                                             BLOCK=SUM_PARTIALS_BLOCK)
+
+
+def _grad_z(dy: Tensor, gate: Optional[Tensor], act: Activation, dz: Optional[Tensor], db: Optional[Tensor]) -> None:
+    """dz = dy * act'(gate) into dz (if given) and its channel sums into db (if given)."""
+    n, c, oh, ow = dy.shape
+    p = n * oh * ow
+    block_c = GRAD_Z_META["BLOCK_C"]
+    split = _split(cdiv(c, block_c), p, dy.device) if db is not None or dz is not None else 1
+    if dz is not None and dy.device.type == "cuda":  # writing dz wants the whole GPU even without a sum
+        split = max(split, min(64, cdiv(p, 4096)))
+    part = None
+    if db is not None:
+        part = db if split == 1 else torch.empty((split, c), device=dy.device, dtype=torch.float32)
+    s = gate if gate is not None else dy
+    dz_t = dz if dz is not None else dy
+    conv2d_grad_z_kernel[(cdiv(c, block_c), split)](
+        dy, s, dz_t, part if part is not None else dy, p, c, oh, ow, *dy.stride(), *s.stride(), *dz_t.stride(),
+        float(act.param), HAS_GATE=gate is not None, GATE_ACT=act.code, STORE_DZ=dz is not None,
+        SUM=db is not None, SPLIT=split, **GRAD_Z_META)
+    if db is not None and split > 1:
+        _reduce_partials(part, db)
+
+
+def _weight_grad(dz: Tensor, x: Tensor, dw: Tensor, geometry, groups: int) -> None:
+    _, _, h, w = x.shape
+    n, c_out, oh, ow = dz.shape
+    _, c_in_g, kh, kw = dw.shape
+    c_out_g = c_out // groups
+    p = n * oh * ow
+    fast = c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(dz, x)
+    # FAST: one tap per grid column, dW written tap-major (KH, KW, C_out, C_in_g) then re-laid out
+    j, taps = (c_in_g, kh * kw) if fast else (c_in_g * kh * kw, 1)
+    result_shape = (kh, kw, c_out, c_in_g) if fast else tuple(dw.shape)
+    split = _split(cdiv(c_out_g, 64) * cdiv(j, 64) * groups * taps, p, x.device)
+    if split > 1:
+        target = torch.empty((split, *result_shape), device=x.device, dtype=torch.float32)
+    else:
+        target = torch.empty(result_shape, device=x.device, dtype=dw.dtype) if fast else dw
+    # (co, ci, kh, kw) strides of the layout the kernel writes
+    st = target.stride()[1:] if split > 1 else target.stride()
+    strides = (st[2], st[3], st[0], st[1]) if fast else st
+    kernel, meta = TUNED_WGRAD[fast, x.dtype == torch.float32].launcher(x.device)
+    grid = lambda cfg: (cdiv(c_out_g, cfg["BLOCK_M"]) * cdiv(j, cfg["BLOCK_N"]), groups * taps, split)  # noqa: E731
+    kernel[grid](dz, x, target, h, w, c_in_g, c_out_g, oh, ow, kh, kw, p, j, *geometry,
+                 *dz.stride(), *x.stride(), *strides, dw.numel(),
+                 SPLIT=split, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype), **meta)
+    if split > 1:
+        summed = torch.empty(result_shape, device=x.device, dtype=dw.dtype) if fast else dw
+        _reduce_partials(target, summed)
+        target = summed
+    if fast:
+        dw.copy_(target.permute(2, 3, 0, 1))
+
+
+def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -> None:
+    n, c_in, h, w = dx.shape
+    _, _, oh, ow = dz.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    sh, sw = geometry[:2]
+    if c_in_g == 1:
+        m = n * h * w
+        kernel, meta = TUNED_DW_DGRAD.launcher(dx.device)
+        grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]), cdiv(c_in, cfg["BLOCK_C"]))  # noqa: E731
+        kernel[grid](dz, weight, dx, h, w, c_in, c_out // c_in, oh, ow, kh, kw, m, *geometry,
+                     *dz.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dx.stride(), **meta)
+        return
+    c_out_g = c_out // groups
+    fast = c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(dz, dx)
+    if fast:  # tap-major weight (KH, KW, C_out, C_in_g): each (tap, co) row of C_in_g is one vector run
+        w_t = weight.permute(2, 3, 0, 1).contiguous()
+        w_strides = (w_t.stride(2), w_t.stride(3), w_t.stride(0), w_t.stride(1))
+    else:
+        w_t, w_strides = weight, weight.stride()
+    hq, wq = cdiv(h, sh), cdiv(w, sw)
+    m = n * hq * wq
+    kernel, meta = TUNED_DGRAD[fast, dx.dtype == torch.float32].launcher(dx.device)
+    grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_in_g, cfg["BLOCK_N"]), groups * sh * sw)  # noqa: E731
+    kernel[grid](dz, w_t, dx, h, w, c_in_g, c_out_g, oh, ow, kh, kw, hq, wq, m, *geometry,
+                 *dz.stride(), *w_strides, *dx.stride(),
+                 FAST=fast, INPUT_PRECISION=tl_input_precision(dx.dtype), **meta)
+
+
+# Pixel indices are int32 in the kernels (offsets are int64): N*H*W must stay clear of 2**31.
+MAX_PIXELS = 2**31 - 2**16
+
+
+def check_pixel_count(x_shape, out_shape) -> None:
+    pixels = max(x_shape[0] * x_shape[2] * x_shape[3], out_shape[0] * out_shape[2] * out_shape[3])
+    if pixels > MAX_PIXELS:
+        raise RuntimeError(f"conv2d: the triton kernels index at most {MAX_PIXELS} pixels per channel (N*H*W), "
+                           f"but got input {list(x_shape)} and output {list(out_shape)}; split the batch")
+
+
+def rows_view(t: Tensor) -> Optional[Tensor]:
+    """(N*H*W, C) view of an NCHW-shaped tensor whose channels are its innermost dense axis, else None."""
+    try:
+        return t.permute(0, 2, 3, 1).view(-1, t.shape[1])
+    except RuntimeError:
+        return None
+
+
+def aligned_channels_last(*tensors: Tensor) -> bool:
+    """Unit channel stride and every other stride (of a dim longer than 1) a multiple of 8: the
+    layout the FAST kernel variants assume, so that channel runs load as 16-byte vectors."""
+    return all(t.stride(1) == 1 and all(st % 8 == 0 for d, st in enumerate(t.stride()) if d != 1 and t.shape[d] > 1)
+               for t in tensors)
+
+
+def is_pointwise(weight: Tensor, stride, padding, groups: int) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped conv: exactly a GEMM over the pixels."""
+    return tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and not any(padding) and groups == 1
+
+
+def _pointwise_backward(dy: Tensor, gate: Optional[Tensor], x: Tensor, weight: Tensor, act: Activation,
+                        dx: Optional[Tensor], dw: Optional[Tensor], db: Optional[Tensor]) -> bool:
+    """1x1 stride-1 unpadded conv whose pixels form 2-D views: Linear's two GEMMs with act' fused
+    into their loads. False (nothing done) if a layout forbids the views."""
+    views = [rows_view(t) for t in (dy, x, gate, dx) if t is not None]
+    if any(v is None for v in views):
+        return False
+    dy2d, x2d = rows_view(dy), rows_view(x)
+    g2d = rows_view(gate) if gate is not None else None
+    w2d = weight[:, :, 0, 0]
+    if dx is not None:  # dX = dZ @ W
+        matmul(dy2d, w2d, rows_view(dx), gate=g2d, gate_activation_code=act.code, activation_param=act.param)
+    if dw is not None:  # dW = dZ^T @ X, db its row sums
+        matmul(dy2d.t(), x2d, dw[:, :, 0, 0], gate=None if g2d is None else g2d.t(), gate_activation_code=act.code,
+               activation_param=act.param, rowsum_out=db)
+    elif db is not None:
+        _grad_z(dy, gate, act, None, db)
+    return True
+
+
+def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, gate: Optional[Tensor], act: Activation, stride, padding,
+                    dilation, groups: int, dx: Optional[Tensor], dw: Optional[Tensor], db: Optional[Tensor]) -> None:
+    """Fill whichever of dx, dw (contiguous) and db (contiguous) are given. gate is what forward kept
+    for act' (None for identity); it has the output's layout, which dz takes too."""
+    check_pixel_count(x.shape, dy.shape)
+    if is_pointwise(weight, stride, padding, groups) and _pointwise_backward(dy, gate, x, weight, act, dx, dw, db):
+        return
+    geometry = (*stride, padding[0], padding[2], *dilation)
+    need_gemm = (dx is not None and dx.numel() > 0) or (dw is not None and dw.numel() > 0)
+    dz = dy
+    if gate is not None and need_gemm:
+        dz = torch.empty_like(gate)
+        _grad_z(dy, gate, act, dz, db)
+    elif db is not None:
+        _grad_z(dy, gate, act, None, db)
+    if dx is not None and dx.numel():
+        _input_grad(dz, weight, dx, geometry, groups)
+    if dw is not None and dw.numel():
+        _weight_grad(dz, x, dw, geometry, groups)
