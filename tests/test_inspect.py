@@ -100,7 +100,7 @@ def test_coverage_order_covers_every_axis_early():
         first = [b for b in upto(1) if (b.kernel, b.arch) == (kernel, arch)]
         assert {b.config_index for b in first} == set(range(len(spec.configs_by_arch[arch])))
         if spec.tensor_cores:
-            for dt in ("fp16", "bf16"):
+            for dt in (d for d in ("fp16", "bf16") if d in spec.dtypes):
                 assert {b.config_index for b in first if b.dtype == dt} == set(range(len(spec.configs_by_arch[arch])))
         second = [b for b in upto(2) if (b.kernel, b.arch) == (kernel, arch)]
         assert {b.variant_index for b in second} == set(range(len(spec.variants)))
