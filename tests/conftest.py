@@ -37,3 +37,16 @@ def backend(request):
     """Run the test body once per backend, with that backend forced."""
     with tkernels.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One torch and one BLAS thread for a module of tiny-tensor tests (threadpoolctl ships with
+    scikit-learn, a dependency)."""
+    import threadpoolctl
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        yield
+    torch.set_num_threads(previous)

@@ -17,15 +17,8 @@ from tkernels.nn.convert import ConversionReport
 from helpers import assert_close
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """These tensors are tiny: thread hand-offs cost more than they save, on 2 shared CI cores."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-        yield
-    torch.set_num_threads(previous)
+# tiny tensors: thread hand-offs cost more than they save on 2 shared CI cores (fixture in conftest)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 # ---------------------------------------------------------------------------------------------

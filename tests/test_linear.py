@@ -1,5 +1,4 @@
 """Fused linear: both backends against the float64 NumPy reference and against torch."""
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

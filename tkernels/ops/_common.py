@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import triton
 
-from .._backend import INTERPRET
 
 # Set before any kernel compiles: triton 3.9 warns that its FMA-contraction default changes in
 # 3.10, and contraction moves results, so we pin it (on: the fast path on every target).
@@ -142,6 +141,24 @@ def check_triton_dtype(op: str, t: torch.Tensor) -> None:
     if t.dtype not in TRITON_DTYPES:
         raise RuntimeError(f"{op}: the triton backend supports float16, bfloat16 and float32, not {t.dtype}; "
                         "float64 runs on the numpy backend")
+
+
+def suggests_channels_last(t: torch.Tensor) -> bool:
+    """torch's suggest_memory_format for a 4-D tensor: channels_last when its strides are ordered
+    C < W < H < N (dense or not) and it is not plain contiguous; never for other ranks."""
+    if t.dim() != 4 or t.is_contiguous():
+        return False
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:
+            return False
+        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
 
 
 def tl_input_precision(dtype: torch.dtype) -> str:

@@ -15,9 +15,9 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import pooling as ref
-from ._common import KernelSpec, Tuned, cdiv, check_triton_dtype, register_kernel, to_numpy
+from ._common import KernelSpec, Tuned, cdiv, check_triton_dtype, register_kernel, suggests_channels_last, to_numpy
 from .pooling import (INTERPRETER_CONFIG, IntPair, as_pair, check_image_size, check_pool_input, check_window, copy_into,
-                      element_offset, image_coords, is_channels_last, launch, new_pooled, plane_offset, pool_configs,
+                      element_offset, image_coords, launch, new_pooled, plane_offset, pool_configs,
                       pool_signature, pooled_shape, pooling_output_size, strides4, strides_signature,
                       with_unit_strides)
 
@@ -288,7 +288,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     y = AvgPool2dFunction.apply(x, kernel, stride_, padding_, bool(ceil_mode), bool(count_include_pad),
-                                divisor_override, is_channels_last(input))
+                                divisor_override, suggests_channels_last(input))
     return y.squeeze(0) if unbatched else y
 
 
@@ -361,5 +361,5 @@ def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     check_image_size(op, *input.shape[-3:], *size)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    y = AdaptiveAvgPool2dFunction.apply(x, size, is_channels_last(input))
+    y = AdaptiveAvgPool2dFunction.apply(x, size, suggests_channels_last(input))
     return y.squeeze(0) if unbatched else y

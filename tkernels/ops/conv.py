@@ -39,7 +39,7 @@ from .. import _backend
 from ..activations import Activation, ActivationLike, apply_activation, resolve_activation
 from ..reference import conv as ref
 from ._common import (KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
-                      from_numpy, register_kernel, tl_input_precision, to_numpy)
+                      from_numpy, register_kernel, suggests_channels_last, tl_input_precision, to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, check_pixel_count, gather_k_major, is_pointwise,
                             register_family, rows_view, tuned_family)
@@ -418,21 +418,6 @@ def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> Tuple[int, i
     return total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2
 
 
-def prefers_channels_last(x: Tensor) -> bool:
-    """torch's suggest_memory_format for a 4-D tensor: are the strides ordered like channels_last?"""
-    if x.is_contiguous():
-        return False
-    sizes, strides = x.shape, x.stride()
-    if strides[1] == 0:
-        return False
-    smallest = 0
-    for d in (1, 3, 2, 0):
-        if sizes[d] == 0 or strides[d] < smallest:
-            return False
-        if d == 0 and smallest == strides[1]:
-            return False
-        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
-    return True
 
 
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
@@ -501,5 +486,5 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
                            f"{list(weight.shape)}, but got bias of size {list(bias.shape)}")
     act = resolve_activation(activation)
     y = Conv2dFunction.apply(x, weight, bias, list(stride), list(pads), list(dilation), groups, act.name,
-                             float(act.param), prefers_channels_last(x))
+                             float(act.param), suggests_channels_last(x))
     return y.squeeze(0) if unbatched else y

@@ -23,7 +23,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import pooling as ref
 from ._common import (ARCHS, KernelSpec, Tuned, cdiv, check_floating, check_triton_dtype, config, from_numpy,
-                      register_kernel, to_numpy)
+                      register_kernel, suggests_channels_last, to_numpy)
 
 IntPair = List[int]
 _EMPTY = (0,)
@@ -192,22 +192,6 @@ def check_image_size(op: str, C: int, H: int, W: int, OH: int, OW: int) -> None:
                            "one image must stay below 2**31")
 
 
-def is_channels_last(t: Tensor) -> bool:
-    """torch's suggest_memory_format for a 4-D tensor: channels_last when its strides order is
-    C < W < H < N (dense or not) and it is not plain contiguous; never for 3-D tensors."""
-    if t.dim() != 4 or t.is_contiguous():
-        return False
-    sizes, strides = t.shape, t.stride()
-    if strides[1] == 0:
-        return False
-    smallest = 0
-    for d in (1, 3, 2, 0):
-        if sizes[d] == 0 or strides[d] < smallest:
-            return False
-        if d == 0 and smallest == strides[1]:
-            return False
-        smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
-    return True
 
 
 def new_pooled(like: Tensor, shape: Sequence[int], channels_last: bool, dtype=None) -> Tensor:
@@ -424,7 +408,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     y, indices = MaxPool2dFunction.apply(x, kernel, stride_, padding_, dilation_, bool(ceil_mode),
-                                         is_channels_last(input), bool(return_indices))
+                                         suggests_channels_last(input), bool(return_indices))
     if unbatched:
         y = y.squeeze(0)
         indices = indices.squeeze(0) if return_indices else indices

@@ -74,7 +74,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), 
     # forward by whole dilation steps until it is no longer negative
     no_tap = ~(has_nan | is_best.any(-1))
     if no_tap.any():
-        (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+        _, (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
         h0 = np.arange(OH) * sh - ph
         w0 = np.arange(OW) * sw - pw
         h0 = np.where(h0 < 0, h0 + (-h0 + dh - 1) // dh * dh, h0)
