@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import triton
+import triton.language as tl
 
 
 # Set before any kernel compiles: triton 3.9 warns that its FMA-contraction default changes in
@@ -159,6 +160,16 @@ def suggests_channels_last(t: torch.Tensor) -> bool:
             return False
         smallest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
     return True
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` when output tiles are visited in bands of GROUP_M tile-rows:
+    neighbouring programs then share the same B columns (and A rows) while they are hot in L2."""
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + ((pid % width) % group_rows), (pid % width) // group_rows
 
 
 def tl_input_precision(dtype: torch.dtype) -> str:

@@ -38,7 +38,7 @@ import triton.language as tl
 from .. import _backend
 from ..activations import Activation, ActivationLike, apply_activation, resolve_activation
 from ..reference import conv as ref
-from ._common import (KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
+from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
                       from_numpy, register_kernel, suggests_channels_last, tl_input_precision, to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, check_pixel_count, gather_k_major, is_pointwise,
@@ -94,11 +94,7 @@ def conv2d_fwd_kernel(
     g = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(C_out_g, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % width) % group_rows)
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     # indices are int32 (M, C and K are < 2**31); every index is widened to int64 before it
     # meets a stride, so offsets into tensors of more than 2**31 elements are exact

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation, activation_grad
-from ._common import KernelSpec, Tuned, cdiv, config, register_kernel, tl_input_precision
+from ._common import grouped_tile, KernelSpec, Tuned, cdiv, config, register_kernel, tl_input_precision
 from .matmul import SUM_PARTIALS_BLOCK, matmul, sum_partials_kernel
 
 # Tests set this to exercise the split-reduction path on small (interpreter-sized) shapes.
@@ -103,11 +103,7 @@ def conv2d_dgrad_kernel(
     rw = pid_g % stride_w
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(C_in_g, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % width) % group_rows)
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     # int32 indices, widened to int64 where they meet a stride
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -223,11 +219,7 @@ def conv2d_wgrad_kernel(
     pid_s = tl.program_id(2)
     num_pid_m = tl.cdiv(C_out_g, BLOCK_M)
     num_pid_n = tl.cdiv(J, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % width) % group_rows)
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_co < C_out_g

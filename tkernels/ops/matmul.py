@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
-from ._common import KernelSpec, Tuned, cdiv, config, register_kernel, tl_input_precision
+from ._common import grouped_tile, KernelSpec, Tuned, cdiv, config, register_kernel, tl_input_precision
 
 
 @triton.jit
@@ -47,13 +47,7 @@ def matmul_kernel(
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M tile-rows share the same B columns while they are hot in L2
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % width) % group_rows)
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)

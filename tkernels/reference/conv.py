@@ -49,8 +49,10 @@ def conv2d_backward(grad_y, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 
     """Returns (grad_x, grad_weight, grad_bias); z is recomputed from the inputs."""
     x = np.asarray(x, np.float64)
     weight = np.asarray(weight, np.float64)
-    _, z = conv2d_forward(x, weight, bias, stride, padding, dilation, groups)
-    grad_z = activation_backward(activation, np.asarray(grad_y, np.float64), z, param)
+    grad_z = np.asarray(grad_y, np.float64)
+    if activation != "identity":  # only an activation needs the pre-activation
+        _, z = conv2d_forward(x, weight, bias, stride, padding, dilation, groups)
+        grad_z = activation_backward(activation, grad_z, z, param)
 
     n, c_in, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape

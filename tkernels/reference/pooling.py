@@ -59,22 +59,38 @@ def max_pool2d_forward(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), 
     """x: (N, C, H, W) -> (y (N, C, OH, OW), indices (N, C, OH, OW) int64, flat h*W + w)."""
     x = np.asarray(x, np.float64)
     N, C, H, W = x.shape
-    values, valid, flat, (OH, OW) = _windows(x, kernel_size, stride, padding, dilation, ceil_mode, -np.inf)
-    T = values.shape[-1]
-    is_nan = np.isnan(values)
-    has_nan = is_nan.any(-1)
-    last_nan = T - 1 - np.argmax(is_nan[..., ::-1], -1)
-    finite = np.where(is_nan, -np.inf, values)
-    best = finite.max(-1)
-    is_best = valid & (finite == best[..., None])
-    first_best = np.argmax(is_best, -1)
-    tap = np.where(has_nan, last_nan, first_best)
-    indices = np.take_along_axis(np.broadcast_to(flat, values.shape), tap[..., None], -1)[..., 0]
+    (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    OH = output_size(H, kh_, sh, ph, dh, ceil_mode)
+    OW = output_size(W, kw_, sw, pw, dw, ceil_mode)
+    # One pass per kernel tap with whole-tensor elementwise ops (reducing over a short trailing
+    # tap axis is several times slower in NumPy): the first valid tap, then any strictly larger
+    # value, wins; a NaN anywhere wins over everything, the last NaN giving the index.
+    best = np.full((N, C, OH, OW), -np.inf)
+    best_idx = np.full((N, C, OH, OW), -1, np.int64)
+    nan_idx = np.full((N, C, OH, OW), -1, np.int64)
+    any_nan = bool(np.isnan(x).any())
+    for _, rows, row_ok in _taps(H, OH, kh_, sh, ph, dh):
+        for _, cols, col_ok in _taps(W, OW, kw_, sw, pw, dw):
+            ok = row_ok[:, None] & col_ok[None, :]
+            flat = rows[:, None] * W + cols[None, :]
+            if rows.size and cols.size and row_ok.all() and col_ok.all():  # in bounds: a strided view, no gather
+                tap = x[:, :, rows[0]:rows[-1] + 1:sh, cols[0]:cols[-1] + 1:sw]
+            else:
+                tap = x[:, :, np.clip(rows, 0, H - 1)][:, :, :, np.clip(cols, 0, W - 1)]
+            value = tap
+            if any_nan:
+                is_nan = ok & np.isnan(tap)
+                nan_idx = np.where(is_nan, flat, nan_idx)
+                value = np.where(is_nan, -np.inf, tap)
+            take = ok & ((value > best) | (best_idx < 0))
+            best = np.where(take, value, best)
+            best_idx = np.where(take, flat, best_idx)
+    has_nan = nan_idx >= 0
+    indices = np.where(has_nan, nan_idx, best_idx)
     # a window whose taps are all padding keeps torch's start index: its first tap moved
     # forward by whole dilation steps until it is no longer negative
-    no_tap = ~(has_nan | is_best.any(-1))
+    no_tap = ~has_nan & (best_idx < 0)
     if no_tap.any():
-        _, (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
         h0 = np.arange(OH) * sh - ph
         w0 = np.arange(OW) * sw - pw
         h0 = np.where(h0 < 0, h0 + (-h0 + dh - 1) // dh * dh, h0)
