@@ -52,6 +52,19 @@ def _split_item(item, nsb, O1, O2, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _elementwise_tile(pid, C, S, O1, O2, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The BLOCK_C x BLOCK_S tile of program `pid` in the one-pass (apply, input-gradient) kernels:
+    channel blocks vary fastest, then the (outer item, spatial block) work items."""
+    n_cb = (C + BLOCK_C - 1) // BLOCK_C
+    nsb = (S + BLOCK_S - 1) // BLOCK_S
+    o0, o1, o2, s0 = _split_item(pid // n_cb, nsb, O1, O2, BLOCK_S)
+    offs_c = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    return o0, o1, o2, offs_c.to(tl.int64), mask_c, offs_s, mask_c[:, None] & (offs_s < S)[None, :]
+
+
+@triton.jit
 def _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c, mask_c, C, eps,
                     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Per-channel fp32 (pivot, mean - pivot, invstd, gamma, beta): batch stats in training,
@@ -199,14 +212,7 @@ def bn_apply_kernel(x_ptr, y_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, C, S,
     writes y (2 * N*C*S elements): memory-bound.
     """
     pid = tl.program_id(0)
-    n_cb = (C + BLOCK_C - 1) // BLOCK_C
-    nsb = (S + BLOCK_S - 1) // BLOCK_S
-    o0, o1, o2, s0 = _split_item(pid // n_cb, nsb, O1, O2, BLOCK_S)
-    offs_c = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    offs_c64 = offs_c.to(tl.int64)
-    offs_s = s0 + tl.arange(0, BLOCK_S)
-    mask = mask_c[:, None] & (offs_s < S)[None, :]
+    o0, o1, o2, offs_c64, mask_c, offs_s, mask = _elementwise_tile(pid, C, S, O1, O2, BLOCK_C, BLOCK_S)
     pivot, mean, invstd, gamma, beta = _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c64, mask_c,
                                                        C, eps, TRAINING, HAS_WEIGHT, HAS_BIAS)
     scale = gamma * invstd
@@ -298,14 +304,7 @@ def bn_backward_input_kernel(g_ptr, x_ptr, dx_ptr, stats_ptr, rm_ptr, rv_ptr, w_
     Grid (cdiv(C, BLOCK_C) * work items,). Reads x and dy, writes dx: memory-bound.
     """
     pid = tl.program_id(0)
-    n_cb = (C + BLOCK_C - 1) // BLOCK_C
-    nsb = (S + BLOCK_S - 1) // BLOCK_S
-    o0, o1, o2, s0 = _split_item(pid // n_cb, nsb, O1, O2, BLOCK_S)
-    offs_c = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    offs_c64 = offs_c.to(tl.int64)
-    offs_s = s0 + tl.arange(0, BLOCK_S)
-    mask = mask_c[:, None] & (offs_s < S)[None, :]
+    o0, o1, o2, offs_c64, mask_c, offs_s, mask = _elementwise_tile(pid, C, S, O1, O2, BLOCK_C, BLOCK_S)
     pivot, mean, invstd, gamma, beta = _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c64, mask_c,
                                                        C, eps, TRAINING, HAS_WEIGHT, HAS_BIAS)
     scale = gamma * invstd
