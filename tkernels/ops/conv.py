@@ -39,7 +39,8 @@ from .. import _backend
 from ..activations import Activation, ActivationLike, apply_activation, resolve_activation
 from ..reference import conv as ref
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
-                      from_numpy, register_kernel, suggests_channels_last, tl_input_precision, to_numpy)
+                      from_numpy, operand_class, register_kernel, suggests_channels_last, tl_input_precision,
+                      to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, check_pixel_count, gather_k_major, is_pointwise,
                             register_family, rows_view, tuned_family)
@@ -286,11 +287,12 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
         w_strides = (w_t.stride(3), w_t.stride(2), w_t.stride(0), w_t.stride(1))
     else:
         w_t, w_strides = weight, weight.stride()
-    kernel, meta = TUNED_FWD[fast, x.dtype == torch.float32].launcher(x.device)
+    precision = tl_input_precision(x.dtype)
+    kernel, meta = TUNED_FWD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), groups)  # noqa: E731
     kernel[grid](x, w_t, bias_t, y, z_t, h, w, c_in_g, c_out_g, oh, ow, kh, kw, m, *geometry,
                  *x.stride(), *w_strides, *y.stride(), float(act.param),
-                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype), **meta)
+                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=precision, **meta)
 
 
 # ---------------------------------------------------------------------------------------------

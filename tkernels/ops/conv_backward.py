@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation, activation_grad
-from ._common import grouped_tile, KernelSpec, Tuned, cdiv, config, register_kernel, tl_input_precision
+from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, operand_class, register_kernel,
+                      tl_input_precision)
 from .matmul import SUM_PARTIALS_BLOCK, matmul, sum_partials_kernel
 
 # Tests set this to exercise the split-reduction path on small (interpreter-sized) shapes.
@@ -323,43 +324,50 @@ def _tile(m: int, n: int, k: int, stages: int = 3) -> triton.Config:
     return config(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=4, num_stages=stages)
 
 
-# Implicit-GEMM tiles per (FAST, fp32), then per arch; num_warps = 4 throughout. FAST (vectorised
-# channels_last) tiles go up to 128x64; generic-layout tiles gather every element with its own
-# address and stay at 64x64. fp32 operands take twice the registers (BLOCK_K 16 for generic
-# tiles). Each list is what `tkernels inspect` compiles without spills on sm_80 and sm_90.
+# Implicit-GEMM tiles per (FAST, operand class), then per arch; num_warps = 4 throughout. FAST
+# (vectorised channels_last) tiles go up to 128x64; generic-layout tiles gather every element with
+# its own address and stay at 64x64. fp32 operands take twice the registers (BLOCK_K 16 for
+# generic tiles); exact fp32 ("ieee") runs on the FMA units with both operand tiles in registers.
+# Each list is what `tkernels inspect` compiles without spills on sm_80 and sm_90.
 _FAST_HALF = [_tile(128, 64, 32, 4), _tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4),
               _tile(32, 64, 32, 4)]
 _FAST_FP32 = [_tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4)]
+_FAST_EXACT = _FAST_FP32
 _GENERIC_HALF = [_tile(64, 64, 32), _tile(64, 32, 32), _tile(32, 64, 32), _tile(16, 64, 32)]
 _GENERIC_FP32 = [_tile(64, 64, 16), _tile(64, 32, 16)]
+_GENERIC_EXACT = _GENERIC_FP32
 GEMM_CONFIGS = {
-    (True, False): {"sm_80": _FAST_HALF, "sm_90": [_tile(128, 64, 64)] + _FAST_HALF},
-    (True, True): {"sm_80": _FAST_FP32, "sm_90": _FAST_FP32},
-    (False, False): {"sm_80": _GENERIC_HALF, "sm_90": _GENERIC_HALF},
-    (False, True): {"sm_80": _GENERIC_FP32, "sm_90": _GENERIC_FP32},
+    (True, "half"): {"sm_80": _FAST_HALF, "sm_90": [_tile(128, 64, 64)] + _FAST_HALF},
+    (True, "tf32"): {"sm_80": _FAST_FP32, "sm_90": _FAST_FP32},
+    (True, "ieee"): {"sm_80": _FAST_EXACT, "sm_90": _FAST_EXACT},
+    (False, "half"): {"sm_80": _GENERIC_HALF, "sm_90": _GENERIC_HALF},
+    (False, "tf32"): {"sm_80": _GENERIC_FP32, "sm_90": _GENERIC_FP32},
+    (False, "ieee"): {"sm_80": _GENERIC_EXACT, "sm_90": _GENERIC_EXACT},
 }
 
 
-def tuned_family(kernel, key, interpreter: triton.Config) -> Dict[Tuple[bool, bool], Tuned]:
-    """One Tuned per (FAST, fp32) config family of an implicit-GEMM kernel."""
+def tuned_family(kernel, key, interpreter: triton.Config) -> Dict[Tuple[bool, str], Tuned]:
+    """One Tuned per (FAST, operand class) config family of an implicit-GEMM kernel."""
     return {family: Tuned(kernel, configs, interpreter=interpreter, key=key)
             for family, configs in GEMM_CONFIGS.items()}
 
 
 def register_family(name: str, kernel, signature: dict, variants: List[dict],
                     fast_variants: Optional[List[dict]] = None) -> None:
-    """Register each (FAST, fp32) family for `tkernels inspect` as name[_fast][_fp32]."""
-    for (fast, fp32), configs in GEMM_CONFIGS.items():
+    """Register each FAST x (half, fp32) family for `tkernels inspect` as name[_fast][_fp32]; the
+    fp32 spec is built in both input precisions, each with its own tiles."""
+    for fast in (True, False):
         chosen = fast_variants if fast and fast_variants is not None else variants
-        register_kernel(KernelSpec(
-            name=name + ("_fast" if fast else "") + ("_fp32" if fp32 else ""), kernel=kernel, signature=signature,
-            configs_by_arch=configs, variants=[dict(v, FAST=fast) for v in chosen],
-            dtypes=("fp32",) if fp32 else ("fp16", "bf16"), per_dtype=_PRECISION, tensor_cores=True,
-        ))
+        for fp32 in (False, True):
+            register_kernel(KernelSpec(
+                name=name + ("_fast" if fast else "") + ("_fp32" if fp32 else ""), kernel=kernel,
+                signature=signature, configs_by_arch=GEMM_CONFIGS[fast, "tf32" if fp32 else "half"],
+                fp32_configs={p: GEMM_CONFIGS[fast, p] for p in ("tf32", "ieee")},
+                variants=[dict(v, FAST=fast) for v in chosen], dtypes=("fp32",) if fp32 else ("fp16", "bf16"),
+                input_precision=True, tensor_cores=True,
+            ))
 
 
-_PRECISION = {"fp32": {"INPUT_PRECISION": "tf32"}, "fp16": {"INPUT_PRECISION": "ieee"},
-              "bf16": {"INPUT_PRECISION": "ieee"}}
 TUNED_DGRAD = tuned_family(conv2d_dgrad_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w"],
                            interpreter=config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, GROUP_M=4))
 TUNED_WGRAD = tuned_family(conv2d_wgrad_kernel, ["P", "J", "C_out_g", "KH", "KW", "SPLIT"],
@@ -469,11 +477,12 @@ def _weight_grad(dz: Tensor, x: Tensor, dw: Tensor, geometry, groups: int) -> No
     # (co, ci, kh, kw) strides of the layout the kernel writes
     st = target.stride()[1:] if split > 1 else target.stride()
     strides = (st[2], st[3], st[0], st[1]) if fast else st
-    kernel, meta = TUNED_WGRAD[fast, x.dtype == torch.float32].launcher(x.device)
+    precision = tl_input_precision(x.dtype)
+    kernel, meta = TUNED_WGRAD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(c_out_g, cfg["BLOCK_M"]) * cdiv(j, cfg["BLOCK_N"]), groups * taps, split)  # noqa: E731
     kernel[grid](dz, x, target, h, w, c_in_g, c_out_g, oh, ow, kh, kw, p, j, *geometry,
                  *dz.stride(), *x.stride(), *strides, dw.numel(),
-                 SPLIT=split, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype), **meta)
+                 SPLIT=split, FAST=fast, INPUT_PRECISION=precision, **meta)
     if split > 1:
         summed = torch.empty(result_shape, device=x.device, dtype=dw.dtype) if fast else dw
         _reduce_partials(target, summed)
@@ -503,11 +512,12 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
         w_t, w_strides = weight, weight.stride()
     hq, wq = cdiv(h, sh), cdiv(w, sw)
     m = n * hq * wq
-    kernel, meta = TUNED_DGRAD[fast, dx.dtype == torch.float32].launcher(dx.device)
+    precision = tl_input_precision(dx.dtype)
+    kernel, meta = TUNED_DGRAD[fast, operand_class(dx.dtype, precision)].launcher(dx.device)
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_in_g, cfg["BLOCK_N"]), groups * sh * sw)  # noqa: E731
     kernel[grid](dz, w_t, dx, h, w, c_in_g, c_out_g, oh, ow, kh, kw, hq, wq, m, *geometry,
                  *dz.stride(), *w_strides, *dx.stride(),
-                 FAST=fast, INPUT_PRECISION=tl_input_precision(dx.dtype), **meta)
+                 FAST=fast, INPUT_PRECISION=precision, **meta)
 
 
 # Pixel indices are int32 in the kernels (offsets are int64): N*H*W must stay clear of 2**31.

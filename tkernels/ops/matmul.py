@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
-from ._common import grouped_tile, KernelSpec, Tuned, cdiv, config, register_kernel, tl_input_precision
+from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, operand_class, register_kernel,
+                      tl_input_precision)
 
 
 @triton.jit
@@ -110,26 +111,46 @@ def sum_partials_kernel(part_ptr, out_ptr, L, SPLIT, stride_out, BLOCK: tl.const
     tl.store(out_ptr + offs * stride_out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _configs(sm90: bool):
+def _configs(block_k: int):
     # Accumulator registers per thread = BLOCK_M*BLOCK_N / (32*num_warps); the fused epilogue
     # (bias, stored pre-activation, gelu) needs headroom on top, so no tile holds more than
     # 64 fp32 accumulators per thread (larger tiles spilled in `tkernels inspect`).
-    bk = 64 if sm90 else 32
     return [
-        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3),
-        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3),
         config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
         config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=5),
         config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=2, num_stages=4),
     ]
 
 
-MATMUL_CONFIGS = {"sm_80": _configs(False), "sm_90": _configs(True)}
+def _exact_fp32_configs():
+    # Exact fp32 dots run on the FMA units with both operand tiles in registers: BLOCK_K 64
+    # spilled 264-2,616 B per thread (gated backward), so every tile steps K by 32.
+    return [
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=5),
+        config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=4),
+    ]
+
+
+# Config families by operand class (see operand_class): fp16/bf16 tiles step K by 64 on sm_90;
+# tf32 operands are twice as wide, so 128x128x64 x 3 stages would need 246,784 B of shared
+# memory, more than sm_90's 232,448 B: tf32 keeps BLOCK_K 32 on every arch.
+MATMUL_CONFIGS = {
+    "half": {"sm_80": _configs(32), "sm_90": _configs(64)},
+    "tf32": {"sm_80": _configs(32), "sm_90": _configs(32)},
+    "ieee": {"sm_80": _exact_fp32_configs(), "sm_90": _exact_fp32_configs()},
+}
 # Under the interpreter, bigger tiles mean fewer NumPy-driven programs; 32 keeps odd shapes masked.
-TUNED_MATMUL = Tuned(matmul_kernel, MATMUL_CONFIGS,
-                     interpreter=config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-                     key=["M", "N", "K", "SPLIT_K", "HAS_GATE", "ROWSUM"])
+TUNED_MATMUL = {family: Tuned(matmul_kernel, configs,
+                              interpreter=config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+                              key=["M", "N", "K", "SPLIT_K", "HAS_GATE", "ROWSUM"])
+                for family, configs in MATMUL_CONFIGS.items()}
 SUM_PARTIALS_BLOCK = 1024
 
 register_kernel(KernelSpec(
@@ -144,7 +165,8 @@ register_kernel(KernelSpec(
         "stride_pm": "i32", "stride_pn": "i32", "stride_split_c": "i32", "stride_split_r": "i32",
         "act_param": "fp32",
     },
-    configs_by_arch=MATMUL_CONFIGS,
+    configs_by_arch=MATMUL_CONFIGS["half"],
+    fp32_configs={"tf32": MATMUL_CONFIGS["tf32"], "ieee": MATMUL_CONFIGS["ieee"]},
     # forward with the heaviest epilogue, and the backward with the gate prologue + bias rowsum
     # unit strides as the linear launches them: forward A = x, B = W^T; weight gradient A = dY^T, B = x
     variants=[
@@ -156,8 +178,7 @@ register_kernel(KernelSpec(
     example_args={name: 4096 for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                                           "stride_cm", "stride_cn", "stride_gm", "stride_gk", "stride_pm",
                                           "stride_pn", "stride_split_c", "stride_split_r")},
-    per_dtype={"fp32": {"INPUT_PRECISION": "tf32"}, "fp16": {"INPUT_PRECISION": "ieee"},
-               "bf16": {"INPUT_PRECISION": "ieee"}},
+    input_precision=True,
     tensor_cores=True,
 ))
 register_kernel(KernelSpec(
@@ -212,7 +233,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     gate_t = gate if gate is not None else a
     preact_t = preact_out if preact_out is not None else dummy
 
-    kernel, meta = TUNED_MATMUL.launcher(a.device)
+    precision = tl_input_precision(a.dtype)
+    kernel, meta = TUNED_MATMUL[operand_class(a.dtype, precision)].launcher(a.device)
     grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
     kernel[grid](
         a, b, c_target, bias if bias is not None else dummy, gate_t, preact_t, row_target,
@@ -223,7 +245,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
         float(activation_param),
         HAS_BIAS=bias is not None, ACT=activation_code, STORE_PREACT=preact_out is not None,
         HAS_GATE=gate is not None, GATE_ACT=gate_activation_code, ROWSUM=rowsum_out is not None,
-        SPLIT_K=split, INPUT_PRECISION=tl_input_precision(a.dtype),
+        SPLIT_K=split, INPUT_PRECISION=precision,
         **meta,
     )
     if split > 1:
