@@ -8,10 +8,10 @@ from .sass import SHARED_LIMIT, ctas_per_sm
 
 # Keys every JSON row has (tests check them).
 ROW_KEYS = ("kernel", "arch", "dtype", "input_precision", "config", "config_index", "variant", "variant_index",
-            "num_warps", "num_stages", "registers", "spill_bytes", "shared_bytes", "static_shared_bytes",
+            "num_warps", "num_stages", "launch_warps", "registers", "spill_bytes", "shared_bytes", "static_shared_bytes",
             "ctas_per_sm", "tensor_core_ops", "hmma", "hgmma", "tma_ops", "async_copy_ops", "ok", "error",
             "problems", "cached", "compile_s")
-_MEASURED = ("registers", "spill_bytes", "shared_bytes", "static_shared_bytes", "tensor_core_ops", "hmma", "hgmma",
+_MEASURED = ("launch_warps", "registers", "spill_bytes", "shared_bytes", "static_shared_bytes", "tensor_core_ops", "hmma", "hgmma",
              "tma_ops", "async_copy_ops")
 
 
@@ -42,7 +42,8 @@ def make_row(spec, build: Build, metrics: dict, cached: bool = False) -> dict:
         "error": metrics.get("error"), "cached": cached, "compile_s": metrics.get("compile_s"),
     }
     shared = None if row["shared_bytes"] is None else row["shared_bytes"] + (row["static_shared_bytes"] or 0)
-    row["ctas_per_sm"] = None if row["error"] else ctas_per_sm(build.arch, row["registers"], shared, cfg.num_warps)
+    warps = row["launch_warps"] or cfg.num_warps
+    row["ctas_per_sm"] = None if row["error"] else ctas_per_sm(build.arch, row["registers"], shared, warps)
     row["problems"] = problems(row)
     row["ok"] = not row["problems"]
     return row

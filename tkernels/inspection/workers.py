@@ -136,6 +136,8 @@ def compile_and_measure(spec, build: Build) -> dict:
         compiled = triton.compile(src, target=GPUTarget("cuda", CAPABILITY[build.arch], 32), options=options)
         metrics = measure_cubin(compiled.asm["cubin"])
         metrics["shared_bytes"] = int(compiled.metadata.shared)
+        # warp specialisation adds warp groups: occupancy counts the warps that launch
+        metrics["launch_warps"] = int(getattr(compiled.metadata, "num_warps", options["num_warps"]))
         metrics["error"] = None
     except Exception as exc:  # noqa: BLE001 - any compiler failure is a result to report, not a crash
         metrics = {"error": f"{type(exc).__name__}: {exc}".strip()}

@@ -12,8 +12,8 @@ fast path (``FAST``) is channels_last with 8-aligned channel runs (C_in/groups a
 multiples of 8, checked on the host): the kernel then knows the channel stride is 1 and the
 other strides are multiples of 8, so X, W (re-laid tap-major, a small copy) and y move as
 16-byte vectors and larger tiles fit in registers. Two reduction orders:
-  * nested (C_in/groups >= 16): for each kernel position, walk the channels in BLOCK_K steps,
-    the spatial mask computed once per position;
+  * per tap (C_in/groups >= 16): one flattened loop over (kernel position, channel block) pairs,
+    so loads stay in flight across kernel positions;
   * flat (C_in/groups < 16, e.g. an RGB stem): walk the flattened (kh, kw, ci) axis, so the
     BLOCK_K >= 16 that ``tl.dot`` needs is filled instead of padded with zeros.
 Depthwise-like convs (one input channel per group) are not GEMMs at all; a direct kernel
@@ -133,7 +133,13 @@ def conv2d_fwd_kernel(
             b = tl.load(w_ptr + w_cols[None, :] + b_offs[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
-        for kpos in range(0, KH * KW):
+        # one flattened loop over (kernel position, channel block) pairs: the software pipeline
+        # then keeps loads in flight across kernel positions (a nested loop drains it at each one,
+        # and with C_in/groups <= BLOCK_K nothing would overlap at all)
+        c_blocks = tl.cdiv(C_in_g, BLOCK_K)
+        for step in range(0, KH * KW * c_blocks):
+            kpos = step // c_blocks
+            c0 = (step % c_blocks) * BLOCK_K
             kh = kpos // KW
             kw = kpos % KW
             ih = ih0 + kh * dil_h
@@ -141,13 +147,12 @@ def conv2d_fwd_kernel(
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_rows = x_rows + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
             b_cols = w_cols + kh.to(tl.int64) * swh + kw.to(tl.int64) * sww
-            for c0 in range(0, C_in_g, BLOCK_K):
-                offs_c = c0 + tl.arange(0, BLOCK_K)
-                mask_c = offs_c < C_in_g
-                a = gather_k_major(x_ptr, a_rows, offs_c.to(tl.int64) * sxc, row_ok, mask_c, FAST)
-                b = tl.load(w_ptr + b_cols[None, :] + (offs_c.to(tl.int64) * swi)[:, None],
-                            mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            mask_c = offs_c < C_in_g
+            a = gather_k_major(x_ptr, a_rows, offs_c.to(tl.int64) * sxc, row_ok, mask_c, FAST)
+            b = tl.load(w_ptr + b_cols[None, :] + (offs_c.to(tl.int64) * swi)[:, None],
+                        mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out_rows = n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
     out_offs = out_rows[:, None] + (co.to(tl.int64) * syc)[None, :]

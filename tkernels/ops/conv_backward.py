@@ -74,6 +74,24 @@ def gather_k_major(ptr, row_offs, k_offs, row_ok, k_ok, FAST: tl.constexpr):
 
 
 @triton.jit
+def _phase_taps(r, pad, dil, stride, KSIZE):
+    """(first, step, count): the kernel positions k in [0, KSIZE) with (r + pad - k*dil) divisible by
+    stride, i.e. those that reach an output pixel from input pixels of phase r. They are first,
+    first + step, ... with step = stride / gcd(stride, dil); found by scalar loops of <= stride
+    iterations, so the main loop need not branch per tap."""
+    step = stride
+    for p in range(1, stride):  # the smallest p >= 1 with p * dil divisible by stride
+        if ((p * dil) % stride == 0) & (p < step):
+            step = p
+    first = KSIZE
+    for k in range(0, step):  # the smallest valid k below step (the pattern repeats with step)
+        if ((r + pad - k * dil) % stride == 0) & (k < first):
+            first = k
+    count = tl.maximum(tl.cdiv(KSIZE - first, step), 0)
+    return first, step, count
+
+
+@triton.jit
 def conv2d_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr,
     H, W, C_in_g, C_out_g, OH, OW, KH, KW, HQ, WQ, M,
@@ -118,29 +136,30 @@ def conv2d_dgrad_kernel(
     mask_n = offs_n < C_in_g
     co_base = g * C_out_g
 
+    # Kernel rows (and columns) that land between output rows for this phase contribute nothing
+    # to the whole tile. The ones that do form a progression kh0, kh0 + step_h, ... (step_h =
+    # sh / gcd(sh, dh)); find it with scalar loops, then walk (valid tap, channel block) pairs in
+    # ONE flattened loop, so the software pipeline keeps loads in flight across taps.
+    kh0, step_h, taps_h = _phase_taps(rh, pad_h, dil_h, stride_h, KH)
+    kw0, step_w, taps_w = _phase_taps(rw, pad_w, dil_w, stride_w, KW)
+    c_blocks = tl.cdiv(C_out_g, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(0, KH):
-        th = rh + pad_h - kh * dil_h
-        # kernel rows (and below, columns) that land between output rows for this phase
-        # contribute nothing to the whole tile: skip them as a scalar branch
-        if th % stride_h == 0:
-            oh = i + th // stride_h
-            h_ok = mask_m & (oh >= 0) & (oh < OH)
-            for kw in range(0, KW):
-                tw = rw + pad_w - kw * dil_w
-                if tw % stride_w == 0:
-                    ow = j + tw // stride_w
-                    row_ok = h_ok & (ow >= 0) & (ow < OW)
-                    d_rows = n.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-                    b_cols = offs_n.to(tl.int64) * swi + kh * swh + kw * sww
-                    for c0 in range(0, C_out_g, BLOCK_K):
-                        offs_c = c0 + tl.arange(0, BLOCK_K)
-                        mask_c = offs_c < C_out_g
-                        co = (co_base + offs_c).to(tl.int64)
-                        a = gather_k_major(dz_ptr, d_rows, co * sdc, row_ok, mask_c, FAST)
-                        b = tl.load(w_ptr + b_cols[None, :] + (co * swo)[:, None],
-                                    mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-                        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    for step in range(0, taps_h * taps_w * c_blocks):
+        tap = step // c_blocks
+        c0 = (step % c_blocks) * BLOCK_K
+        kh = kh0 + (tap // taps_w) * step_h
+        kw = kw0 + (tap % taps_w) * step_w
+        oh = i + (rh + pad_h - kh * dil_h) // stride_h  # exact: the tap is valid for this phase
+        ow = j + (rw + pad_w - kw * dil_w) // stride_w
+        row_ok = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        d_rows = n.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+        b_cols = offs_n.to(tl.int64) * swi + kh * swh + kw * sww
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        mask_c = offs_c < C_out_g
+        co = (co_base + offs_c).to(tl.int64)
+        a = gather_k_major(dz_ptr, d_rows, co * sdc, row_ok, mask_c, FAST)
+        b = tl.load(w_ptr + b_cols[None, :] + (co * swo)[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     ci = (g * C_in_g + offs_n).to(tl.int64)
     dx_offs = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + (ci * sxc)[None, :]
@@ -332,10 +351,10 @@ def _tile(m: int, n: int, k: int, stages: int = 3) -> triton.Config:
 _FAST_HALF = [_tile(128, 64, 32, 4), _tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4),
               _tile(32, 64, 32, 4)]
 _FAST_FP32 = [_tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4)]
-_FAST_EXACT = _FAST_FP32
+_FAST_EXACT = [_tile(64, 64, 16), _tile(64, 32, 16, 4), _tile(32, 64, 16, 4)]
 _GENERIC_HALF = [_tile(64, 64, 32), _tile(64, 32, 32), _tile(32, 64, 32), _tile(16, 64, 32)]
 _GENERIC_FP32 = [_tile(64, 64, 16), _tile(64, 32, 16)]
-_GENERIC_EXACT = _GENERIC_FP32
+_GENERIC_EXACT = [_tile(64, 32, 16), _tile(32, 32, 16)]
 GEMM_CONFIGS = {
     (True, "half"): {"sm_80": _FAST_HALF, "sm_90": [_tile(128, 64, 64)] + _FAST_HALF},
     (True, "tf32"): {"sm_80": _FAST_FP32, "sm_90": _FAST_FP32},

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
+from .matmul_tma import matmul_tma, tma_eligible
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, operand_class, register_kernel,
                       tl_input_precision)
 
@@ -221,6 +222,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     split = max(1, min(split, max(1, K)))
     if split > 1 and (bias is not None or activation_code != 0 or preact_out is not None):
         raise ValueError("split-K matmul has no epilogue; use it for gradients only")
+
+    if tma_eligible(a, b, out, gate, preact_out, split):
+        matmul_tma(a, b, out, bias=bias, activation_code=activation_code, activation_param=activation_param,
+                   preact_out=preact_out, gate=gate, gate_activation_code=gate_activation_code,
+                   rowsum_out=rowsum_out)
+        return out
 
     dummy = out
     if split > 1:
