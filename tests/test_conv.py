@@ -103,6 +103,9 @@ CASES = {
     "fast_cl": Case(2, 16, (7, 6), 16, 3, padding=1, activation="gelu", channels_last=True, pad=8),
     "fast_cl_strided_grouped": Case(2, 32, (9, 8), 16, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2), groups=2,
                                     activation="relu", channels_last=True, pad=8),
+    # NCHW (torch's default) with FAST-able channels: run on channels_last copies, output stays NCHW
+    "fast_nchw": Case(2, 16, (7, 6), 16, 3, padding=1, activation="gelu"),
+    "fast_nchw_strided_identity": Case(1, 24, (8, 9), 16, 3, stride=2, padding=1, bias=False),
 }
 
 
@@ -205,7 +208,8 @@ def test_conv2d_cases(backend, name, launched):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["3x3_cl_relu", "combined_grouped_strided", "depthwise_cl", "1x1_cl_gelu", "fast_cl"])
+@pytest.mark.parametrize("name", ["3x3_cl_relu", "combined_grouped_strided", "depthwise_cl", "1x1_cl_gelu", "fast_cl",
+                                  "fast_nchw"])
 def test_conv2d_half_precision(backend, name, dtype):
     _run_case(CASES[name], backend, dtype)
 

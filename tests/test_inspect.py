@@ -34,12 +34,14 @@ def _describe(rows):
 
 
 def _expected_builds(spec, arch):
+    if arch not in spec.configs_by_arch:
+        return 0
     return sum(len(spec.configs(arch, d, p)) * len(spec.variants)
                for d in spec.dtypes for p in inspection.precisions(spec, d))
 
 
 def _is_tensor_core_matmul(build):
-    return build.kernel == "matmul" and build.dtype in ("fp16", "bf16")
+    return build.kernel.startswith("matmul") and build.dtype in ("fp16", "bf16")
 
 
 @pytest.mark.slow
@@ -56,7 +58,8 @@ def test_registered_configs_compile_for_both_archs():
                       f"budget ({stats['cached']} from the cache); `tkernels inspect` checks them all")
 
     # always checked: every kernel on both archs, and every fp16/bf16 matmul build
-    assert {(r["kernel"], r["arch"]) for r in rows} == {(n, a) for n in KERNEL_SPECS for a in ("sm_80", "sm_90")}
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(n, a) for n, spec in KERNEL_SPECS.items()
+                                                        for a in ("sm_80", "sm_90") if a in spec.configs_by_arch}
     matmul = KERNEL_SPECS["matmul"]
     tc_matmul = [r for r in rows if r["kernel"] == "matmul" and r["dtype"] in ("fp16", "bf16")]
     assert len(tc_matmul) == sum(len(matmul.configs_by_arch[a]) * len(matmul.variants) * 2 for a in ("sm_80", "sm_90"))
@@ -80,6 +83,10 @@ def test_registered_configs_compile_for_both_archs():
     for dtype in ("fp16", "bf16"):
         assert any(r["hgmma"] > 0 for r in tc_matmul if r["arch"] == "sm_90" and r["dtype"] == dtype), \
             f"no {dtype} matmul config uses wgmma on sm_90"
+    # the sm_90 TMA matmul: copy-engine loads (UTMALDG) feeding wgmma, in both half dtypes
+    tma = [r for r in rows if r["kernel"].startswith("matmul_tma")]
+    assert tma and all(r["arch"] == "sm_90" and r["tma_ops"] > 0 and r["hgmma"] > 0 for r in tma)
+    assert {r["dtype"] for r in tma} == {"fp16", "bf16"}
     plain = [r for r in rows if r["kernel"] == "sum_partials"]
     assert plain and all(r["tensor_core_ops"] == 0 for r in plain)
 

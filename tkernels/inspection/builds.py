@@ -116,9 +116,10 @@ def plan(specs: Dict[str, object], kernels: Sequence[str], archs: Sequence[str],
         spec = specs[name]
         wanted = [d for d in spec.dtypes if dtypes is None or d in dtypes]
         for arch in archs:
-            if not spec.configs_by_arch.get(arch):
-                raise InspectError(f"kernel spec {name!r} has no configs for {arch}; configs_by_arch has "
-                                   f"{', '.join(spec.configs_by_arch) or 'nothing'}")
+            if arch not in spec.configs_by_arch:
+                continue  # a kernel for other targets only (e.g. TMA on sm_90)
+            if not spec.configs_by_arch[arch]:
+                raise InspectError(f"kernel spec {name!r} has an empty config list for {arch}")
             for dtype in wanted:
                 for precision in precisions(spec, dtype):
                     configs = spec.configs(arch, dtype, precision)

@@ -88,7 +88,8 @@ class KernelSpec:
     a constant and multiples of 16 get 16-divisibility (unit strides and aligned sizes are
     what make loads vectorise, so without them registers and spills are those of arbitrary
     strides). A variant may hold such values too, overriding these (e.g. per call site).
-    Pointer arguments are always taken as 16-byte aligned.
+    Pointer arguments are always taken as 16-byte aligned. A kernel built for some targets only
+    (the TMA matmul: sm_90) leaves the others out of ``configs_by_arch``.
     """
 
     name: str

@@ -42,8 +42,8 @@ from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, che
                       from_numpy, operand_class, register_kernel, suggests_channels_last, tl_input_precision,
                       to_numpy)
 from . import conv_backward as bwd
-from .conv_backward import (aligned8, aligned_channels_last, check_pixel_count, gather_k_major, is_pointwise,
-                            register_family, rows_view, tuned_family)
+from .conv_backward import (aligned8, aligned_channels_last, as_channels_last, channels_last_pays, check_pixel_count,
+                            gather_k_major, is_pointwise, register_family, rows_view, tuned_family)
 from .matmul import matmul
 
 _EMPTY = (0,)
@@ -286,6 +286,14 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
                      float(act.param), **common, **meta)
         return
     c_out_g = c_out // groups
+    if channels_last_pays(c_in_g, c_out_g, x, y):  # e.g. NCHW: run the FAST kernel on channels_last copies
+        y_cl = torch.empty_like(y, memory_format=torch.channels_last)
+        z_cl = torch.empty_like(z, memory_format=torch.channels_last) if z is not None else None
+        _forward_triton(as_channels_last(x), weight, bias, y_cl, z_cl, stride, padding, dilation, groups, act)
+        y.copy_(y_cl)
+        if z is not None:
+            z.copy_(z_cl)
+        return
     fast = c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(x, y)
     if fast:  # tap-major weight (KH, KW, C_in_g, C_out): each tap's C_out row is one contiguous vector run
         w_t = weight.permute(2, 3, 1, 0).contiguous()

@@ -565,6 +565,18 @@ def aligned_channels_last(*tensors: Tensor) -> bool:
                for t in tensors)
 
 
+def channels_last_pays(c_in_g: int, c_out_g: int, *tensors: Tensor) -> bool:
+    """Whether to run the FAST (vectorised, cp.async-pipelined) kernels on channels_last copies of
+    tensors that are not laid out for them (e.g. torch's default NCHW): the channel counts allow
+    them (>= 16 input channels, 8-aligned runs) and one copy of each tensor (memory-bound) is
+    cheap next to an implicit GEMM that gathers element by element with no async copies."""
+    return c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and not aligned_channels_last(*tensors)
+
+
+def as_channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def is_pointwise(weight: Tensor, stride, padding, groups: int) -> bool:
     """A 1x1, stride-1, unpadded, ungrouped conv: exactly a GEMM over the pixels."""
     return tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and not any(padding) and groups == 1
@@ -599,13 +611,20 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, gate: Optional[Tensor
         return
     geometry = (*stride, padding[0], padding[2], *dilation)
     need_gemm = (dx is not None and dx.numel() > 0) or (dw is not None and dw.numel() > 0)
-    dz = dy
+    # NCHW (or other unaligned) operands with FAST-able channels: dz is made channels_last, x and
+    # dx go through channels_last copies, and the GEMMs take the FAST kernels
+    convert = need_gemm and channels_last_pays(weight.shape[1], weight.shape[0] // groups, dy, x)
+    dz = as_channels_last(dy) if convert and gate is None else dy
     if gate is not None and need_gemm:
-        dz = torch.empty_like(gate)
+        dz = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype,
+                         memory_format=torch.channels_last if convert else torch.preserve_format)
         _grad_z(dy, gate, act, dz, db)
     elif db is not None:
         _grad_z(dy, gate, act, None, db)
     if dx is not None and dx.numel():
-        _input_grad(dz, weight, dx, geometry, groups)
+        dx_target = torch.empty_like(dx, memory_format=torch.channels_last) if convert else dx
+        _input_grad(dz, weight, dx_target, geometry, groups)
+        if dx_target is not dx:
+            dx.copy_(dx_target)
     if dw is not None and dw.numel():
-        _weight_grad(dz, x, dw, geometry, groups)
+        _weight_grad(dz, as_channels_last(x) if convert else x, dw, geometry, groups)
