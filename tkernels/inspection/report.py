@@ -8,11 +8,11 @@ from .sass import SHARED_LIMIT, ctas_per_sm
 
 # Keys every JSON row has (tests check them).
 ROW_KEYS = ("kernel", "arch", "dtype", "input_precision", "config", "config_index", "variant", "variant_index",
-            "num_warps", "num_stages", "launch_warps", "registers", "spill_bytes", "shared_bytes", "static_shared_bytes",
-            "ctas_per_sm", "tensor_core_ops", "hmma", "hgmma", "tma_ops", "async_copy_ops", "ok", "error",
-            "problems", "cached", "compile_s")
-_MEASURED = ("launch_warps", "registers", "spill_bytes", "shared_bytes", "static_shared_bytes", "tensor_core_ops", "hmma", "hgmma",
-             "tma_ops", "async_copy_ops")
+            "num_warps", "num_stages", "launch_warps", "registers", "spill_bytes", "shared_bytes",
+            "static_shared_bytes", "ctas_per_sm", "tensor_core_ops", "hmma", "hgmma", "tma_ops", "async_copy_ops",
+            "ok", "error", "problems", "cached", "compile_s")
+_MEASURED = ("launch_warps", "registers", "spill_bytes", "shared_bytes", "static_shared_bytes", "tensor_core_ops",
+             "hmma", "hgmma", "tma_ops", "async_copy_ops")
 
 
 def _plain(values: dict) -> dict:

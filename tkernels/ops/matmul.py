@@ -17,6 +17,11 @@ the K range is split across SPLIT_K programs that write fp32 partials to a works
 second kernel sums them in a fixed order (deterministic; no float atomics).
 
 All offsets are computed in int64, so tensors past 2**31 elements index correctly.
+
+This kernel is the cp.async path (sm_80, fp32, split-K, and layouts TMA cannot address). On sm_90,
+fp16/bf16 launches whose operands TMA can address go to the persistent, TMA-fed, warp-specialised
+kernel in :mod:`.matmul_tma`. Configs come in three families by operand class: fp16/bf16, tf32
+(fp32 operands are twice as wide) and exact fp32 (FMA units, both operand tiles in registers).
 """
 from __future__ import annotations
 
