@@ -1,11 +1,11 @@
 """`tkernels inspect`: registered kernel configs compile for sm_80 and sm_90 with Triton's AOT
 compiler, without spills, and the fp16/bf16 builds of tensor-core kernels contain HMMA/HGMMA.
 
-Compiling every build (config x variant x dtype x arch of every spec: 1300+ once all families
-registered, about 2-4 CPU-seconds each) does not fit this file's 5-minute budget on 2 cores. So the
+Compiling every build (config x variant x dtype (fp32 in both input precisions) x arch of every
+spec: 1300+ once all families registered, about 2-10 CPU-seconds each) does not fit this file's 5-minute budget on 2 cores. So the
 test compiles in ``coverage_order`` for ``TKERNELS_INSPECT_BUDGET_S`` seconds (default 150):
-always one build per kernel x arch (its costliest config, in bf16) and every fp16/bf16 matmul build,
-then as many other configs, variants and dtypes as fit. Results are cached on disk keyed by the
+always one build per kernel x arch (its costliest config, in bf16), every fp16/bf16 matmul build and
+the first fp16/bf16 build of each sm_90 TMA matmul kernel, then as many other configs, variants and dtypes as fit. Results are cached on disk keyed by the
 kernel source, and every cached build is checked too, so repeated runs (or a prior full
 `tkernels inspect`, the CI main job) extend the check to everything. TKERNELS_INSPECT_BUDGET_S=none
 compiles everything. Compiles run on worker subprocesses without TRITON_INTERPRET, one per CPU.
@@ -41,7 +41,11 @@ def _expected_builds(spec, arch):
 
 
 def _is_tensor_core_matmul(build):
-    return build.kernel.startswith("matmul") and build.dtype in ("fp16", "bf16")
+    """Always compiled: every fp16/bf16 build of the cp.async matmul, and the first build of each TMA
+    matmul kernel in both half dtypes."""
+    if build.kernel == "matmul":
+        return build.dtype in ("fp16", "bf16")
+    return build.kernel.startswith("matmul_tma") and build.config_index == 0 and build.variant_index == 0
 
 
 @pytest.mark.slow
