@@ -350,10 +350,10 @@ def _tile(m: int, n: int, k: int, stages: int = 3) -> triton.Config:
 # Each list is what `tkernels inspect` compiles without spills on sm_80 and sm_90.
 _FAST_HALF = [_tile(128, 64, 32, 4), _tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4),
               _tile(32, 64, 32, 4)]
-_FAST_FP32 = [_tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4)]
-_FAST_EXACT = [_tile(64, 64, 16), _tile(64, 32, 16, 4), _tile(32, 64, 16, 4)]
+_FAST_FP32 = [_tile(64, 128, 32, 4), _tile(64, 64, 32), _tile(64, 32, 32, 4)]
+_FAST_EXACT = [_tile(64, 32, 16), _tile(32, 32, 32)]
 _GENERIC_HALF = [_tile(64, 64, 32), _tile(64, 32, 32), _tile(32, 64, 32), _tile(16, 64, 32)]
-_GENERIC_FP32 = [_tile(64, 64, 16), _tile(64, 32, 16)]
+_GENERIC_FP32 = [_tile(64, 32, 16), _tile(32, 64, 16)]
 _GENERIC_EXACT = [_tile(64, 32, 16), _tile(32, 32, 16)]
 GEMM_CONFIGS = {
     (True, "half"): {"sm_80": _FAST_HALF, "sm_90": [_tile(128, 64, 64)] + _FAST_HALF},
@@ -616,8 +616,7 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, gate: Optional[Tensor
     convert = need_gemm and channels_last_pays(weight.shape[1], weight.shape[0] // groups, dy, x)
     dz = as_channels_last(dy) if convert and gate is None else dy
     if gate is not None and need_gemm:
-        dz = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype,
-                         memory_format=torch.channels_last if convert else torch.preserve_format)
+        dz = torch.empty_like(gate, memory_format=torch.channels_last if convert else torch.preserve_format)
         _grad_z(dy, gate, act, dz, db)
     elif db is not None:
         _grad_z(dy, gate, act, None, db)

@@ -131,13 +131,14 @@ def _configs(block_k: int):
     ]
 
 
-def _exact_fp32_configs():
+def _exact_fp32_configs(big_block_k: int):
     # Exact fp32 dots run on the FMA units with both operand tiles in registers: BLOCK_K 64
-    # spilled 264-2,616 B per thread (gated backward), so every tile steps K by 32.
+    # spilled 264-2,616 B per thread (gated backward), so tiles step K by 32, and the three largest
+    # by 16 on sm_80 (at 32 its gated backward still spilled 56-208 B).
     return [
-        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=big_block_k, GROUP_M=8, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=big_block_k, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=big_block_k, GROUP_M=8, num_warps=4, num_stages=3),
         config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
         config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=5),
         config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=4),
@@ -150,7 +151,7 @@ def _exact_fp32_configs():
 MATMUL_CONFIGS = {
     "half": {"sm_80": _configs(32), "sm_90": _configs(64)},
     "tf32": {"sm_80": _configs(32), "sm_90": _configs(32)},
-    "ieee": {"sm_80": _exact_fp32_configs(), "sm_90": _exact_fp32_configs()},
+    "ieee": {"sm_80": _exact_fp32_configs(16), "sm_90": _exact_fp32_configs(32)},
 }
 # Under the interpreter, bigger tiles mean fewer NumPy-driven programs; 32 keeps odd shapes masked.
 TUNED_MATMUL = {family: Tuned(matmul_kernel, configs,
