@@ -162,14 +162,23 @@ def test_low_and_double_precision(backend, kind, options, dtype):
 
 
 def test_tensor_lr(backend):
+    """A tensor lr (read by the kernels on the triton backend), changed in place between steps as a
+    scheduler changes it."""
     dev = device_for(backend)
     initial = [torch.randn(s, device=dev) for s in SHAPES[:3]]
     gradients = _gradients(4, torch.float32, dev, SHAPES[:3])
     for ours_cls, torch_cls, extra in ((tkernels.optim.SGD, torch.optim.SGD, dict(momentum=0.9)),
-                                       (tkernels.optim.AdamW, torch.optim.AdamW, {})):
+                                       (tkernels.optim.AdamW, torch.optim.AdamW, dict(weight_decay=0.5))):
         a, b = _params(initial), _params(initial)
-        _train(ours_cls(a, lr=torch.tensor(0.05), **extra), a, gradients, backend)
-        _train(torch_cls(b, lr=torch.tensor(0.05), foreach=False, **extra), b, gradients)
+        ours_lr, their_lr = torch.tensor(0.05, device=dev), torch.tensor(0.05, device=dev)
+        ours = ours_cls(a, lr=ours_lr, **extra)
+        theirs = torch_cls(b, lr=their_lr, foreach=False, **extra)
+        for k, grads in enumerate(gradients):
+            if k == 2:
+                ours_lr.fill_(0.02)
+                their_lr.fill_(0.02)
+            _train(ours, a, [grads], backend)
+            _train(theirs, b, [grads])
         for p, q in zip(a, b):
             assert_close(p, q)
 
@@ -391,7 +400,8 @@ def test_grad_scaler_tensors_are_checked(backend):
 # ---------------------------------------------------------------------------------------------
 # Steady state: the address table is built once per set of tensors; no sync, no host tensor
 # ---------------------------------------------------------------------------------------------
-LENET_SHAPES = [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,), (84, 120), (84,), (10, 84), (10,)]
+# a LeNet-like parameter set, smaller (the interpreter runs every element)
+NET_SHAPES = [(6, 1, 5, 5), (6,), (16, 6, 3, 3), (16,), (48, 64), (48,), (10, 48), (10,)]
 
 
 class _BuildCounter:
@@ -403,10 +413,11 @@ class _BuildCounter:
         return self.build(*args, **kwargs)
 
 
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad-scaler"])
 @pytest.mark.parametrize("cls,options", [("SGD", dict(lr=0.01, momentum=0.9)), ("AdamW", dict(lr=1e-3))])
-def test_steady_state_step_reuses_its_table_and_never_syncs(monkeypatch, cls, options, scaler):
-    """LeNet's parameter set: after the steps that create state, a step builds no table, makes no
+def test_steady_state_step_reuses_its_table_and_never_syncs(monkeypatch, cls, options, scaler, tensor_lr):
+    """A LeNet-like parameter set: after the steps that create state, a step builds no table, makes no
     host tensor and no host sync (counted in our code, the custom op's and torch.optim's). A
     changed set (a param moved to new storage) gets exactly one new table.
 
@@ -417,7 +428,9 @@ def test_steady_state_step_reuses_its_table_and_never_syncs(monkeypatch, cls, op
     monkeypatch.setattr(optim_ops, "_build_table", builds)
     monkeypatch.setattr(optim_ops, "_TABLES", optim_ops.OrderedDict())
     dev = device_for("triton")
-    params = _params([torch.randn(s, device=dev) * 0.1 for s in LENET_SHAPES])
+    params = _params([torch.randn(s, device=dev) * 0.1 for s in NET_SHAPES])
+    if tensor_lr:  # on the params' device, as torch's fused optimizers take it
+        options = dict(options, lr=torch.tensor(options["lr"], device=dev))
     opt = getattr(tkernels.optim, cls)(params, **options)
     if scaler:  # what GradScaler.step hands the optimizer: device tensors
         opt.grad_scale = torch.full((), 256.0, device=dev)
@@ -566,6 +579,16 @@ def test_opcheck(backend):
         steps = [torch.tensor(3.0, device=dev), torch.tensor(1.0, device=dev)]
         torch.library.opcheck(torch.ops.tkernels.adamw_step.default,
                               (params, grads, *states, steps, 0.01, 0.9, 0.999, 1e-8, 0.01, True, False))
+        # under a GradScaler (one step taken, one skipped) and with a tensor lr
+        scale, lr = torch.tensor(8.0, device=dev), torch.tensor(0.05, device=dev)
+        for found in (0.0, 1.0):
+            found_inf = torch.tensor(found, device=dev)
+            torch.library.opcheck(torch.ops.tkernels.sgd_step.default,
+                                  (params, grads, bufs, [False, True], 0.0, 0.9, 0.1, 0.01, False, True, scale,
+                                   found_inf, lr))
+            torch.library.opcheck(torch.ops.tkernels.adamw_step.default,
+                                  (params, grads, *states, steps, 0.0, 0.9, 0.999, 1e-8, 0.01, True, False, scale,
+                                   found_inf, lr))
 
 
 @pytest.mark.slow
@@ -579,10 +602,11 @@ def test_torch_compile_fullgraph(backend):
             params, twins = _params(initial), _params(initial)
             kwargs = dict(momentum=0.9) if torch_cls is torch.optim.SGD else {}
             opt = ours_cls(params, lr=0.05, **kwargs)
+            opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=dev), torch.tensor(0.0, device=dev)
             step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
             for grads in gradients:
                 for p, g in zip(params, grads):
-                    p.grad = g.clone()
+                    p.grad = g.clone() * 4.0  # as GradScaler scales it; the step unscales
                 step()
             _train(torch_cls(twins, lr=0.05, **kwargs), twins, gradients)
             for p, q in zip(params, twins):

@@ -21,9 +21,13 @@ chunk, so nothing is written and AdamW's step counters stay put. No host ever re
 
 AdamW keeps ``step`` as a float32 0-d tensor per parameter, as torch does. A one-program-per-128-
 tensors prologue increments the steps on the device and computes, in float64 (lr and the betas are
-float64 kernel arguments), each tensor's step size lr / (1 - beta1^t) and sqrt(1 - beta2^t) (t by
-binary powering, to match Python's ``beta ** t``); the update kernel reads them. Two launches per
-group, whatever its size.
+float64 kernel arguments), each tensor's step size lr / (1 - beta1^t), sqrt(1 - beta2^t) (t by
+binary powering, to match Python's ``beta ** t``) and decay 1 - lr * weight_decay; the update
+kernel reads them. Two launches per group, whatever its size.
+
+A tensor ``lr`` on the params' device (torch's fused optimizers accept one, e.g. for CUDA graphs)
+is read by the kernels, not by the host; one elsewhere (a CPU tensor beside CUDA params) is read on
+the host, as torch does, which waits for no device.
 
 No autotuning: the mutated buffers are reached through the table, so ``restore_value`` could not
 protect them from the benchmark runs; one config per architecture is data below.
@@ -50,6 +54,9 @@ from ._common import (KernelSpec, cdiv, check_triton_dtype, config, current_arch
 ROW = 8  # param, grad, state a, state b, state c, aux (AdamW: step address; SGD: first-step flag), numel, -
 PARAM, GRAD, STATE_A, STATE_B, STATE_C, AUX, NUMEL = range(7)
 PROLOGUE_BLOCK = 128
+# Per tensor, from AdamW's prologue: step size, sqrt(1 - beta2^t), 1 - lr * weight_decay (a constexpr:
+# the kernels read it as a global)
+SCALARS = tl.constexpr(3)
 TABLE_CACHE_SIZE = 16  # tables kept, least recently used dropped: a few optimizers x groups x dtypes
 
 # CHUNK is what the table is cut by; a program loops over its chunk BLOCK elements at a time.
@@ -150,13 +157,14 @@ def _sgd_block(param, grad, buf, offs, stop, first, grad_scale, lr, momentum, on
 
 
 @triton.jit
-def sgd_kernel(meta_ptr, chunk_base, like_ptr, grad_scale_ptr, found_inf_ptr, lr, momentum, one_minus_dampening,
-               weight_decay, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               WEIGHT_DECAY: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-               ALIGNED: tl.constexpr, ROW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def sgd_kernel(meta_ptr, chunk_base, like_ptr, grad_scale_ptr, found_inf_ptr, lr_ptr, lr, momentum,
+               one_minus_dampening, weight_decay, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, UNSCALE: tl.constexpr,
+               HAS_FOUND_INF: tl.constexpr, LR_TENSOR: tl.constexpr, ALIGNED: tl.constexpr, ROW: tl.constexpr,
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """SGD on one CHUNK of one tensor: g /= grad_scale (UNSCALE; g stored back); d = ±g + wd*p;
     b = d (first step) or momentum*b + (1-dampening)*d; p -= lr * (d + momentum*b if nesterov else b).
-    Nothing at all when found_inf != 0 (HAS_FOUND_INF).
+    Nothing at all when found_inf != 0 (HAS_FOUND_INF). With LR_TENSOR, lr is read from lr_ptr.
 
     Grid: one program per chunk of every tensor (see the module docstring); unmasked BLOCKs, then
     one masked tail. Loads p, g (and b); stores p (and b): 3 element accesses, 5 with momentum, in
@@ -168,6 +176,8 @@ def sgd_kernel(meta_ptr, chunk_base, like_ptr, grad_scale_ptr, found_inf_ptr, lr
     buf = _pointer(row, 2, like_ptr, ALIGNED)
     first = tl.load(row + 5)  # 1 on the tensor's first step with momentum
     scale = _grad_scale(grad_scale_ptr, UNSCALE)
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float32)
     for off in range(start, full, BLOCK):
         _sgd_block(param, grad, buf, off + tl.arange(0, BLOCK), stop, first, scale, lr, momentum,
                    one_minus_dampening, weight_decay, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY, UNSCALE,
@@ -179,18 +189,22 @@ def sgd_kernel(meta_ptr, chunk_base, like_ptr, grad_scale_ptr, found_inf_ptr, lr
 
 
 @triton.jit
-def adamw_prologue_kernel(meta_ptr, scalars_ptr, found_inf_ptr, num_tensors, lr: tl.float64, beta1: tl.float64,
-                          beta2: tl.float64, HAS_FOUND_INF: tl.constexpr, ROW: tl.constexpr,
-                          BLOCK_T: tl.constexpr):
+def adamw_prologue_kernel(meta_ptr, scalars_ptr, found_inf_ptr, lr_ptr, num_tensors, lr: tl.float64,
+                          beta1: tl.float64, beta2: tl.float64, weight_decay: tl.float64, HAS_FOUND_INF: tl.constexpr,
+                          LR_TENSOR: tl.constexpr, ROW: tl.constexpr, BLOCK_T: tl.constexpr):
     """Per tensor: step += 1 (unless found_inf != 0, as torch's fused AdamW leaves it);
-    scalars = (lr / (1 - beta1^step), sqrt(1 - beta2^step)) in float64.
+    scalars = (lr / (1 - beta1^step), sqrt(1 - beta2^step), 1 - lr * weight_decay) in float64,
+    lr read from lr_ptr with LR_TENSOR.
 
     Grid: cdiv(T, BLOCK_T) programs of BLOCK_T tensors. Reads and writes one float32 step per
-    tensor and writes two float32 scalars; latency-bound (one float64 powering round per bit of step).
+    tensor and writes three float32 scalars; latency-bound (one float64 powering round per bit of step).
     """
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask = t < num_tensors
     zero = tl.zeros([BLOCK_T], dtype=tl.float64)
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    lr = lr + zero
     beta1 = beta1 + zero
     beta2 = beta2 + zero
     step_ptr = tl.load(meta_ptr + t.to(tl.int64) * ROW + 5, mask=mask, other=0).to(tl.pointer_type(tl.float32))
@@ -212,8 +226,9 @@ def adamw_prologue_kernel(meta_ptr, scalars_ptr, found_inf_ptr, num_tensors, lr:
         beta2 = beta2 * beta2
         remaining = remaining >> 1
     # (a skipped first step leaves step 0, whose scalars the skipped update never reads)
-    tl.store(scalars_ptr + 2 * t, ((lr + zero) / tl.where(step > 0, 1.0 - pow1, 1.0)).to(tl.float32), mask=mask)
-    tl.store(scalars_ptr + 2 * t + 1, tl.sqrt(1.0 - pow2).to(tl.float32), mask=mask)
+    tl.store(scalars_ptr + SCALARS * t, (lr / tl.where(step > 0, 1.0 - pow1, 1.0)).to(tl.float32), mask=mask)
+    tl.store(scalars_ptr + SCALARS * t + 1, tl.sqrt(1.0 - pow2).to(tl.float32), mask=mask)
+    tl.store(scalars_ptr + SCALARS * t + 2, (1.0 - lr * weight_decay).to(tl.float32), mask=mask)
 
 
 @triton.jit
@@ -245,7 +260,7 @@ def _adamw_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, offs, stop, g
 
 @triton.jit
 def adamw_kernel(meta_ptr, chunk_base, scalars_ptr, like_ptr, grad_scale_ptr, found_inf_ptr, one_minus_beta1, beta2,
-                 one_minus_beta2, eps, decay, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 one_minus_beta2, eps, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                  WEIGHT_DECAY: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  ALIGNED: tl.constexpr, ROW: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """AdamW on one CHUNK of one tensor, torch's formulation (after g /= grad_scale with UNSCALE, g
@@ -263,8 +278,9 @@ def adamw_kernel(meta_ptr, chunk_base, scalars_ptr, like_ptr, grad_scale_ptr, fo
     exp_avg = _pointer(row, 2, like_ptr, ALIGNED)
     exp_avg_sq = _pointer(row, 3, like_ptr, ALIGNED)
     max_exp_avg_sq = _pointer(row, 4, like_ptr, ALIGNED)
-    step_size = tl.load(scalars_ptr + 2 * tensor)
-    bc2_sqrt = tl.load(scalars_ptr + 2 * tensor + 1)
+    step_size = tl.load(scalars_ptr + SCALARS * tensor)
+    bc2_sqrt = tl.load(scalars_ptr + SCALARS * tensor + 1)
+    decay = tl.load(scalars_ptr + SCALARS * tensor + 2)
     scale = _grad_scale(grad_scale_ptr, UNSCALE)
     for off in range(start, full, BLOCK):
         _adamw_block(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, off + tl.arange(0, BLOCK), stop, scale,
@@ -285,18 +301,21 @@ _ALIGNED = dict(ROW=ROW, ALIGNED=True)
 register_kernel(KernelSpec(
     name="sgd_step",
     kernel=sgd_kernel,
-    signature={**_MAIN_SIG, "lr": "fp32", "momentum": "fp32", "one_minus_dampening": "fp32", "weight_decay": "fp32"},
+    signature={**_MAIN_SIG, "lr_ptr": "*fp32", "lr": "fp32", "momentum": "fp32", "one_minus_dampening": "fp32",
+               "weight_decay": "fp32"},
     configs_by_arch={arch: [cfg] for arch, cfg in CONFIGS.items()},
-    variants=[dict(MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, WEIGHT_DECAY=True, **_SCALER, **_ALIGNED),
-              dict(MOMENTUM=False, NESTEROV=False, MAXIMIZE=False, WEIGHT_DECAY=False, **_NO_SCALER, **_ALIGNED),
-              dict(MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, WEIGHT_DECAY=True, **_NO_SCALER, **_TABLE,
-                   ALIGNED=False)],
+    variants=[dict(MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, WEIGHT_DECAY=True, LR_TENSOR=True, **_SCALER,
+                   **_ALIGNED),
+              dict(MOMENTUM=False, NESTEROV=False, MAXIMIZE=False, WEIGHT_DECAY=False, LR_TENSOR=False, **_NO_SCALER,
+                   **_ALIGNED),
+              dict(MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, WEIGHT_DECAY=True, LR_TENSOR=False, **_NO_SCALER,
+                   **_TABLE, ALIGNED=False)],
 ))
 register_kernel(KernelSpec(
     name="adamw_step",
     kernel=adamw_kernel,
     signature={**_MAIN_SIG, "scalars_ptr": "*fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
-               "one_minus_beta2": "fp32", "eps": "fp32", "decay": "fp32"},
+               "one_minus_beta2": "fp32", "eps": "fp32"},
     configs_by_arch={arch: [cfg] for arch, cfg in CONFIGS.items()},
     variants=[dict(AMSGRAD=True, MAXIMIZE=True, WEIGHT_DECAY=True, **_SCALER, **_ALIGNED),
               dict(AMSGRAD=False, MAXIMIZE=False, WEIGHT_DECAY=True, **_NO_SCALER, **_ALIGNED),
@@ -305,10 +324,10 @@ register_kernel(KernelSpec(
 register_kernel(KernelSpec(
     name="adamw_prologue",
     kernel=adamw_prologue_kernel,
-    signature={"meta_ptr": "*i64", "scalars_ptr": "*fp32", "found_inf_ptr": "*fp32", "num_tensors": "i32",
-               "lr": "fp64", "beta1": "fp64", "beta2": "fp64"},
+    signature={"meta_ptr": "*i64", "scalars_ptr": "*fp32", "found_inf_ptr": "*fp32", "lr_ptr": "*fp32",
+               "num_tensors": "i32", "lr": "fp64", "beta1": "fp64", "beta2": "fp64", "weight_decay": "fp64"},
     configs_by_arch={arch: [config(BLOCK_T=PROLOGUE_BLOCK, num_warps=4, num_stages=1)] for arch in CONFIGS},
-    variants=[dict(HAS_FOUND_INF=True, **_TABLE), dict(HAS_FOUND_INF=False, **_TABLE)],
+    variants=[dict(HAS_FOUND_INF=True, LR_TENSOR=True, **_TABLE), dict(HAS_FOUND_INF=False, LR_TENSOR=False, **_TABLE)],
     dtypes=("fp32",),
 ))
 
@@ -464,14 +483,25 @@ def _row(*tensors_or_ints) -> List[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.amp.GradScaler's two tensors
+# Scalars that live in tensors: torch.amp.GradScaler's two, and a tensor lr
 # ---------------------------------------------------------------------------------------------
-def check_scaler_tensors(op: str, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+def check_scalar_tensors(op: str, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
         if t is not None and (not isinstance(t, Tensor) or t.numel() != 1 or not t.dtype.is_floating_point):
             given = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-            raise RuntimeError(f"{op}: {name} must be a one-element floating-point tensor (as "
-                               f"torch.amp.GradScaler passes it), but got {given}")
+            raise RuntimeError(f"{op}: {name} must be a one-element floating-point tensor, but got {given}")
+
+
+def _host_lr(lr: float, lr_tensor: Optional[Tensor]) -> float:
+    return lr if lr_tensor is None else float(lr_tensor)
+
+
+def _lr_launch_args(lr: float, lr_tensor: Optional[Tensor], device: torch.device, fallback: Tensor) -> dict:
+    """A tensor lr on the params' device is read by the kernel (no host read, capture-safe); any
+    other lr is passed by value, a CPU tensor beside CUDA params read here as torch does."""
+    if lr_tensor is not None and lr_tensor.device == device:
+        return dict(lr_ptr=lr_tensor, lr=0.0, LR_TENSOR=True)
+    return dict(lr_ptr=fallback, lr=_host_lr(lr, lr_tensor), LR_TENSOR=False)
 
 
 def _on_device(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -506,7 +536,7 @@ def _scaler_launch_args(grad_scale: Optional[Tensor], found_inf: Optional[Tensor
 # SGD
 # ---------------------------------------------------------------------------------------------
 def _sgd_triton(params, grads, bufs, first, lr, momentum, dampening, weight_decay, nesterov, maximize, grad_scale,
-                found_inf):
+                found_inf, lr_tensor):
     device = params[0].device
     block, chunk, num_warps = _launch_config(device)
     staging = _Staging()
@@ -520,24 +550,26 @@ def _sgd_triton(params, grads, bufs, first, lr, momentum, dampening, weight_deca
     with _on(device):
         if tab.num_chunks:
             sgd_kernel[(tab.num_chunks,)](
-                tab.meta, tab.chunk_base, params[0], lr=float(lr), momentum=float(momentum),
+                tab.meta, tab.chunk_base, params[0], momentum=float(momentum),
                 one_minus_dampening=1.0 - float(dampening), weight_decay=float(weight_decay),
                 MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
                 WEIGHT_DECAY=weight_decay != 0, ALIGNED=tab.aligned, ROW=ROW, CHUNK=chunk, BLOCK=block,
-                num_warps=num_warps, num_stages=1, **_scaler_launch_args(grad_scale, found_inf, device, tab.meta))
+                num_warps=num_warps, num_stages=1, **_scaler_launch_args(grad_scale, found_inf, device, tab.meta),
+                **_lr_launch_args(float(lr), lr_tensor, device, tab.meta))
         staging.finish()
 
 
 @torch.library.custom_op("tkernels::sgd_step", mutates_args=("params", "grads", "momentum_buffers"))
 def sgd_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], first_step: List[bool],
              lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-             maximize: bool, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+             maximize: bool, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             lr_tensor: Optional[Tensor] = None) -> None:
     """One SGD step over a list of parameters, in place. With momentum, ``momentum_buffers[i]`` is the
     buffer of param i; where ``first_step[i]`` it is uninitialised and gets the first direction.
     ``grad_scale``/``found_inf`` are torch.amp.GradScaler's: grads are divided by grad_scale (and
-    stored back unscaled) and a nonzero found_inf skips the step."""
+    stored back unscaled) and a nonzero found_inf skips the step. ``lr_tensor``, if given, is the lr."""
     partitions = validate("sgd", params, grads, {"momentum_buffer": momentum_buffers} if momentum != 0 else {})
-    check_scaler_tensors("sgd", grad_scale, found_inf)
+    check_scalar_tensors("sgd", grad_scale=grad_scale, found_inf=found_inf, lr=lr_tensor)
     if momentum != 0 and len(first_step) != len(params):
         raise RuntimeError(f"sgd: momentum={momentum} needs a first_step flag per param, but got {len(params)} "
                            f"params and {len(first_step)} flags")
@@ -549,19 +581,19 @@ def sgd_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[T
             for i in idx:
                 buf = None if momentum == 0 or first_step[i] else to_numpy(momentum_buffers[i])
                 new_p, new_buf = ref.sgd_update(to_numpy(params[i]), _numpy_gradient(grads[i], grad_scale), buf,
-                                                lr=lr, momentum=momentum, dampening=dampening,
+                                                lr=_host_lr(lr, lr_tensor), momentum=momentum, dampening=dampening,
                                                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
                 params[i].copy_(from_numpy(new_p, params[i]))
                 if new_buf is not None:
                     momentum_buffers[i].copy_(from_numpy(new_buf, momentum_buffers[i]))
         else:
             _sgd_triton(sub(params), sub(grads), sub(momentum_buffers), sub(first_step), lr, momentum, dampening,
-                        weight_decay, nesterov, maximize, grad_scale, found_inf)
+                        weight_decay, nesterov, maximize, grad_scale, found_inf, lr_tensor)
 
 
 @sgd_step.register_fake
 def _(params, grads, momentum_buffers, first_step, lr, momentum, dampening, weight_decay, nesterov, maximize,
-      grad_scale=None, found_inf=None):
+      grad_scale=None, found_inf=None, lr_tensor=None):
     return None
 
 
@@ -569,7 +601,7 @@ def _(params, grads, momentum_buffers, first_step, lr, momentum, dampening, weig
 # AdamW
 # ---------------------------------------------------------------------------------------------
 def _adamw_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                  weight_decay, amsgrad, maximize, grad_scale, found_inf):
+                  weight_decay, amsgrad, maximize, grad_scale, found_inf, lr_tensor):
     device = params[0].device
     block, chunk, num_warps = _launch_config(device)
     staging = _Staging()
@@ -581,16 +613,17 @@ def _adamw_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
         rows.append(_row(wp, staging.like(grads[i], wp, mutated=grad_scale is not None), *states, steps[i],
                          p.numel()))
     tab = table(rows, chunk, device)
-    scalars = torch.empty((len(params), 2), dtype=torch.float32, device=device)
+    scalars = torch.empty((len(params), SCALARS.value), dtype=torch.float32, device=device)
     scaler = _scaler_launch_args(grad_scale, found_inf, device, scalars)
     with _on(device):
         adamw_prologue_kernel[(cdiv(len(params), PROLOGUE_BLOCK),)](
-            tab.meta, scalars, scaler["found_inf_ptr"], len(params), float(lr), float(beta1), float(beta2),
-            HAS_FOUND_INF=scaler["HAS_FOUND_INF"], ROW=ROW, BLOCK_T=PROLOGUE_BLOCK, num_warps=4, num_stages=1)
+            tab.meta, scalars, scaler["found_inf_ptr"], num_tensors=len(params), beta1=float(beta1),
+            beta2=float(beta2), weight_decay=float(weight_decay), HAS_FOUND_INF=scaler["HAS_FOUND_INF"], ROW=ROW,
+            BLOCK_T=PROLOGUE_BLOCK, num_warps=4, num_stages=1, **_lr_launch_args(float(lr), lr_tensor, device, scalars))
         if tab.num_chunks:
             adamw_kernel[(tab.num_chunks,)](
                 tab.meta, tab.chunk_base, scalars, params[0], one_minus_beta1=1.0 - beta1, beta2=beta2,
-                one_minus_beta2=1.0 - beta2, eps=eps, decay=1.0 - lr * weight_decay, AMSGRAD=bool(amsgrad),
+                one_minus_beta2=1.0 - beta2, eps=eps, AMSGRAD=bool(amsgrad),
                 MAXIMIZE=bool(maximize), WEIGHT_DECAY=weight_decay != 0, ALIGNED=tab.aligned, ROW=ROW, CHUNK=chunk,
                 BLOCK=block, num_warps=num_warps, num_stages=1, **scaler)
         staging.finish()
@@ -601,16 +634,16 @@ def _adamw_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
 def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                max_exp_avg_sqs: List[Tensor], steps: List[Tensor], lr: float, beta1: float, beta2: float,
                eps: float, weight_decay: float, amsgrad: bool, maximize: bool, grad_scale: Optional[Tensor] = None,
-               found_inf: Optional[Tensor] = None) -> None:
+               found_inf: Optional[Tensor] = None, lr_tensor: Optional[Tensor] = None) -> None:
     """One AdamW step over a list of parameters, in place; ``steps[i]`` (a 0-d tensor) counts the
     steps param i has taken and is incremented. ``max_exp_avg_sqs`` is empty unless amsgrad.
     ``grad_scale``/``found_inf`` are torch.amp.GradScaler's, as in :func:`sgd_step`; a skipped step
-    leaves the step counters alone, as torch's fused AdamW does."""
+    leaves the step counters alone, as torch's fused AdamW does. ``lr_tensor``, if given, is the lr."""
     states = {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs}
     if amsgrad:
         states["max_exp_avg_sq"] = max_exp_avg_sqs
     partitions = validate("adamw", params, grads, states, steps)
-    check_scaler_tensors("adamw", grad_scale, found_inf)
+    check_scalar_tensors("adamw", grad_scale=grad_scale, found_inf=found_inf, lr=lr_tensor)
     for idx in partitions.values():
         sub = lambda seq: [seq[i] for i in idx] if len(seq) else []  # noqa: E731
         if _backend.resolve("adamw", params[idx[0]]) == "numpy":
@@ -620,7 +653,8 @@ def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
                 p, m, v, v_max, t = ref.adamw_update(
                     to_numpy(params[i]), _numpy_gradient(grads[i], grad_scale), to_numpy(exp_avgs[i]),
                     to_numpy(exp_avg_sqs[i]), to_numpy(max_exp_avg_sqs[i]) if amsgrad else None, float(steps[i]),
-                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    lr=_host_lr(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                    amsgrad=amsgrad,
                     maximize=maximize)
                 for tensor, value in ((params[i], p), (exp_avgs[i], m), (exp_avg_sqs[i], v)):
                     tensor.copy_(from_numpy(value, tensor))
@@ -629,10 +663,11 @@ def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
                 steps[i].fill_(t)
         else:
             _adamw_triton(sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs), sub(max_exp_avg_sqs),
-                          sub(steps), lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf)
+                          sub(steps), lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,
+                          lr_tensor)
 
 
 @adamw_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, amsgrad,
-      maximize, grad_scale=None, found_inf=None):
+      maximize, grad_scale=None, found_inf=None, lr_tensor=None):
     return None

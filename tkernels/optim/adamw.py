@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..ops.optim import validate
-from ._common import check_lr, scalar
+from ._common import check_lr, lr_arguments, scalar
 
 
 class AdamW(torch.optim.AdamW):
@@ -68,10 +68,11 @@ class AdamW(torch.optim.AdamW):
             if not params:
                 continue
             beta1, beta2 = (scalar(b) for b in group["betas"])
+            lr, lr_tensor = lr_arguments(group["lr"])
             torch.ops.tkernels.adamw_step(
-                params, grads, lists["exp_avg"], lists["exp_avg_sq"], lists["max_exp_avg_sq"], steps,
-                scalar(group["lr"]), beta1, beta2, scalar(group["eps"]), scalar(group["weight_decay"]),
-                bool(group["amsgrad"]), bool(group["maximize"]), grad_scale, found_inf)
+                params, grads, lists["exp_avg"], lists["exp_avg_sq"], lists["max_exp_avg_sq"], steps, lr, beta1,
+                beta2, scalar(group["eps"]), scalar(group["weight_decay"]), bool(group["amsgrad"]),
+                bool(group["maximize"]), grad_scale, found_inf, lr_tensor)
             for p, state in zip(params, states):
                 if self.state.get(p) is not state:
                     self.state[p].update(state)

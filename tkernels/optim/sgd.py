@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..ops.optim import validate
-from ._common import check_lr, scalar
+from ._common import check_lr, lr_arguments, scalar
 
 
 class SGD(torch.optim.SGD):
@@ -67,10 +67,11 @@ class SGD(torch.optim.SGD):
         for group, params, grads, buffers, first in plans:
             if not params:
                 continue
-            torch.ops.tkernels.sgd_step(params, grads, buffers, first, scalar(group["lr"]),
-                                        scalar(group["momentum"]), scalar(group["dampening"]),
-                                        scalar(group["weight_decay"]), bool(group["nesterov"]),
-                                        bool(group["maximize"]), grad_scale, found_inf)
+            lr, lr_tensor = lr_arguments(group["lr"])
+            torch.ops.tkernels.sgd_step(params, grads, buffers, first, lr, scalar(group["momentum"]),
+                                        scalar(group["dampening"]), scalar(group["weight_decay"]),
+                                        bool(group["nesterov"]), bool(group["maximize"]), grad_scale, found_inf,
+                                        lr_tensor)
             for p, buffer in zip(params, buffers):
                 self.state[p]["momentum_buffer"] = buffer
         return loss
