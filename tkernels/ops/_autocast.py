@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 LOWER = "lower"  # the autocast dtype (aten's lower_precision_fp)
 FP32 = "fp32"    # float32 (aten's fp32)
@@ -66,8 +67,11 @@ else:  # torch builds without the device-generic autocast API: the per-device fu
         return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
 
 
-# One C call that is False outside every autocast region: the common case pays ~0.5 us, not ~3 us
-_any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+# One C call that is False outside every autocast region: the common case pays ~1 us, not ~3 us.
+# torch.compile must fold it as a constant: dynamo lists it in torch 2.13 and in releases before
+# torch.accelerator (2.6); below 2.6, unchecked, the public per-device calls below are used instead.
+_any_enabled = (getattr(torch._C, "_is_any_autocast_enabled", None)
+                if TorchVersion(torch.__version__) >= (2, 6) else None)
 
 
 def _policy(op: str, input) -> Tuple[Optional[str], str]:
