@@ -174,6 +174,16 @@ def test_policy_table_matches_torch_on_cpu():
             assert fn(x.half()).dtype == expected_dtype[policy], f"{op}: torch's CPU policy is not {policy}"
 
 
+@pytest.mark.filterwarnings("ignore:torch.*autocast.*deprecated:DeprecationWarning")
+def test_per_device_fallback_agrees_with_the_device_generic_api():
+    """The calls used on torch builds without torch.is_autocast_enabled(device_type)."""
+    for enabled, dtype in ((False, torch.bfloat16), (True, torch.bfloat16), (True, torch.float16)):
+        with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+            assert _autocast.per_device_is_enabled("cpu") == torch.is_autocast_enabled("cpu") == enabled
+            assert _autocast.per_device_get_dtype("cpu") == torch.get_autocast_dtype("cpu") == dtype
+            assert _autocast.per_device_is_enabled("cuda") is False
+
+
 def test_no_cast_outside_autocast_or_on_other_devices():
     x, w = torch.randn(3, 4), torch.randn(2, 4)
     assert _autocast.cast_inputs("linear", x, w)[0] is x

@@ -247,11 +247,12 @@ def test_state_dict_layout_is_torchs():
 # ---------------------------------------------------------------------------------------------
 # Layouts, canaries and launch counts on the triton backend
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad-scale"])
 @pytest.mark.parametrize("kind,options", CASES, ids=[c[0] for c in CASES])
-def test_strided_params_and_grads_with_canaries(kind, options):
+def test_strided_params_and_grads_with_canaries(kind, options, scaled):
     """Params and grads inside NaN margins: dense ones (contiguous, or transposed like their param) go
     through the kernel's flat path, non-dense ones through staged copies. Results match torch and no
-    margin is written."""
+    margin is written. With a GradScaler's scale, every layout's grad is left unscaled in place."""
     dev = device_for("triton")
     shapes = [(17,), (5, 7), (6, 4), (32, 48)]  # the last: whole blocks only, over two chunks
     initial = [torch.randn(s, device=dev) for s in shapes]
@@ -262,15 +263,21 @@ def test_strided_params_and_grads_with_canaries(kind, options):
               torch.nn.Parameter(canaries[2].view.t()), torch.nn.Parameter(canaries[3].view)]
     assert params[2].stride() == (1, 6) and not params[1].is_contiguous()
     opt = (tkernels.optim.SGD if kind == "sgd" else tkernels.optim.AdamW)(params, **options)
+    scale = 8.0 if scaled else 1.0
+    if scaled:
+        opt.grad_scale, opt.found_inf = torch.tensor(scale, device=dev), torch.tensor(0.0, device=dev)
     with tkernels.use_backend("triton"):
         for grads in gradients:
-            grad_canaries = [Canary(grads[0], pad=0), Canary(grads[1]), Canary(grads[2].t(), pad=0),
-                             Canary(grads[3], pad=0)]
+            scaled_grads = [g * scale for g in grads]
+            grad_canaries = [Canary(scaled_grads[0], pad=0), Canary(scaled_grads[1]),
+                             Canary(scaled_grads[2].t(), pad=0), Canary(scaled_grads[3], pad=0)]
             params[0].grad, params[1].grad = grad_canaries[0].view, grad_canaries[1].view
             params[2].grad, params[3].grad = grad_canaries[2].view.t(), grad_canaries[3].view
             opt.step()
             for c in grad_canaries:
                 c.assert_untouched_outside()
+            for i, (p, g) in enumerate(zip(params, grads)):
+                assert torch.equal(p.grad, g), f"grad {i} is not left unscaled"
     twins = _params(initial)
     _train((torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(twins, **options), twins, gradients)
     for i, (p, q) in enumerate(zip(params, twins)):

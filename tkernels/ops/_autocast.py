@@ -55,16 +55,21 @@ def _device_generic_api() -> bool:
         return False
 
 
-if _device_generic_api():
-    is_enabled = torch.is_autocast_enabled
-    get_dtype = torch.get_autocast_dtype
-else:  # torch builds without the device-generic autocast API: the per-device functions
-    def is_enabled(device_type: str) -> bool:
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else (
-            device_type == "cuda" and torch.is_autocast_enabled())
+def per_device_is_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type) for torch builds without the device-generic API."""
+    return torch.is_autocast_cpu_enabled() if device_type == "cpu" else (
+        device_type == "cuda" and torch.is_autocast_enabled())
 
-    def get_dtype(device_type: str) -> torch.dtype:
-        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+def per_device_get_dtype(device_type: str) -> torch.dtype:
+    """torch.get_autocast_dtype(device_type) for torch builds without the device-generic API."""
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+if _device_generic_api():
+    is_enabled, get_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+else:
+    is_enabled, get_dtype = per_device_is_enabled, per_device_get_dtype
 
 
 # One C call that is False outside every autocast region: the common case pays ~1 us, not ~3 us.
