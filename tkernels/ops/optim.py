@@ -11,8 +11,11 @@ one launch with no padding and no concatenation; the table costs 16 bytes per ch
 tensor. It depends only on the tensors (addresses, sizes, SGD's first-step flags), never on a
 hyperparameter, so it is built once per set of tensors, copied to the device once (pinned,
 asynchronous) and kept: a steady-state step builds no host tensor and never waits for the device.
-A new param, new state or a moved tensor gives a new set and one new table. Addresses in a table
-work the same under Triton's interpreter, where pointers are host addresses of CPU tensors.
+A new param, new state or a moved tensor gives a new set and one new table (TABLE_CACHE_SIZE sets
+are kept). Gradients are in the set too: backward accumulating into kept .grad tensors, or CUDA's
+caching allocator in a steady loop, gives the same addresses; new gradient storage costs one table
+(an upload, never a sync). Under CUDA-graph capture, warm up first so that no table is built then.
+Addresses in a table work the same under Triton's interpreter (host addresses of CPU tensors).
 
 torch.amp.GradScaler: like torch's fused optimizers, a step may take ``grad_scale`` and
 ``found_inf`` (one-element device tensors). The kernels divide each gradient by grad_scale and
