@@ -12,9 +12,10 @@ pre-activation z; see :mod:`tkernels.activations`).
       dx[n, ci, ih, iw] = sum_{co, kh, kw} dz[n, co, oh, ow] * W[co, ci, kh, kw],
       oh = (ih + pt - kh*dh) / sh  when that divides exactly and 0 <= oh < OH (same for ow).
   Input pixels are split into the sh*sw stride phases (ih mod sh, iw mod sw). Inside one phase,
-  whether kernel row kh reaches an output row is the same for the whole tile, so the taps that
-  cannot contribute are skipped as a scalar branch and ``oh = i + (rh + pt - kh*dh) / sh`` needs
-  no per-element division. No dilated copy of dz is built.
+  whether kernel row kh reaches an output row is the same for the whole tile: the taps that do
+  form an arithmetic progression (``_phase_taps``), so one flattened loop walks (valid tap,
+  channel block) pairs with loads pipelined across taps, and ``oh = i + (rh + pt - kh*dh) / sh``
+  needs no per-element division. No dilated copy of dz is built.
 * **Weight gradient**, an implicit GEMM reducing over the N*OH*OW output pixels p:
       dW[co, (kh, kw, ci)] = sum_p dz[p, co] * x[n, ci, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw].
 Long reductions (weight and bias gradients) are split over SPLIT programs when the output has
@@ -22,7 +23,8 @@ too few tiles to fill the GPU; they write fp32 partials and a second kernel sums
 order (deterministic, no float atomics).
 
 As in the forward, ``FAST`` variants take channels_last tensors with 8-aligned channel runs and
-move them as vectors (the weight is re-laid tap-major for the input gradient; the weight
+move them as vectors (NCHW tensors with such channel counts are copied to channels_last first:
+``channels_last_pays``) (the weight is re-laid tap-major for the input gradient; the weight
 gradient is written tap-major and re-laid into dW). 1x1 stride-1 unpadded convs whose pixels
 form a 2-D (pixels, channels) view are GEMMs and reuse the matmul kernel with act' fused into
 its loads, as Linear does (dx = dz @ W, dW = dz^T @ X with db as its row sums).
