@@ -227,8 +227,12 @@ _FWD_SIG = {"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "y
 # the heaviest epilogue (gelu_tanh + pre-activation store) on the nested path, and the flat-K path
 # (FAST never runs with flat K: it needs C_in/groups >= 16)
 _HEAVY = dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, FLAT_K=False)
+# the generic path's tap-major weight as launched for 8-aligned C_out (64 here; the JIT marks
+# its strides 16-divisible): unit C_out stride
+_TAP_MAJOR = dict(swo=1, swi=64, swh=64 * 3 * 3, sww=64 * 3, C_out_g=64)
 register_family("conv2d_fwd", conv2d_fwd_kernel, _FWD_SIG,
-                [_HEAVY, dict(HAS_BIAS=True, ACT=1, STORE_PREACT=False, FLAT_K=True)], fast_variants=[_HEAVY])
+                [dict(_HEAVY, **_TAP_MAJOR), dict(HAS_BIAS=True, ACT=1, STORE_PREACT=False, FLAT_K=True, **_TAP_MAJOR)],
+                fast_variants=[_HEAVY])
 register_kernel(KernelSpec(
     name="conv2d_depthwise_fwd",
     kernel=conv2d_depthwise_fwd_kernel,
@@ -296,11 +300,11 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
             z.copy_(z_cl)
         return
     fast = c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(x, y)
-    if fast:  # tap-major weight (KH, KW, C_in_g, C_out): each tap's C_out row is one contiguous vector run
-        w_t = weight.permute(2, 3, 1, 0).contiguous()
-        w_strides = (w_t.stride(3), w_t.stride(2), w_t.stride(0), w_t.stride(1))
-    else:
-        w_t, w_strides = weight, weight.stride()
+    # tap-major weight (KH, KW, C_in_g, C_out), a small copy: each (tap, ci) row of C_out is one
+    # contiguous run, so B tiles load as vectors through cp.async (whenever C_out is 8-aligned) on
+    # every path, the generic one (e.g. an RGB stem, whose input is gathered) included
+    w_t = weight.permute(2, 3, 1, 0).contiguous()
+    w_strides = (w_t.stride(3), w_t.stride(2), w_t.stride(0), w_t.stride(1))
     precision = tl_input_precision(x.dtype)
     kernel, meta = TUNED_FWD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), groups)  # noqa: E731

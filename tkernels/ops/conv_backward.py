@@ -415,9 +415,17 @@ _DGRAD_SIG = {"dz_ptr": "*{dtype}", "w_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
 _WGRAD_SIG = {"dz_ptr": "*{dtype}", "x_ptr": "*{dtype}", "out_ptr": "*fp32",
               **_GEOMETRY_SIG, "C_in_g": _I32, "C_out_g": _I32, "P": _I32, "J": _I32,
               **_strides("d", "x"), "soo": _I32, "soi": _I32, "soh": _I32, "sow": _I32, "stride_split": _I32}
-register_family("conv2d_dgrad", conv2d_dgrad_kernel, _DGRAD_SIG, [{}])
+# the generic input gradient as launched with a channels_last dz (8-aligned C_out, 64 here) and the
+# tap-major weight of a 3x3 conv with 12 input channels per group
+register_family("conv2d_dgrad", conv2d_dgrad_kernel, _DGRAD_SIG,
+                [dict(sdc=1, sdn=64 * 56 * 56, sdh=64 * 56, sdw=64, C_out_g=64, swi=1, swo=12, swh=3 * 64 * 12,
+                      sww=64 * 12)],
+                fast_variants=[{}])
 # out_ptr is the fp32 partials buffer (split) or dW itself; only the store's cast differs
-register_family("conv2d_wgrad", conv2d_wgrad_kernel, _WGRAD_SIG, [dict(SPLIT=4)])
+# the generic weight gradient as launched with a channels_last dz (8-aligned C_out, 64 here)
+register_family("conv2d_wgrad", conv2d_wgrad_kernel, _WGRAD_SIG,
+                [dict(SPLIT=4, sdc=1, sdn=64 * 56 * 56, sdh=64 * 56, sdw=64, C_out_g=64)],
+                fast_variants=[dict(SPLIT=4)])
 register_kernel(KernelSpec(
     name="conv2d_depthwise_dgrad",
     kernel=conv2d_depthwise_dgrad_kernel,
@@ -487,6 +495,8 @@ def _weight_grad(dz: Tensor, x: Tensor, dw: Tensor, geometry, groups: int) -> No
     c_out_g = c_out // groups
     p = n * oh * ow
     fast = c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(dz, x)
+    if not fast and c_out_g % 8 == 0 and dz.stride(1) != 1:
+        dz = as_channels_last(dz)  # (e.g. an RGB stem) unit-stride C_out runs: dz tiles move through cp.async
     # FAST: one tap per grid column, dW written tap-major (KH, KW, C_out, C_in_g) then re-laid out
     j, taps = (c_in_g, kh * kw) if fast else (c_in_g * kh * kw, 1)
     result_shape = (kh, kw, c_out, c_in_g) if fast else tuple(dw.shape)
@@ -526,11 +536,11 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
         return
     c_out_g = c_out // groups
     fast = c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(dz, dx)
-    if fast:  # tap-major weight (KH, KW, C_out, C_in_g): each (tap, co) row of C_in_g is one vector run
-        w_t = weight.permute(2, 3, 0, 1).contiguous()
-        w_strides = (w_t.stride(2), w_t.stride(3), w_t.stride(0), w_t.stride(1))
-    else:
-        w_t, w_strides = weight, weight.stride()
+    if not fast and c_out_g % 8 == 0 and dz.stride(1) != 1:
+        dz = as_channels_last(dz)  # unit-stride C_out runs: the dz tiles move through cp.async
+    # tap-major weight (KH, KW, C_out, C_in_g), a small copy: each (tap, co) row of C_in_g is one run
+    w_t = weight.permute(2, 3, 0, 1).contiguous()
+    w_strides = (w_t.stride(2), w_t.stride(3), w_t.stride(0), w_t.stride(1))
     hq, wq = cdiv(h, sh), cdiv(w, sw)
     m = n * hq * wq
     precision = tl_input_precision(dx.dtype)
