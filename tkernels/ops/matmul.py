@@ -117,41 +117,31 @@ def sum_partials_kernel(part_ptr, out_ptr, L, SPLIT, stride_out, BLOCK: tl.const
     tl.store(out_ptr + offs * stride_out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _configs(block_k: int):
+def _configs(block_k: int, small_block_k: int):
     # Accumulator registers per thread = BLOCK_M*BLOCK_N / (32*num_warps); the fused epilogue
     # (bias, stored pre-activation, gelu) needs headroom on top, so no tile holds more than
-    # 64 fp32 accumulators per thread (larger tiles spilled in `tkernels inspect`).
+    # 64 fp32 accumulators per thread (larger tiles spilled in `tkernels inspect`). block_k is the
+    # K step of the three largest tiles, small_block_k that of the 64x64 and 16x64 ones.
     return [
         config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3),
         config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3),
         config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=small_block_k, GROUP_M=8, num_warps=4, num_stages=3),
         config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=5),
-        config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=2, num_stages=4),
-    ]
-
-
-def _exact_fp32_configs(big_block_k: int):
-    # Exact fp32 dots run on the FMA units with both operand tiles in registers: BLOCK_K 64
-    # spilled 264-2,616 B per thread (gated backward), so tiles step K by 32, and the three largest
-    # by 16 on sm_80 (at 32 its gated backward still spilled 56-208 B).
-    return [
-        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=big_block_k, GROUP_M=8, num_warps=8, num_stages=3),
-        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=big_block_k, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=big_block_k, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=5),
-        config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=4),
+        config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=small_block_k, GROUP_M=8, num_warps=2, num_stages=4),
     ]
 
 
 # Config families by operand class (see operand_class): fp16/bf16 tiles step K by 64 on sm_90;
 # tf32 operands are twice as wide, so 128x128x64 x 3 stages would need 246,784 B of shared
-# memory, more than sm_90's 232,448 B: tf32 keeps BLOCK_K 32 on every arch.
+# memory, more than sm_90's 232,448 B: tf32 keeps BLOCK_K 32 on every arch. Exact fp32 dots run on
+# the FMA units with both operand tiles in registers: BLOCK_K 64 spilled 264-2,616 B per thread
+# (gated backward), so every tile steps K by 32, and the three largest by 16 on sm_80 (at 32 its
+# gated backward still spilled 56-208 B).
 MATMUL_CONFIGS = {
-    "half": {"sm_80": _configs(32), "sm_90": _configs(64)},
-    "tf32": {"sm_80": _configs(32), "sm_90": _configs(32)},
-    "ieee": {"sm_80": _exact_fp32_configs(16), "sm_90": _exact_fp32_configs(32)},
+    "half": {"sm_80": _configs(32, 64), "sm_90": _configs(64, 64)},
+    "tf32": {"sm_80": _configs(32, 64), "sm_90": _configs(32, 64)},
+    "ieee": {"sm_80": _configs(16, 32), "sm_90": _configs(32, 32)},
 }
 # Under the interpreter, bigger tiles mean fewer NumPy-driven programs; 32 keeps odd shapes masked.
 TUNED_MATMUL = {family: Tuned(matmul_kernel, configs,
