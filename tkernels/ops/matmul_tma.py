@@ -13,7 +13,7 @@
 * **Persistent.** The grid is one program per multiprocessor; each walks output tiles
   ``pid, pid + P, ...`` in GROUP_M bands (L2 reuse), so no launch per tile and the next tile's
   loads overlap the previous tile's epilogue.
-* **Warp-specialised.** With ``WARP_SPECIALIZE`` the persistent tile loop is split by the compiler
+* **Warp-specialised** (triton >= 3.9, see WARP_SPECIALIZATION). With ``WARP_SPECIALIZE`` the persistent tile loop is split by the compiler
   into a producer warp group issuing TMA loads and two consumer warp groups issuing wgmma (HGMMA),
   so loads for the next K step (and the next tile) run while the tensor cores work.
 * **Epilogue on sub-tiles.** The fp32 accumulator is split into EPILOGUE_SPLIT column slices;
@@ -157,11 +157,26 @@ def _tile(m: int, n: int, warps: int, stages: int, split: int = 2, ws: bool = Tr
 # consumer group = 128 registers a thread. The gated backward also holds A and G tiles in registers
 # for the act' prologue, so its largest tile is 128x128. Configs without warp specialisation
 # (8 warps, 2 consumer groups, software-pipelined) cover small or skinny problems.
-TMA_CONFIGS = {
-    "plain": {"sm_90": [_tile(128, 256, 4, 3), _tile(128, 128, 4, 4), _tile(128, 128, 8, 4, ws=False),
-                        _tile(64, 128, 4, 4, ws=False)]},
-    "gated": {"sm_90": [_tile(128, 128, 4, 2), _tile(128, 128, 8, 3, ws=False), _tile(64, 128, 4, 4, ws=False)]},
-}
+def _triton_version() -> tuple:
+    return tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+
+
+# Hopper warp specialisation compiled here with triton 3.9; triton 3.6 (the GPU image's) fails in
+# its NVGPUWarpSpecialization pass on these kernels, an error autotune would not skip. So older
+# tritons get the same tiles software-pipelined instead (8 warps, two consumer warp groups).
+WARP_SPECIALIZATION = _triton_version() >= (3, 9)
+if WARP_SPECIALIZATION:
+    TMA_CONFIGS = {
+        "plain": {"sm_90": [_tile(128, 256, 4, 3), _tile(128, 128, 4, 4), _tile(128, 128, 8, 4, ws=False),
+                            _tile(64, 128, 4, 4, ws=False)]},
+        "gated": {"sm_90": [_tile(128, 128, 4, 2), _tile(128, 128, 8, 3, ws=False), _tile(64, 128, 4, 4, ws=False)]},
+    }
+else:
+    TMA_CONFIGS = {
+        "plain": {"sm_90": [_tile(128, 256, 8, 3, ws=False), _tile(128, 128, 8, 4, ws=False),
+                            _tile(64, 128, 4, 4, ws=False)]},
+        "gated": {"sm_90": [_tile(128, 128, 8, 3, ws=False), _tile(64, 128, 4, 4, ws=False)]},
+    }
 TUNED_TMA = {family: Tuned(matmul_tma_kernel, configs,
                            interpreter=config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, EPILOGUE_SPLIT=2,
                                               WARP_SPECIALIZE=False),
