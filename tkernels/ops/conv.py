@@ -326,7 +326,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, param, sav
 
 
 @torch.library.custom_op("tkernels::conv2d_backward", mutates_args=())
-def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Tensor,
+def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Optional[Tensor],
                     stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str,
                     param: float, need_input: bool, need_weight: bool, need_bias: bool,
                     channels_last: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -369,10 +369,12 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
                 activation: str, param: float, channels_last: bool):
-        save_preact = not resolve_activation(Activation(activation, param)).grad_from_output
+        act = resolve_activation(Activation(activation, param))
+        save_preact = not act.grad_from_output
         y, z = torch.ops.tkernels.conv2d(x, weight, bias, stride, padding, dilation, groups, activation, param,
                                          save_preact, channels_last)
-        ctx.save_for_backward(x, weight, bias, z if save_preact else y)
+        # as for linear: no output kept for identity, so `out += identity` on y stays legal
+        ctx.save_for_backward(x, weight, bias, z if save_preact else (None if act.is_identity else y))
         ctx.geometry = (stride, padding, dilation, groups)
         ctx.activation, ctx.param, ctx.channels_last = activation, param, channels_last
         ctx.has_bias = bias is not None
