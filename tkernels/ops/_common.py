@@ -2,8 +2,10 @@
 input checks and the bridge to the NumPy reference backend."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -177,6 +179,55 @@ def tl_input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# Device guard: a Triton launch runs on the *current* CUDA device, so every op's CUDA kernel runs
+# under a guard for its tensors' device (a tensor on cuda:1 while cuda:0 is current would otherwise
+# be read through the wrong context: wrong results or an illegal address). The guard is entered
+# only when the device differs from the current one, so the common case costs one comparison.
+# ---------------------------------------------------------------------------------------------
+def _first_tensor_device(args) -> Optional[torch.device]:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return arg[0].device
+    return None
+
+
+def on_tensor_device(fn: Callable) -> Callable:
+    """``fn`` run with the device of its first tensor argument current, when that is a CUDA device
+    other than the current one. (Tensors on different devices are refused before this, with the
+    argument names, by each op's checks; see :func:`check_same`.)"""
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        device = _first_tensor_device(args)
+        if device is not None and device.type == "cuda" and device.index is not None \
+                and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device.index):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    guarded.device_guarded = True
+    return guarded
+
+
+# op name -> the guarded implementation registered for CUDA
+GUARDED_OPS: Dict[str, Callable] = {}
+
+
+def guard_custom_ops(module: ModuleType) -> None:
+    """Register, for CUDA, each ``tkernels::`` custom op of ``module`` as its own implementation run
+    under :func:`on_tensor_device`; CPU calls (NumPy reference, interpreter) do not pass through it."""
+    from torch._library.custom_ops import CustomOpDef
+
+    for value in vars(module).values():
+        name = f"tkernels::{getattr(value, '_name', '')}"
+        if isinstance(value, CustomOpDef) and value._namespace == "tkernels" and name not in GUARDED_OPS:
+            GUARDED_OPS[name] = on_tensor_device(value._init_fn)
+            value.register_kernel("cuda")(GUARDED_OPS[name])
 
 
 # ---------------------------------------------------------------------------------------------
