@@ -174,11 +174,33 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + ((pid % width) % group_rows), (pid % width) // group_rows
 
 
-def tl_input_precision(dtype: torch.dtype) -> str:
-    """fp32 matmuls follow torch's switch: exact ('ieee') unless TF32 is allowed."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _tf32_allowed(holders, legacy_flag: Callable[[], bool]) -> bool:
+    """Whether torch allows TF32 for an op family. torch >= 2.9 has ``fp32_precision`` at each level
+    (op, backend, generic): the first that is not "none" decides; reading the legacy ``allow_tf32``
+    there raises once a program mixed the two APIs. Older torch has only the legacy flag."""
+    for holder in holders:
+        precision = getattr(holder, "fp32_precision", None)
+        if precision is None:
+            return legacy_flag()
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def tl_input_precision(dtype: torch.dtype, op: str = "matmul") -> str:
+    """``tl.dot``'s input_precision for an fp32 op, the one torch would use: matmuls (linear) follow
+    ``torch.backends.cuda.matmul`` / ``torch.set_float32_matmul_precision`` (default: exact, 'ieee');
+    convolutions follow cuDNN's flag ``torch.backends.cudnn.allow_tf32`` (default: 'tf32'). Half
+    precisions always take 'ieee' (their products are exact in the fp32 accumulator)."""
+    if dtype != torch.float32:
+        return "ieee"
+    backends = torch.backends
+    if op == "conv":
+        allowed = _tf32_allowed((getattr(backends.cudnn, "conv", None), backends.cudnn, backends),
+                                lambda: backends.cudnn.allow_tf32)
+    else:
+        allowed = _tf32_allowed((backends.cuda.matmul, backends), lambda: backends.cuda.matmul.allow_tf32)
+    return "tf32" if allowed else "ieee"
 
 
 # ---------------------------------------------------------------------------------------------

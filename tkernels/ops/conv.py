@@ -265,7 +265,7 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
         z2d = rows_view(z) if z is not None else None
         if x2d is not None and y2d is not None and (z is None or z2d is not None):
             matmul(x2d, weight[:, :, 0, 0].t(), y2d, bias=bias, activation_code=act.code,
-                   activation_param=act.param, preact_out=z2d)
+                   activation_param=act.param, preact_out=z2d, precision_of="conv")
             return
     dummy = y
     z_t = z if z is not None else dummy
@@ -290,7 +290,7 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), groups)  # noqa: E731
     kernel[grid](x, w_t, bias_t, y, z_t, h, w, c_in_g, c_out_g, oh, ow, kh, kw, m, *geometry,
                  *x.stride(), *w_strides, *y.stride(), float(act.param),
-                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype), **meta)
+                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype, "conv"), **meta)
 
 
 # ---------------------------------------------------------------------------------------------
