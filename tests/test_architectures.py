@@ -97,20 +97,6 @@ class Fire(nn.Module):
                           self.expand3x3_activation(self.expand3x3(x))], 1)
 
 
-class InvertedResidual(nn.Module):
-    """MobileNetV2: expand 1x1, depthwise 3x3, linear projection, residual; ReLU6 has no tkernels twin."""
-
-    def __init__(self, c=8, expand_ratio=2):
-        super().__init__()
-        hidden = c * expand_ratio
-        self.conv = nn.Sequential(conv_bn_act(c, hidden, 1, act=nn.ReLU6),
-                                  conv_bn_act(hidden, hidden, 3, groups=hidden, act=nn.ReLU6),
-                                  nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c))
-
-    def forward(self, x):
-        return x + self.conv(x)
-
-
 class SqueezeExcitation(nn.Module):
     """torchvision.ops.SqueezeExcitation as EfficientNet builds it (SiLU, then Sigmoid scale)."""
 
@@ -127,21 +113,26 @@ class SqueezeExcitation(nn.Module):
         return scale * x
 
 
-class MBConv(nn.Module):
-    """EfficientNet MBConv: expand (SiLU), depthwise (SiLU), squeeze-excitation, project, residual."""
+class InvertedResidual(nn.Module):
+    """MobileNetV2's inverted residual (ReLU6, which has no tkernels twin; `x + f(x)`) and EfficientNet's
+    MBConv (SiLU, squeeze-excitation, in-place `result += x`): expand 1x1, depthwise 3x3, [SE,]
+    linear 1x1 projection, residual."""
 
-    def __init__(self, c=8, expand_ratio=2):
+    def __init__(self, c=8, expand_ratio=2, act=nn.ReLU6, squeeze_excitation=False):
         super().__init__()
         hidden = c * expand_ratio
-        self.block = nn.Sequential(conv_bn_act(c, hidden, 1, act=nn.SiLU),
-                                   conv_bn_act(hidden, hidden, 3, groups=hidden, act=nn.SiLU),
-                                   SqueezeExcitation(hidden, max(1, c // 4)),
-                                   conv_bn_act(hidden, c, 1, act=None))
+        layers = [conv_bn_act(c, hidden, 1, act=act), conv_bn_act(hidden, hidden, 3, groups=hidden, act=act)]
+        if squeeze_excitation:
+            layers.append(SqueezeExcitation(hidden, max(1, c // 4)))
+        self.block = nn.Sequential(*layers, conv_bn_act(hidden, c, 1, act=None))
+        self.inplace_add = squeeze_excitation
 
     def forward(self, x):
         result = self.block(x)
-        result += x
-        return result
+        if self.inplace_add:
+            result += x
+            return result
+        return x + result
 
 
 class DenseLayer(nn.Module):
@@ -247,7 +238,7 @@ FAMILIES = {
     "resnext_grouped_bottleneck": (lambda: Bottleneck(16, 16, 16, stride=1, groups=4), 16, set(), 0),
     "squeezenet_fire": (Fire, 8, set(), 0),
     "mobilenet_v2_inverted_residual": (InvertedResidual, 8, {"torch.nn.ReLU6"}, 0),
-    "efficientnet_mbconv_se": (MBConv, 8, set(), 2),
+    "efficientnet_mbconv_se": (lambda: InvertedResidual(act=nn.SiLU, squeeze_excitation=True), 8, set(), 2),
     "densenet_dense_layers": (DenseBlockAndTransition, 8, set(), 1),
     "shufflenet_v2_units": (ShuffleUnits, 8, {"test_architectures.ChannelShuffle"}, 4),
     "inception": (Inception, 8, set(), 0),
