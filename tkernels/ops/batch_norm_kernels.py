@@ -90,11 +90,11 @@ def _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c, mask_c, C, 
 
 @triton.jit
 def _mean_update(mean, value, weight):
-    """mean + (value - mean) * weight (a Welford / Chan step), or mean + value once either is NaN or
-    Inf: a running mean would turn inf into inf - inf = NaN, where torch's plain sum keeps inf
-    (and gives NaN for inf + -inf or a NaN), so the statistics follow torch's."""
-    finite = (tl.abs(mean) < float("inf")) & (tl.abs(value) < float("inf"))
-    return tl.where(finite, mean + (value - mean) * weight, mean + value)
+    """A Welford / Chan mean step written as mean (1 - w) + value w rather than mean + (value - mean) w:
+    the same for finite values, and once an Inf is in, inf - inf = NaN is never formed, so the mean
+    stays +-Inf as torch's plain sum does (and becomes NaN for inf + -inf or a NaN). (w = 1 only for
+    a first value, where mean is still 0.) No extra select per element."""
+    return mean * (1.0 - weight) + value * weight
 
 
 @triton.jit
