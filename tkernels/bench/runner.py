@@ -151,17 +151,22 @@ class Run:
                         side_by_side.append((row, provider, fns[0]))
             except Exception as exc:  # one failing provider must not end the sweep
                 self._record_error(row, exc)
-        while side_by_side:
-            try:
-                timings = time_cpu_interleaved([fn for _, _, fn in side_by_side], self.cfg.warmup_ms,
-                                               self.cfg.rep_ms, [partial(_backend, p) for _, p, _ in side_by_side])
-            except CallFailed as failure:  # time the others again without it
-                self._record_error(side_by_side.pop(failure.index)[0], failure.__cause__)
-                continue
-            for (row, _, _), timing in zip(side_by_side, timings):
-                self._record(row, dtype, timing, 1)
-            break
+        self._time_side_by_side(side_by_side, dtype)
         return [_ordered(row, report.ROW_FIELDS) for row in rows]
+
+    def _time_side_by_side(self, entries: List[tuple], dtype) -> None:
+        """CPU: time the (row, provider, step) entries together. One that fails mid-way gets its
+        error, and the others are timed again without it."""
+        while entries:
+            try:
+                timings = time_cpu_interleaved([step for _, _, step in entries], self.cfg.warmup_ms,
+                                               self.cfg.rep_ms, [partial(_backend, p) for _, p, _ in entries])
+            except CallFailed as failure:
+                self._record_error(entries.pop(failure.index)[0], failure.__cause__)
+                continue
+            for (row, _, _), timing in zip(entries, timings):
+                self._record(row, dtype, timing, 1)
+            return
 
     def _record(self, row: dict, dtype, timing, n_sets: int) -> None:
         flops, nbytes, seconds = row["flops"], row["bytes"], timing.ms * 1e-3
