@@ -100,6 +100,21 @@ def test_every_tkernels_op_defers_dynamo_and_hands_over_once_it_is_loaded():
     assert cached and not any("_until_dynamo_is_imported" in fn.__qualname__ for fn in cached)
 
 
+def test_kernels_load_in_the_mode_read_at_import():
+    """TRITON_INTERPRET is read at `import tkernels`; the kernels, defined later on first use, follow
+    that value even if the variable changed in between (and the variable is left as the user set it)."""
+    code = """
+import json, os
+import tkernels
+os.environ["TRITON_INTERPRET"] = "1"
+from tkernels.ops import _common
+kinds = sorted({type(spec.kernel).__name__ for spec in _common.KERNEL_SPECS.values()})
+print(json.dumps({"interpret": tkernels.INTERPRET, "kinds": kinds, "env": os.environ["TRITON_INTERPRET"]}))
+"""
+    result = fresh_python(code, TRITON_INTERPRET="0")
+    assert result == {"interpret": False, "kinds": ["JITFunction"], "env": "1"}
+
+
 def test_lazy_package_attributes():
     assert {"nn", "functional", "optim", "models", "use_backend", "INTERPRET"} <= set(dir(tkernels))
     assert tkernels.nn.Linear.__module__ == "tkernels.nn.linear"

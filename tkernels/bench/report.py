@@ -106,7 +106,7 @@ def header_lines(meta: Dict[str, object], peaks: Dict[str, Optional[float]]) -> 
     lines = [cpu_banner(meta)] if meta.get("cpu_figure") else []
     lines.append(f"tkernels bench on {meta['device']} ({meta['device_kind'].upper()}) | torch {meta['torch']} | "
                  f"triton {meta['triton']} | tkernels {meta['tkernels']} | commit {meta['git_commit']} | "
-                 f"threads: torch {meta.get('torch_threads', '?')}, BLAS {meta.get('blas_threads') or '?'}")
+                 f"threads: torch {meta.get('torch_threads') or '?'}, BLAS {meta.get('blas_threads') or '?'}")
     measured = []
     for key, value in peaks.items():
         if value and key == "peak_copy_gbps":

@@ -2,7 +2,7 @@
 
 On the CPU the providers of one case are timed side by side (:func:`time_cpu_interleaved`): rounds in
 which each is called once, so that a change in the machine's load falls on all of them alike and
-their ratios repeat from run to run even where their absolute times do not.
+their ratios move much less from run to run than their absolute times.
 
 The timed callable rotates among several input sets whose total size exceeds the L2 cache,
 so a kernel cannot look fast by finding its inputs in L2 from the previous call (do_bench
@@ -126,5 +126,6 @@ def time_cpu_interleaved(calls: Sequence[Callable[[], object]], warmup_ms: float
     deadline = time.perf_counter() + budget_ms / 1e3
     while len(samples) < needed or time.perf_counter() < deadline:
         samples.append(one_round(next(rounds)))
-    q = torch.quantile(torch.tensor(samples, dtype=torch.float64), torch.tensor(QUANTILES, dtype=torch.float64), dim=0)
+    quantiles = torch.tensor(QUANTILES, dtype=torch.float64)
+    q = torch.quantile(torch.tensor(samples, dtype=torch.float64), quantiles, dim=0)  # quantile x callable
     return [Timing(*(float(v) for v in q[:, i])) for i in order]
