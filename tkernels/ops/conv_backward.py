@@ -508,7 +508,7 @@ def _weight_grad(dz: Tensor, x: Tensor, dw: Tensor, geometry, groups: int) -> No
     # (co, ci, kh, kw) strides of the layout the kernel writes
     st = target.stride()[1:] if split > 1 else target.stride()
     strides = (st[2], st[3], st[0], st[1]) if fast else st
-    precision = tl_input_precision(x.dtype)
+    precision = tl_input_precision(x.dtype, "conv")
     kernel, meta = TUNED_WGRAD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(c_out_g, cfg["BLOCK_M"]) * cdiv(j, cfg["BLOCK_N"]), groups * taps, split)  # noqa: E731
     kernel[grid](dz, x, target, h, w, c_in_g, c_out_g, oh, ow, kh, kw, p, j, *geometry,
@@ -543,7 +543,7 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
     w_strides = (w_t.stride(2), w_t.stride(3), w_t.stride(0), w_t.stride(1))
     hq, wq = cdiv(h, sh), cdiv(w, sw)
     m = n * hq * wq
-    precision = tl_input_precision(dx.dtype)
+    precision = tl_input_precision(dx.dtype, "conv")
     kernel, meta = TUNED_DGRAD[fast, operand_class(dx.dtype, precision)].launcher(dx.device)
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_in_g, cfg["BLOCK_N"]), groups * sh * sw)  # noqa: E731
     kernel[grid](dz, w_t, dx, h, w, c_in_g, c_out_g, oh, ow, kh, kw, hq, wq, m, *geometry,
@@ -605,10 +605,11 @@ def _pointwise_backward(dy: Tensor, gate: Optional[Tensor], x: Tensor, weight: T
     g2d = rows_view(gate) if gate is not None else None
     w2d = weight[:, :, 0, 0]
     if dx is not None:  # dX = dZ @ W
-        matmul(dy2d, w2d, rows_view(dx), gate=g2d, gate_activation_code=act.code, activation_param=act.param)
+        matmul(dy2d, w2d, rows_view(dx), gate=g2d, gate_activation_code=act.code, activation_param=act.param,
+               precision_of="conv")
     if dw is not None:  # dW = dZ^T @ X, db its row sums
         matmul(dy2d.t(), x2d, dw[:, :, 0, 0], gate=None if g2d is None else g2d.t(), gate_activation_code=act.code,
-               activation_param=act.param, rowsum_out=db)
+               activation_param=act.param, rowsum_out=db, precision_of="conv")
     elif db is not None:
         _grad_z(dy, gate, act, None, db)
     return True

@@ -203,10 +203,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
            preact_out: Optional[torch.Tensor] = None,
            gate: Optional[torch.Tensor] = None, gate_activation_code: int = 0,
            rowsum_out: Optional[torch.Tensor] = None,
-           split_k: Optional[int] = None) -> torch.Tensor:
+           split_k: Optional[int] = None, precision_of: str = "matmul") -> torch.Tensor:
     """Launch C = act(gate(A) @ B + bias) into ``out``. A, B, C and gate may have any strides.
 
-    a: (M, K), b: (K, N), out: (M, N), gate: like a, rowsum_out: (M,).
+    a: (M, K), b: (K, N), out: (M, N), gate: like a, rowsum_out: (M,). ``precision_of``: whose
+    torch precision flag an fp32 product follows ("matmul", or "conv" for a 1x1 convolution).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -236,7 +237,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     gate_t = gate if gate is not None else a
     preact_t = preact_out if preact_out is not None else dummy
 
-    precision = tl_input_precision(a.dtype)
+    precision = tl_input_precision(a.dtype, precision_of)
     kernel, meta = TUNED_MATMUL[operand_class(a.dtype, precision)].launcher(a.device)
     grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
     kernel[grid](
