@@ -14,6 +14,7 @@ import tkernels.functional as F
 from tkernels.activations import Activation, resolve_activation
 from tkernels.ops import matmul as matmul_ops
 from tkernels.ops import matmul_tma
+from tkernels.ops._common import Tuned
 from tkernels.reference import activations as np_act
 from helpers import DEVICE, assert_close, to_numpy64
 
@@ -52,13 +53,16 @@ def tma_launches(monkeypatch):
     """Force the TMA path on CPU tensors and log which matmul kernel each launch takes."""
     monkeypatch.setattr(matmul_tma, "FORCE_TMA", True)
     log = []
-    for family, tuned in matmul_tma.TUNED_TMA.items():
-        original = tuned.launcher
-        monkeypatch.setattr(tuned, "launcher", lambda device, _o=original, _f=family: (log.append("tma_" + _f),
-                                                                                      _o(device))[1])
-    for family, tuned in matmul_ops.TUNED_MATMUL.items():
-        original = tuned.launcher
-        monkeypatch.setattr(tuned, "launcher", lambda device, _o=original: (log.append("cp.async"), _o(device))[1])
+    names = {id(tuned): "tma_" + family for family, tuned in matmul_tma.TUNED_TMA.items()}
+    names.update({id(tuned): "cp.async" for tuned in matmul_ops.TUNED_MATMUL.values()})
+    original = Tuned.launcher
+
+    def launcher(self, device):  # patched on the class: undone cleanly, no instance attribute left
+        if id(self) in names:
+            log.append(names[id(self)])
+        return original(self, device)
+
+    monkeypatch.setattr(Tuned, "launcher", launcher)
     return log
 
 
