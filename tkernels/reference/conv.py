@@ -10,10 +10,11 @@ Backward reuses the columns: grad_weight = grad_z @ columns.T, and the input gra
 weight.T @ grad_z are folded back (col2im) with one strided add of a whole (C, N, OH, OW) block
 per kernel tap.
 
-The output positions (n, oh, ow) run in one of two orders, the one whose innermost run is longer:
-batch outermost (n, oh, ow) for wide feature maps, batch innermost (oh, ow, n) for small maps with a
-larger batch. NumPy's strided copies and adds cost per innermost run, so a 4-wide run over a batch of
-64 would make the unfold and the fold several times slower than they need to be.
+The output positions (n, oh, ow) run batch outermost (n, oh, ow), except for feature maps narrower
+than 8 columns with a larger batch, where they run batch innermost (oh, ow, n). NumPy's strided
+copies and adds cost per innermost run, so 4-wide runs over a batch of 64 make the unfold and the
+fold several times slower than 64-long ones; for wider maps the transposes in and out of the
+batch-innermost layout cost more than they save.
 
 Shapes: x (N, C_in, H, W), weight (C_out, C_in/groups, KH, KW), bias (C_out,),
 padding (top, bottom, left, right), stride (sh, sw), dilation (dh, dw).
@@ -23,6 +24,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .activations import activation_backward, activation_forward
+from ._errstate import silent
+
 
 
 def _padded(x, padding):
@@ -41,7 +44,7 @@ _N, _H, _W = 0, 2, 3  # axes of an (N, C, H, W) array
 
 def _position_order(n, ow):
     """The axes (of N, C, H, W) that output positions run over, slowest first."""
-    return (_H, _W, _N) if n > ow else (_N, _H, _W)
+    return (_H, _W, _N) if ow < 8 and n > ow else (_N, _H, _W)
 
 
 def _from_layout(a, order):
@@ -85,6 +88,7 @@ def _layout_shape(channels, n, h, w, order):
     return (channels,) + tuple({_N: n, _H: h, _W: w}[a] for a in order)
 
 
+@silent
 def conv2d_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
                    activation="identity", param=0.0):
     """Returns (y, z): the output act(z) and the pre-activation z, both (N, C_out, OH, OW)."""
@@ -113,6 +117,7 @@ def _fold(grad_columns, padded_shape, kernel, stride, dilation, out_size, order)
     return grad
 
 
+@silent
 def conv2d_backward(grad_y, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
                     activation="identity", param=0.0):
     """Returns (grad_x, grad_weight, grad_bias); z is recomputed from the inputs."""

@@ -11,6 +11,9 @@ for batched input (N, C, d1, ...) and 0 for a single sample (C,).
 """
 import numpy as np
 
+from ._errstate import silent
+
+
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -55,6 +58,7 @@ def _prepare(x, target, weight, ignore_index, label_smoothing):
     return axis, z, q, valid, w, denom, probabilities
 
 
+@silent
 def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Loss: a scalar for 'mean'/'sum', per-sample (target's batch shape) for 'none'."""
     _, z, q, valid, w, denom, _ = _prepare(x, target, weight, ignore_index, label_smoothing)
@@ -72,6 +76,7 @@ def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", l
         return np.asarray(np.float64(total) / np.float64(denom))
 
 
+@silent
 def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, reduction="mean",
                            label_smoothing=0.0):
     """(grad_input, grad_target); grad_target is None for class-index targets."""
@@ -105,6 +110,7 @@ def _sum_to_shape(a, shape):
     return np.sum(a, axis=axes, keepdims=True) if axes else a
 
 
+@silent
 def mse_loss(x, y, reduction="mean", weight=None):
     """(x - y)^2, times `weight` if given; 'mean' divides by the number of elements, or by sum(weight)."""
     d = np.asarray(x, np.float64) - np.asarray(y, np.float64)
@@ -120,6 +126,7 @@ def mse_loss(x, y, reduction="mean", weight=None):
         return np.asarray(np.sum(sq) / np.float64(divisor))
 
 
+@silent
 def mse_loss_backward(grad, x, y, reduction="mean", weight=None):
     """(grad_x, grad_y, grad_weight), each summed back to its own (pre-broadcast) shape;
     grad_weight is None without a weight."""

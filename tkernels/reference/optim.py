@@ -11,7 +11,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ._errstate import silent
 
+
+
+@silent
 def sgd_update(param: np.ndarray, grad: np.ndarray, momentum_buffer: Optional[np.ndarray], *, lr: float,
                momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                maximize: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -36,6 +40,7 @@ def sgd_update(param: np.ndarray, grad: np.ndarray, momentum_buffer: Optional[np
     return p - lr * update, buffer
 
 
+@silent
 def adamw_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
                  max_exp_avg_sq: Optional[np.ndarray], step: float, *, lr: float, beta1: float, beta2: float,
                  eps: float, weight_decay: float, amsgrad: bool, maximize: bool):

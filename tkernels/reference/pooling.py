@@ -19,6 +19,9 @@ Semantics follow torch's documentation and behaviour:
 """
 import numpy as np
 
+from ._errstate import silent
+
+
 
 def output_size(size, kernel, stride, padding, dilation=1, ceil_mode=False):
     """Number of pooling windows along one dimension."""
@@ -70,6 +73,7 @@ def _windows(x, kernel_size, stride, padding, dilation, ceil_mode, fill):
 # ---------------------------------------------------------------------------------------------
 # Max pooling
 # ---------------------------------------------------------------------------------------------
+@silent
 def max_pool2d_forward(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
     """x: (N, C, H, W) -> (y (N, C, OH, OW), indices (N, C, OH, OW) int64, flat h*W + w)."""
     x = np.asarray(x, np.float64)
@@ -105,6 +109,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), 
     return y.copy() if y is taps[0][0] else y, indices.astype(np.int64)
 
 
+@silent
 def max_pool2d_backward(grad_y, indices, input_shape, kernel_size=None, stride=None, padding=(0, 0),
                         dilation=(1, 1)):
     """Each output gradient goes to the input element its index names; overlaps add up.
@@ -155,6 +160,7 @@ def _avg_divisors(H, W, OH, OW, kernel_size, stride, padding, count_include_pad,
     return np.where(touches, divisor, 1.0), touches
 
 
+@silent
 def avg_pool2d_forward(x, kernel_size, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True,
                        divisor_override=None):
     x = np.asarray(x, np.float64)
@@ -168,6 +174,7 @@ def avg_pool2d_forward(x, kernel_size, stride, padding=(0, 0), ceil_mode=False, 
     return np.where(touches, total / divisor, 0.0)
 
 
+@silent
 def avg_pool2d_backward(grad_y, input_shape, kernel_size, stride, padding=(0, 0), ceil_mode=False,
                         count_include_pad=True, divisor_override=None):
     grad_y = np.asarray(grad_y, np.float64)
@@ -194,6 +201,7 @@ def adaptive_window(o, size, out):
     return (o * size) // out, -((-(o + 1) * size) // out)
 
 
+@silent
 def adaptive_avg_pool2d_forward(x, output_size):
     x = np.asarray(x, np.float64)
     N, C, H, W = x.shape
@@ -207,6 +215,7 @@ def adaptive_avg_pool2d_forward(x, output_size):
     return y
 
 
+@silent
 def adaptive_avg_pool2d_backward(grad_y, input_shape):
     grad_y = np.asarray(grad_y, np.float64)
     N, C, H, W = input_shape

@@ -5,6 +5,9 @@ Rows whose entries are all -inf give NaN, as in torch.
 """
 import numpy as np
 
+from ._errstate import silent
+
+
 
 def _shifted(x, axis):
     x = np.asarray(x, np.float64)
@@ -14,6 +17,7 @@ def _shifted(x, axis):
         return x - np.max(x, axis=axis, keepdims=True, initial=-np.inf)
 
 
+@silent
 def softmax(x, axis):
     z = _shifted(x, axis)
     e = np.exp(z)
@@ -23,6 +27,7 @@ def softmax(x, axis):
         return e / np.sum(e, axis=axis, keepdims=True)
 
 
+@silent
 def log_softmax(x, axis):
     z = _shifted(x, axis)
     if z.ndim == 0:
@@ -31,6 +36,7 @@ def log_softmax(x, axis):
         return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
 
 
+@silent
 def softmax_backward(grad_y, y, axis):
     """d/dx of sum(grad_y * softmax(x)), given y = softmax(x): y * (grad_y - <grad_y, y>)."""
     g, y = np.asarray(grad_y, np.float64), np.asarray(y, np.float64)
@@ -39,6 +45,7 @@ def softmax_backward(grad_y, y, axis):
     return y * (g - np.sum(g * y, axis=axis, keepdims=True))
 
 
+@silent
 def log_softmax_backward(grad_y, y, axis):
     """d/dx of sum(grad_y * log_softmax(x)), given y = log_softmax(x): grad_y - softmax * sum(grad_y)."""
     g, y = np.asarray(grad_y, np.float64), np.asarray(y, np.float64)
