@@ -119,8 +119,9 @@ def _fold(grad_columns, padded_shape, kernel, stride, dilation, out_size, order)
 
 @silent
 def conv2d_backward(grad_y, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
-                    activation="identity", param=0.0):
-    """Returns (grad_x, grad_weight, grad_bias); z is recomputed from the inputs."""
+                    activation="identity", param=0.0, need_input=True):
+    """Returns (grad_x, grad_weight, grad_bias); z is recomputed from the inputs. Without
+    need_input grad_x is None: a network's first layer skips a product and the fold."""
     x = np.asarray(x, np.float64)
     weight = np.asarray(weight, np.float64)
     c_out = weight.shape[0]
@@ -133,6 +134,8 @@ def conv2d_backward(grad_y, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 
     grad_z = grad_z.reshape(c_out, -1)
 
     grad_w = _by_group(lambda g, col: g @ col.T, grad_z, columns, groups).reshape(weight.shape)
+    if not need_input:
+        return None, grad_w, grad_z.sum(axis=1)
     grad_columns = _by_group(lambda w, g: w.T @ g, weight.reshape(c_out, -1), grad_z, groups)
     grad_xp = _from_layout(_fold(grad_columns, xp.shape, weight.shape[2:], stride, dilation, (oh, ow), order), order)
     top, _, left, _ = padding
