@@ -18,7 +18,6 @@ from .activations import ACTIVATIONS
 from ._errstate import silent
 
 
-
 def _per_channel(x):
     """(N, C, *S) -> (C, N * prod(S)): one row per channel."""
     x = np.asarray(x, np.float64)

@@ -7,7 +7,7 @@ there. Each group's convolution is then a single BLAS matrix product of the weig
 of both the rows and the result, so groups are row blocks and no product needs a transpose copy.
 
 Backward reuses the columns: grad_weight = grad_z @ columns.T, and the input gradient's columns
-weight.T @ grad_z are folded back (col2im) with one strided add of a whole (C, N, OH, OW) block
+weight.T @ grad_z are folded back (col2im) with one strided add of a whole (C, positions) block
 per kernel tap.
 
 The output positions (n, oh, ow) run batch outermost (n, oh, ow), except for feature maps narrower
@@ -25,7 +25,6 @@ from numpy.lib.stride_tricks import as_strided
 
 from .activations import activation_backward, activation_forward
 from ._errstate import silent
-
 
 
 def _padded(x, padding):
@@ -66,7 +65,7 @@ def _columns(xp, kernel, stride, dilation):
     extent, step = {_N: n, _H: oh, _W: ow}, {_N: s_n, _H: sh * s_h, _W: sw * s_w}
     taps = as_strided(xp, (c, kh, kw) + tuple(extent[a] for a in order),
                       (s_c, dh * s_h, dw * s_w) + tuple(step[a] for a in order), writeable=False)
-    return taps.reshape(c * kh * kw, -1), (oh, ow), order  # the one copy of the windows
+    return taps.reshape(c * kh * kw, n * oh * ow), (oh, ow), order  # the one copy of the windows
 
 
 def _by_group(product, a, b, groups):
@@ -131,7 +130,7 @@ def conv2d_backward(grad_y, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 
     if activation != "identity":  # only an activation needs the pre-activation
         z = _preactivation(weight, bias, columns, groups, grad_z.shape)
         grad_z = activation_backward(activation, grad_z, z, param)
-    grad_z = grad_z.reshape(c_out, -1)
+    grad_z = grad_z.reshape(c_out, columns.shape[1])
 
     grad_w = _by_group(lambda g, col: g @ col.T, grad_z, columns, groups).reshape(weight.shape)
     if not need_input:

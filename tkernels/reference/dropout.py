@@ -8,7 +8,6 @@ import numpy as np
 from ._errstate import silent
 
 
-
 def keep_mask(shape, p, seed):
     """A Bernoulli(1 - p) keep mask from NumPy's Philox generator (the numpy backend's stream)."""
     u = np.random.Generator(np.random.Philox(int(seed))).random(shape)

@@ -5,7 +5,6 @@ from .activations import activation_backward, activation_forward
 from ._errstate import silent
 
 
-
 @silent
 def linear_forward(x, weight, bias=None, activation="identity", param=0.0):
     """x: (M, K), weight: (N, K), bias: (N,) or None -> (y, z), both (M, N)."""

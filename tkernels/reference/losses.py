@@ -72,8 +72,7 @@ def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", l
     total = np.sum(per_row)
     if reduction == "sum":
         return np.asarray(total)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(np.float64(total) / np.float64(denom))
+    return np.asarray(np.float64(total) / np.float64(denom))
 
 
 @silent
@@ -89,8 +88,7 @@ def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, redu
     elif reduction == "sum":
         scale = np.full(valid.shape, float(g))
     else:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scale = np.full(valid.shape, np.float64(g) / np.float64(denom))
+        scale = np.full(valid.shape, np.float64(g) / np.float64(denom))
     wq = w * q
     # d loss_i / d x_ic = p_ic * sum_k w_k q_ik - w_c q_ic
     dz = np.where(valid[..., None], scale[..., None] * (p * np.sum(wq, axis=-1, keepdims=True) - wq), 0.0)
@@ -122,8 +120,7 @@ def mse_loss(x, y, reduction="mean", weight=None):
     if reduction == "sum":
         return np.asarray(np.sum(sq))
     divisor = np.sum(np.broadcast_to(weight, sq.shape)) if weight is not None else sq.size
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(np.sum(sq) / np.float64(divisor))
+    return np.asarray(np.sum(sq) / np.float64(divisor))
 
 
 @silent
@@ -135,8 +132,7 @@ def mse_loss_backward(grad, x, y, reduction="mean", weight=None):
     w = np.ones(d.shape) if weight is None else np.broadcast_to(np.asarray(weight, np.float64), d.shape)
     g = np.asarray(grad, np.float64)
     if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            g = g / np.float64(np.sum(w) if weight is not None else d.size)
+        g = g / np.float64(np.sum(w) if weight is not None else d.size)
     dd = 2.0 * d * w * g
     grad_weight = None
     if weight is not None:

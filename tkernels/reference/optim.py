@@ -14,7 +14,6 @@ import numpy as np
 from ._errstate import silent
 
 
-
 @silent
 def sgd_update(param: np.ndarray, grad: np.ndarray, momentum_buffer: Optional[np.ndarray], *, lr: float,
                momentum: float, dampening: float, weight_decay: float, nesterov: bool,

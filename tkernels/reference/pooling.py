@@ -22,7 +22,6 @@ import numpy as np
 from ._errstate import silent
 
 
-
 def output_size(size, kernel, stride, padding, dilation=1, ceil_mode=False):
     """Number of pooling windows along one dimension."""
     span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)

@@ -8,13 +8,11 @@ import numpy as np
 from ._errstate import silent
 
 
-
 def _shifted(x, axis):
     x = np.asarray(x, np.float64)
     if x.ndim == 0:
         return x - x
-    with np.errstate(invalid="ignore"):
-        return x - np.max(x, axis=axis, keepdims=True, initial=-np.inf)
+    return x - np.max(x, axis=axis, keepdims=True, initial=-np.inf)
 
 
 @silent
@@ -23,8 +21,7 @@ def softmax(x, axis):
     e = np.exp(z)
     if e.ndim == 0:
         return np.asarray(e / e)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return e / np.sum(e, axis=axis, keepdims=True)
+    return e / np.sum(e, axis=axis, keepdims=True)
 
 
 @silent
@@ -32,8 +29,7 @@ def log_softmax(x, axis):
     z = _shifted(x, axis)
     if z.ndim == 0:
         return z
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+    return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
 
 
 @silent
