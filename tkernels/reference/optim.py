@@ -68,6 +68,7 @@ def adamw_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_a
     return new_p, m, v, v_max, t
 
 
+@silent
 def unscale(grad: np.ndarray, grad_scale: float) -> np.ndarray:
     """A gradient of a loss that torch.amp.GradScaler multiplied by ``grad_scale``, unscaled: g / scale."""
     return np.asarray(grad, dtype=np.float64) / float(grad_scale)
