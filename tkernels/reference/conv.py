@@ -27,11 +27,16 @@ from .activations import activation_backward, activation_forward
 from ._errstate import silent
 
 
-def _padded(x, padding):
+def padded(x, padding, fill=0.0):
+    """x with `fill` around its last two dims, padding = (top, bottom, left, right); x itself when
+    there is nothing to pad. (np.pad does the same several times more slowly on small arrays.)"""
     top, bottom, left, right = padding
-    if not any(padding):  # no copy when there is nothing to pad
+    if not any(padding):
         return x
-    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    n, c, h, w = x.shape
+    xp = np.full((n, c, top + h + bottom, left + w + right), fill)
+    xp[:, :, top:top + h, left:left + w] = x
+    return xp
 
 
 def _output_size(padded_size, kernel, stride, dilation):
@@ -93,7 +98,7 @@ def conv2d_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), di
     """Returns (y, z): the output act(z) and the pre-activation z, both (N, C_out, OH, OW)."""
     x = np.asarray(x, np.float64)
     weight = np.asarray(weight, np.float64)
-    columns, (oh, ow), order = _columns(_padded(x, padding), weight.shape[2:], stride, dilation)
+    columns, (oh, ow), order = _columns(padded(x, padding), weight.shape[2:], stride, dilation)
     z = _preactivation(weight, bias, columns, groups, _layout_shape(weight.shape[0], x.shape[0], oh, ow, order))
     z = _from_layout(z, order)
     return activation_forward(activation, z, param), z
@@ -124,7 +129,7 @@ def conv2d_backward(grad_y, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 
     x = np.asarray(x, np.float64)
     weight = np.asarray(weight, np.float64)
     c_out = weight.shape[0]
-    xp = _padded(x, padding)
+    xp = padded(x, padding)
     columns, (oh, ow), order = _columns(xp, weight.shape[2:], stride, dilation)
     grad_z = np.asarray(grad_y, np.float64).transpose((1,) + order)  # laid out (C_out, *positions)
     if activation != "identity":  # only an activation needs the pre-activation

@@ -20,6 +20,7 @@ Semantics follow torch's documentation and behaviour:
 import numpy as np
 
 from ._errstate import silent
+from .conv import padded
 
 
 def output_size(size, kernel, stride, padding, dilation=1, ceil_mode=False):
@@ -60,7 +61,7 @@ def _windows(x, kernel_size, stride, padding, dilation, ceil_mode, fill):
     OH = output_size(H, kh_, sh, ph, dh, ceil_mode)
     OW = output_size(W, kw_, sw, pw, dw, ceil_mode)
     pad_h, pad_w = _padded_extent(H, OH, kh_, sh, ph, dh), _padded_extent(W, OW, kw_, sw, pw, dw)
-    xp = np.pad(x, ((0, 0), (0, 0), pad_h, pad_w), constant_values=fill) if pad_h + pad_w != (0,) * 4 else x
+    xp = padded(x, pad_h + pad_w, fill)
     taps = []
     for i, rows, row_ok in _taps(H, OH, kh_, sh, ph, dh):
         for j, cols, col_ok in _taps(W, OW, kw_, sw, pw, dw):
