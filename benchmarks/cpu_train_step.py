@@ -1,6 +1,7 @@
 """One training step of the demo LeNet on the CPU: tkernels' NumPy backend against plain torch.
 
     python benchmarks/cpu_train_step.py [--batch-size 64] [--model lenet] [--repeats 30] [--ops] [--profile]
+                                        [--clock wall|cpu] [--threads 1] [--stem-batch 2]
 
 A step is forward, cross-entropy, backward and an SGD (momentum) update on a batch of 8x8
 digits, the work `tkernels train` does per batch. Both sides use the same model, batch and
