@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 import tkernels
+from tkernels._threads import cpu_threads
 from tkernels.models import MODELS, build_model
 
 PROVIDERS = ("tkernels (numpy backend)", "torch (cpu)")
@@ -137,12 +138,13 @@ def op_rows(model_name: str, batch_size: int, stem_batch: int) -> List[Tuple[str
         for p in model.parameters():
             p.grad = torch.randn_like(p)
         steps.append(optimizer(model.parameters(), lr=1e-3, momentum=0.9).step)
-    rows.append((f"SGD(momentum) step, {sum(p.numel() for p in ours.parameters())} params", dict(zip(PROVIDERS, steps))))
+    params = sum(p.numel() for p in ours.parameters())
+    rows.append((f"SGD(momentum) step, {params} params", dict(zip(PROVIDERS, steps))))
     return rows
 
 
-def print_op_table(model_name: str, batch_size: int, stem_batch: int, repeats: int, clock: str) -> None:
-    print(f"\nper-op, {clock} time, median of {repeats} (ms), both sides at {torch.get_num_threads()} thread(s):")
+def print_op_table(model_name: str, batch_size: int, stem_batch: int, repeats: int, clock: str, threads: str) -> None:
+    print(f"\nper-op, {clock} time, median of {repeats} (ms), both sides at {threads}:")
     print(f"  {'op and input shape':<52} {'tkernels':>9} {'torch':>9} {'ratio':>7}")
     with tkernels.use_backend("numpy"):
         for label, calls in op_rows(model_name, batch_size, stem_batch):
@@ -169,12 +171,11 @@ def main() -> None:
                         help="threads for torch and NumPy's BLAS, the same for both sides (default: 1, as "
                              "`tkernels train` uses on CPU); 0 keeps the libraries' defaults")
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    with cpu_threads(args.threads) as counts:
+        run(args, f"{counts['torch_threads']} torch / {counts['blas_threads']} BLAS thread(s)")
 
-        threadpool_limits(limits=args.threads, user_api="blas")
 
+def run(args, threads: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 1, 8, 8)
     y = torch.randint(0, 10, (args.batch_size,))
@@ -188,14 +189,14 @@ def main() -> None:
             theirs.parameters(), lr=0.05, momentum=0.9), x, y))))
     with tkernels.use_backend("numpy"):
         results = median_seconds(runs, args.repeats, args.clock)
-    print(f"{args.model} training step, batch {args.batch_size}, {torch.get_num_threads()} torch thread(s), "
-          f"{args.clock} time, median of {args.repeats}:")
+    print(f"{args.model} training step, batch {args.batch_size}, {threads}, {args.clock} time, "
+          f"median of {args.repeats}:")
     for label, seconds in results.items():
         print(f"  {label:<26} {1e3 * seconds:8.2f} ms")
     ours_s, theirs_s = results.values()
     print(f"  ratio tkernels / torch      {ours_s / theirs_s:8.2f}x  (goal: <= 3x)", flush=True)
     if args.ops:
-        print_op_table(args.model, args.batch_size, args.stem_batch, args.repeats, args.clock)
+        print_op_table(args.model, args.batch_size, args.stem_batch, args.repeats, args.clock, threads)
     if args.profile:
         print_profile(runs[PROVIDERS[0]], args.repeats)
 

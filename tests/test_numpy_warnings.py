@@ -117,8 +117,8 @@ def test_batch_norm_with_running_stats_and_affine_is_silent(kind, training):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_linear_and_conv2d_are_silent(kind):
-    x, w, b = _special((2, 3, 5, 5), kind), torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4,
-                                                                                                     dtype=torch.float64)
+    x = _special((2, 3, 5, 5), kind)
+    w, b = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     _check_silent_and_like_torch(lambda x, w, b: F.conv2d(x, w, b, padding=1, activation="gelu"),
                                  lambda x, w, b: TF.gelu(TF.conv2d(x, w, b, padding=1)), x, w, b)
     x, w = _special((4, 6), kind), _special((5, 6), "huge" if kind == "huge" else "nan")
