@@ -354,7 +354,7 @@ def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if _backend.resolve("conv2d", x) == "numpy":
         dx, dw, db = ref.conv2d_backward(to_numpy(grad_y), to_numpy(x), to_numpy(weight), to_numpy(bias), stride,
-                                         padding, dilation, groups, activation, param)
+                                         padding, dilation, groups, activation, param, need_input)
         return (from_numpy(dx, x).contiguous(memory_format=fmt) if need_input else x.new_empty(_EMPTY),
                 from_numpy(dw, weight) if need_weight else x.new_empty(_EMPTY),
                 from_numpy(db, weight) if need_bias else x.new_empty(_EMPTY))
