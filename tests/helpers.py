@@ -4,14 +4,14 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import pytest
 import torch
 
 import tkernels
-from tkernels.ops._common import tl_input_precision
+from tkernels.ops._common import Tuned, tl_input_precision
 
 DEVICE = torch.device(os.environ.get("TKERNELS_TEST_DEVICE", "cpu"))
 ON_INTERPRETER = tkernels.INTERPRET
@@ -181,3 +181,28 @@ class HostSyncCounter:
 
     def report(self) -> str:
         return "\n".join(self.calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which tuned kernels ran: tests that dispatch between paths assert the path taken.
+# ---------------------------------------------------------------------------------------------
+def record_tuned_launches(monkeypatch, *modules) -> List[str]:
+    """A list that collects, in launch order, the names of the ``TUNED_*`` kernels of `modules` as
+    they are launched (a dict of Tuned, one per variant, counts under its name). Tuned.launcher is
+    patched on the class, so that undoing it leaves no instance attribute behind."""
+    labels = {}
+    for module in modules:
+        for name, value in vars(module).items():
+            if name.startswith("TUNED_"):
+                for tuned in (value.values() if isinstance(value, dict) else [value]):
+                    labels[id(tuned)] = name
+    log: List[str] = []
+    original = Tuned.launcher
+
+    def launcher(self, device):
+        if id(self) in labels:
+            log.append(labels[id(self)])
+        return original(self, device)
+
+    monkeypatch.setattr(Tuned, "launcher", launcher)
+    return log
