@@ -186,16 +186,18 @@ class HostSyncCounter:
 # ---------------------------------------------------------------------------------------------
 # Which tuned kernels ran: tests that dispatch between paths assert the path taken.
 # ---------------------------------------------------------------------------------------------
-def record_tuned_launches(monkeypatch, *modules) -> List[str]:
-    """A list that collects, in launch order, the names of the ``TUNED_*`` kernels of `modules` as
-    they are launched (a dict of Tuned, one per variant, counts under its name). Tuned.launcher is
-    patched on the class, so that undoing it leaves no instance attribute behind."""
+def record_tuned_launches(monkeypatch, *modules, label=lambda name, key: name) -> List[str]:
+    """A list that collects, in launch order, the labels of the ``TUNED_*`` kernels of `modules` as
+    they are launched: ``label(name, key)``, key being the dict key for a dict of Tuned (one per
+    variant) and None for a lone one. Tuned.launcher is patched on the class, so that undoing it
+    leaves no instance attribute behind (one would shadow later class-level patches, such as
+    test_precision_flags')."""
     labels = {}
     for module in modules:
         for name, value in vars(module).items():
             if name.startswith("TUNED_"):
-                for tuned in (value.values() if isinstance(value, dict) else [value]):
-                    labels[id(tuned)] = name
+                for key, tuned in (value.items() if isinstance(value, dict) else [(None, value)]):
+                    labels[id(tuned)] = label(name, key)
     log: List[str] = []
     original = Tuned.launcher
 

@@ -17,10 +17,10 @@ import tkernels
 from tkernels.functional import conv2d
 from tkernels.ops import conv as conv_ops
 from tkernels.ops import conv_backward
-from tkernels.ops._common import Tuned
 from tkernels.reference import conv as ref
 
-from helpers import Canary, DEVICE, assert_close, assert_not_mutated, device_for, randn, skip_unsupported, to_numpy64
+from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, device_for, randn, record_tuned_launches,
+                     skip_unsupported, to_numpy64)
 
 CL = torch.channels_last
 
@@ -176,27 +176,10 @@ def _run_case(case: Case, backend: str, dtype=torch.float32):
 
 @pytest.fixture
 def launched(monkeypatch):
-    """Names of the tuned conv kernels launched during the test (to check the path dispatch).
-    Tuned.launcher is patched on the class, so that undoing it leaves no instance attribute behind
-    (one would shadow later class-level patches, such as test_precision_flags')."""
-    log = []
-    labels = {}
-    for module in (conv_ops, conv_backward):
-        for name in [n for n in vars(module) if n.startswith("TUNED_")]:
-            value = getattr(module, name)
-            # implicit-GEMM kernels have one Tuned per (FAST, operand class) family
-            family = value.items() if isinstance(value, dict) else [((False, None), value)]
-            for (fast, _), tuned in family:
-                labels[id(tuned)] = name + ("_FAST" if fast else "")
-    original = Tuned.launcher
-
-    def launcher(self, device):
-        if id(self) in labels:
-            log.append(labels[id(self)])
-        return original(self, device)
-
-    monkeypatch.setattr(Tuned, "launcher", launcher)
-    return log
+    """Names of the tuned conv kernels launched during the test (to check the path dispatch);
+    implicit-GEMM kernels have one Tuned per (FAST, operand class) family."""
+    return record_tuned_launches(monkeypatch, conv_ops, conv_backward,
+                                 label=lambda name, key: name + ("_FAST" if key is not None and key[0] else ""))
 
 
 FAST_KERNELS = {"TUNED_FWD_FAST", "TUNED_DGRAD_FAST", "TUNED_WGRAD_FAST"}

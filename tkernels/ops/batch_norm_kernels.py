@@ -77,15 +77,22 @@ def _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c, mask_c, C, 
         pivot = tl.load(rm_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         mean = tl.zeros_like(pivot)  # (not pivot * 0: that is NaN for an infinite running mean)
         invstd = 1.0 / tl.sqrt(tl.load(rv_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32) + eps)
+    gamma, beta = _affine(w_ptr, b_ptr, offs_c, mask_c, pivot, HAS_WEIGHT, HAS_BIAS)
+    return pivot, mean, invstd, gamma, beta
+
+
+@triton.jit
+def _affine(w_ptr, b_ptr, offs_c, mask_c, like, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel fp32 (gamma, beta), shaped like `like`: 1 and 0 where absent."""
     if HAS_WEIGHT:
         gamma = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     else:
-        gamma = tl.full(pivot.shape, 1.0, tl.float32)
+        gamma = tl.full(like.shape, 1.0, tl.float32)
     if HAS_BIAS:
         beta = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     else:
-        beta = tl.zeros_like(pivot)
-    return pivot, mean, invstd, gamma, beta
+        beta = tl.zeros_like(like)
+    return gamma, beta
 
 
 @triton.jit
@@ -295,14 +302,7 @@ def bn_train_single_kernel(x_ptr, y_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr
     count = tl.zeros_like(mean) + count  # per channel (zeros_like, not mean * 0: mean may be NaN/Inf)
     invstd = _finish_stats(stats_ptr, rm_ptr, rv_ptr, offs_c64, mask_c, C, count, pivot, mean, m2, momentum, eps,
                            HAS_RUNNING)
-    if HAS_WEIGHT:
-        gamma = tl.load(w_ptr + offs_c64, mask=mask_c, other=0.0).to(tl.float32)
-    else:
-        gamma = tl.full(pivot.shape, 1.0, tl.float32)
-    if HAS_BIAS:
-        beta = tl.load(b_ptr + offs_c64, mask=mask_c, other=0.0).to(tl.float32)
-    else:
-        beta = tl.zeros_like(pivot)
+    gamma, beta = _affine(w_ptr, b_ptr, offs_c64, mask_c, pivot, HAS_WEIGHT, HAS_BIAS)
     scale = gamma * invstd
     shift = beta - mean * scale
     for item in range(0, total):
