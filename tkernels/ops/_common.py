@@ -2,6 +2,7 @@
 input checks and the bridge to the NumPy reference backend."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from ._tuning import BucketedLauncher
 
 
 # Set before any kernel compiles: triton 3.9 warns that its FMA-contraction default changes in
@@ -27,9 +30,29 @@ def config(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def device_properties(device: torch.device):
+    """torch.cuda.get_device_properties, cached per device: it costs microseconds per call, and
+    launchers ask for it on every call."""
+    return _device_properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def sm_count(device: torch.device) -> int:
+    return device_properties(device).multi_processor_count
+
+
 def current_arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return "sm_90" if major >= 9 else "sm_80"
+    return "sm_90" if device_properties(device).major >= 9 else "sm_80"
+
+
+def gpu_name(device: torch.device) -> str:
+    """The device model and capability, which is what a tuned config depends on."""
+    props = device_properties(device)
+    return f"{props.name} sm_{props.major}{props.minor}"
 
 
 class Tuned:
@@ -48,26 +71,30 @@ class Tuned:
         self.key = list(key)
         self.restore_value = list(restore_value)
         self.reset_to_zero = list(reset_to_zero)
-        self._by_arch: Dict[str, Callable] = {}
+        self._by_device: Dict[int, BucketedLauncher] = {}
 
     @property
     def interpreter_meta(self) -> dict:
         return dict(self.interpreter.kwargs)
 
     def launcher(self, device: torch.device):
-        """(kernel, meta): launch as ``kernel[grid](*args, **meta)``; grid may read the chosen meta."""
+        """(kernel, meta): launch as ``kernel[grid](*args, **meta)``; grid may read the chosen meta.
+
+        On CUDA the kernel is tuned once per bucketed key (see ops/_tuning.py)."""
         if device.type != "cuda":
             return self.kernel, self.interpreter_meta
-        arch = current_arch(device)
-        fn = self._by_arch.get(arch)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        fn = self._by_device.get(index)
         if fn is None:
             kwargs = {}
             if self.restore_value:
                 kwargs["restore_value"] = self.restore_value
             if self.reset_to_zero:
                 kwargs["reset_to_zero"] = self.reset_to_zero
-            fn = triton.autotune(configs=self.configs_by_arch[arch], key=self.key, **kwargs)(self.kernel)
-            self._by_arch[arch] = fn
+            autotuner = triton.autotune(configs=self.configs_by_arch[current_arch(device)], key=self.key,
+                                        **kwargs)(self.kernel)
+            fn = BucketedLauncher(self.kernel.__name__, self.kernel, autotuner, self.key, gpu_name(device))
+            self._by_device[index] = fn
         return fn, {}
 
 

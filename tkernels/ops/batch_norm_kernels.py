@@ -21,7 +21,6 @@ SyncBatchNorm can all-gather per-process stats and merge them with the same kern
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -30,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
-from ._common import KernelSpec, Tuned, cdiv, config, register_kernel
+from ._common import KernelSpec, Tuned, cdiv, config, register_kernel, sm_count
 
 STATS_ROWS = 5  # count, pivot, mean - pivot, m2, invstd
 PARTIAL_ROWS = 4  # count, pivot, mean - pivot, m2
@@ -490,11 +489,6 @@ def empty_like_dense(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_permuted(x.shape, order, dtype=x.dtype, device=x.device)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_splits(geom: Geometry, device: torch.device) -> int:
     """How many programs share one channel block's reduction (G)."""
     block_c, block_s = _G_HINT[geom.channels_inner] if device.type == "cuda" else (
@@ -504,7 +498,7 @@ def _num_splits(geom: Geometry, device: torch.device) -> int:
         return 0
     if device.type != "cuda":
         return min(items, 3)  # enough to exercise the merge, few programs for the interpreter
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     wanted = cdiv(4 * sms, cdiv(geom.C, block_c))
     return max(1, min(wanted, cdiv(items, 4), 1024))
 

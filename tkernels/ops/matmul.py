@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
-from ._common import grouped_tile, KernelSpec, Tuned, cdiv, config, register_kernel, tl_input_precision
+from ._common import grouped_tile, KernelSpec, Tuned, cdiv, config, register_kernel, sm_count, tl_input_precision
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def _choose_split_k(M: int, N: int, K: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     tiles = cdiv(M, 128) * cdiv(N, 128)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     if tiles >= sms or K < 4096:
         return 1
     return max(1, min(32, sms // tiles, K // 2048))
