@@ -298,12 +298,26 @@ def _row_count(x: Tensor) -> int:
     return x.numel() // x.shape[1] if x.shape[1] else 0
 
 
+def _target_on_host(target: Tensor) -> bool:
+    return target.device.type == "cpu"
+
+
 def _check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
-    """torch raises for a class index outside [0, C); so do we, with one host-side reduction."""
+    """torch raises for a class index outside [0, C); so do we, without stalling a GPU.
+
+    A target in host memory is checked on the host (reading it waits for nothing) and raises
+    torch's IndexError with the offending value. A target on a GPU is checked on the device with
+    torch._assert_async, as torch's own device-side assert does: the step is not held up, and a bad
+    index fails the next synchronising call (and the CUDA context) with the message below.
+    """
     if target.is_floating_point() or target.numel() == 0:
         return
     t = target.to(torch.int64) if target.dtype != torch.int64 else target
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if not _target_on_host(target):
+        torch._assert_async(~bad.any(), f"cross_entropy: a target is out of bounds: expected class indices in "
+                                        f"[0, {n_classes - 1}] or ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         value = int(t[bad].flatten()[0])
         raise IndexError(f"cross_entropy: Target {value} is out of bounds: expected a class index in "
@@ -333,7 +347,7 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     denom = x.new_ones((), dtype=torch.float32)  # 'none' has no divisor; keep the output defined
     if _backend.resolve("cross_entropy", x) == "numpy":
         # the reference backward recomputes everything from x, so the saved statistics stay unused
-        loss = ref.cross_entropy(to_numpy(x), target.cpu().numpy() if not prob else to_numpy(target),
+        loss = ref.cross_entropy(to_numpy(x), target.numpy() if not prob else to_numpy(target),
                                  to_numpy(weight), ignore_index, reduction, label_smoothing)
         for t in stats:
             t.zero_()
@@ -380,7 +394,7 @@ def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Opti
     prob = target.dim() == x.dim()
     if _backend.resolve("cross_entropy", x) == "numpy":
         dx, dt = ref.cross_entropy_backward(to_numpy(grad), to_numpy(x),
-                                            to_numpy(target) if prob else target.cpu().numpy(),
+                                            to_numpy(target) if prob else target.numpy(),
                                             to_numpy(weight), ignore_index, reduction, label_smoothing)
         dx_out = torch.empty_like(x)
         dx_out.copy_(from_numpy(dx, x))

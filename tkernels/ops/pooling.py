@@ -358,7 +358,7 @@ def max_pool2d_backward(grad_y: Tensor, indices: Tensor, input_size: List[int], 
                         stride: List[int], padding: List[int], dilation: List[int], channels_last: bool) -> Tensor:
     dx = new_pooled(grad_y, input_size, channels_last)
     if _backend.resolve("max_pool2d", grad_y) == "numpy":
-        return copy_into(dx, ref.max_pool2d_backward(to_numpy(grad_y), indices.cpu().numpy(), input_size,
+        return copy_into(dx, ref.max_pool2d_backward(to_numpy(grad_y), indices.numpy(), input_size,
                                                      kernel_size, stride, padding, dilation))
     N, C, H, W = input_size
     OH, OW = grad_y.shape[2:]
