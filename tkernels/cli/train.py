@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: Triton kernels on CUDA, NumPy reference on CPU (default: auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--compile", action="store_true", help="wrap the model(s) in torch.compile")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="capture forward, backward and optimizer step into one CUDA graph after 3 eager "
+                             "warm-up steps and replay it (CUDA only; a smaller last batch is skipped)")
     parser.add_argument("--compare", action="store_true",
                         help="also train the plain torch.nn twin (same seed, init and batches), side by side")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG of the loss and accuracy curves (matplotlib)")
@@ -57,6 +60,7 @@ class History:
     test_loss: List[float] = field(default_factory=list)
     test_acc: List[float] = field(default_factory=list)
     seconds: List[float] = field(default_factory=list)
+    steps: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -67,30 +71,40 @@ class Run:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     history: History = field(default_factory=History)
+    graphed: Optional[Callable] = None  # a GraphedTrainStep under --cuda-graphs
 
 
-def _optimizer(kind: str, params, lr: float, use_tkernels: bool) -> torch.optim.Optimizer:
+def _optimizer(kind: str, params, lr: float, use_tkernels: bool, capturable: bool = False) -> torch.optim.Optimizer:
     if use_tkernels:
         from .. import optim as namespace
     else:
         namespace = torch.optim
     if kind == "sgd":
         return namespace.SGD(params, lr=lr, momentum=0.9)
-    return namespace.AdamW(params, lr=lr, weight_decay=0.01)
+    # torch's AdamW keeps its step count on the host unless capturable; ours always keeps it on the device
+    extra = {"capturable": True} if capturable and not use_tkernels else {}
+    return namespace.AdamW(params, lr=lr, weight_decay=0.01, **extra)
 
 
 def make_run(label: str, model: torch.nn.Module, *, optimizer: str = "sgd", lr: Optional[float] = None,
-             seed: int = 0, use_tkernels: bool = True, compile: bool = False) -> Run:
-    """Bundle a model with its loss (tkernels' or torch's) and optimizer, and a seeded batch order."""
+             seed: int = 0, use_tkernels: bool = True, compile: bool = False, cuda_graphs: bool = False) -> Run:
+    """Bundle a model with its loss (tkernels' or torch's) and optimizer, and a seeded batch order;
+    with ``cuda_graphs`` the training step is captured into a CUDA graph after warm-up."""
     if use_tkernels:
         from .. import nn as tnn
 
         criterion = tnn.CrossEntropyLoss()
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    opt = _optimizer(optimizer, model.parameters(), DEFAULT_LR[optimizer] if lr is None else lr, use_tkernels)
+    opt = _optimizer(optimizer, model.parameters(), DEFAULT_LR[optimizer] if lr is None else lr, use_tkernels,
+                     capturable=cuda_graphs)
     called = torch.compile(model) if compile else model
-    return Run(label, called, criterion, opt, torch.Generator().manual_seed(seed))
+    run = Run(label, called, criterion, opt, torch.Generator().manual_seed(seed))
+    if cuda_graphs:
+        from ..cuda_graphs import GraphedTrainStep
+
+        run.graphed = GraphedTrainStep(called, criterion, opt)
+    return run
 
 
 class ProgressBar:
@@ -127,18 +141,24 @@ def train_epoch(run: Run, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     # Sums stay on the device, so a CUDA run is not synchronised at every step.
     total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    seen = 0
+    seen = steps = 0
     batches = list(minibatches(x.shape[0], batch_size, run.generator))
     for i, idx in enumerate(batches):
         if idx.numel() < 2:  # batch norm cannot train on a single sample
             continue
+        if run.graphed is not None and idx.numel() != batch_size:
+            continue  # a graph replays one batch shape
         idx = idx.to(x.device)
         xb, yb = x[idx], y[idx]
-        logits = run.model(xb)
-        loss = run.criterion(logits, yb)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
+        if run.graphed is not None:
+            loss, logits = run.graphed(xb, yb)
+        else:
+            logits = run.model(xb)
+            loss = run.criterion(logits, yb)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+        steps += 1
         total_loss += loss.detach() * idx.numel()
         correct += (logits.argmax(dim=1) == yb).sum()
         seen += idx.numel()
@@ -149,6 +169,7 @@ def train_epoch(run: Run, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     run.history.train_loss.append(float(total_loss) / max(1, seen))
     run.history.train_acc.append(int(correct) / max(1, seen))
     run.history.seconds.append(time.perf_counter() - start)
+    run.history.steps.append(steps)
 
 
 @torch.no_grad()
@@ -254,6 +275,18 @@ def _check_backend(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def _check_cuda_graphs(args: argparse.Namespace, device: torch.device) -> Optional[str]:
+    if not args.cuda_graphs:
+        return None
+    if device.type != "cuda":
+        return (f"--cuda-graphs needs a CUDA device, but the run is on {device}: a CUDA graph records GPU "
+                "launches, and there is nothing to record on the CPU; drop --cuda-graphs or use --device cuda")
+    if args.compile:
+        return ("--cuda-graphs and --compile are two ways to cut launch overhead; pick one "
+                "(torch.compile's own graphs: mode='reduce-overhead')")
+    return None
+
+
 def _backend_label(backend: str, device: torch.device) -> str:
     from .._backend import INTERPRET
 
@@ -300,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as exc:
         print(f"tkernels train: {exc}", file=sys.stderr)
         return 2
-    problem = _check_backend(args.backend, device)
+    problem = _check_backend(args.backend, device) or _check_cuda_graphs(args, device)
     if problem:
         print(f"tkernels train: {problem}", file=sys.stderr)
         return 2
@@ -310,23 +343,24 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = build_model(args.model).to(device)
         runs = [make_run("tkernels", model, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-                         compile=args.compile)]
+                         compile=args.compile, cuda_graphs=args.cuda_graphs)]
         if args.compare:
             twin = build_model(args.model, impl="torch").to(device)
             twin.load_state_dict(model.state_dict())  # same initial weights, whatever the init consumed
             runs.append(make_run("torch.nn", twin, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-                                 use_tkernels=False, compile=args.compile))
+                                 use_tkernels=False, compile=args.compile, cuda_graphs=args.cuda_graphs))
         lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
         print(f"tkernels train: {args.model} on digits ({data.x_train.shape[0]} train / {data.x_test.shape[0]} "
               f"test images), {_backend_label(args.backend, device)} on {device}, {args.optimizer} lr={lr:g}, "
-              f"batch {args.batch_size}, {args.epochs} epoch(s){', compiled' if args.compile else ''}", flush=True)
+              f"batch {args.batch_size}, {args.epochs} epoch(s){', compiled' if args.compile else ''}"
+              f"{', CUDA graphs' if args.cuda_graphs else ''}", flush=True)
         fit(runs, data, args.epochs, args.batch_size, progress=not args.no_progress,
             report=lambda line: print(line, flush=True))
 
     for run_ in runs:
         h = run_.history
         print(f"final test accuracy ({run_.label}): {100 * h.test_acc[-1]:.1f}%  "
-              f"[{sum(h.seconds):.1f} s training]")
+              f"[{sum(h.seconds):.1f} s training, {sum(h.steps) / max(sum(h.seconds), 1e-9):.1f} steps/s]")
     if args.compare:
         diff = max(abs(a - b) for a, b in zip(runs[0].history.train_loss, runs[1].history.train_loss))
         print(f"largest difference in epoch loss between tkernels and torch.nn: {diff:.2e}")
