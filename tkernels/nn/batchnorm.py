@@ -144,13 +144,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], eps: float, momentum: float, activation: str, param: float,
                 process_group, world_size: int):
-        local = torch.ops.tkernels.batch_norm_stats(input, None, None, 0.0, eps)
+        local = bn_ops.batch_norm_stats(input, None, None, 0.0, eps)
         # all_gather, not all_reduce: (count, mean, M2) triples merge by Chan's formula, not by a sum
         parts = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(parts, local, group=process_group)
-        stats = torch.ops.tkernels.batch_norm_gather_stats(torch.stack(parts), running_mean, running_var, momentum,
+        stats = bn_ops.batch_norm_gather_stats(torch.stack(parts), running_mean, running_var, momentum,
                                                            eps)
-        y = torch.ops.tkernels.batch_norm_apply(input, stats, weight, bias, None, None, True, eps, activation, param)
+        y = bn_ops.batch_norm_apply(input, stats, weight, bias, None, None, True, eps, activation, param)
         ctx.save_for_backward(input, weight, bias, stats)
         ctx.bn_config = (True, eps, activation, param)
         ctx.process_group = process_group

@@ -72,6 +72,7 @@ class Tuned:
         self.restore_value = list(restore_value)
         self.reset_to_zero = list(reset_to_zero)
         self._by_device: Dict[int, BucketedLauncher] = {}
+        self._interpreter_meta = self.interpreter_meta
 
     @property
     def interpreter_meta(self) -> dict:
@@ -79,10 +80,11 @@ class Tuned:
 
     def launcher(self, device: torch.device):
         """(kernel, meta): launch as ``kernel[grid](*args, **meta)``; grid may read the chosen meta.
+        Callers unpack ``meta`` and never change it.
 
         On CUDA the kernel is tuned once per bucketed key (see ops/_tuning.py)."""
         if device.type != "cuda":
-            return self.kernel, self.interpreter_meta
+            return self.kernel, self._interpreter_meta
         index = device.index if device.index is not None else torch.cuda.current_device()
         fn = self._by_device.get(index)
         if fn is None:
@@ -201,7 +203,8 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 def tl_input_precision(dtype: torch.dtype) -> str:
     """fp32 matmuls follow torch's switch: exact ('ieee') unless TF32 is allowed."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    # (torch._C's getter: torch.backends.cuda.matmul.allow_tf32 goes through a module __getattr__)
+    if dtype == torch.float32 and torch._C._get_cublas_allow_tf32():
         return "tf32"
     return "ieee"
 

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import losses as ref
+from ._dispatch import custom_op, run_function
 from ._common import KernelSpec, Tuned, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
                       plan_rows, row_coordinates, row_offsets)
@@ -335,7 +336,7 @@ def _class_stride(t: Tensor, prob: bool) -> int:
     return t.stride(1) if prob else 0
 
 
-@torch.library.custom_op("tkernels::cross_entropy", mutates_args=())
+@custom_op("tkernels::cross_entropy", mutates_args=())
 def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
                           label_smoothing: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, lse (rows,) fp32, coef (rows,) fp32, divisor () fp32) for x (N, C, ...)."""
@@ -386,7 +387,7 @@ def _(x, target, weight, reduction, ignore_index, label_smoothing):
             x.new_empty((rows,), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
 
 
-@torch.library.custom_op("tkernels::cross_entropy_backward", mutates_args=())
+@custom_op("tkernels::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
                            coef: Tensor, denom: Tensor, reduction: str, ignore_index: int, label_smoothing: float,
                            need_target: bool) -> Tuple[Tensor, Tensor]:
@@ -453,7 +454,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
                 label_smoothing: float):
-        loss, lse, coef, denom = torch.ops.tkernels.cross_entropy(x, target, weight, reduction, ignore_index,
+        loss, lse, coef, denom = cross_entropy_forward(x, target, weight, reduction, ignore_index,
                                                                   label_smoothing)
         ctx.save_for_backward(x, target, weight, lse, coef, denom)
         ctx.options = (reduction, ignore_index, label_smoothing)
@@ -463,7 +464,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, target, weight, lse, coef, denom = ctx.saved_tensors
         need_target = ctx.needs_input_grad[1]
-        dx, dt = torch.ops.tkernels.cross_entropy_backward(grad, x, target, weight, lse, coef, denom, *ctx.options,
+        dx, dt = cross_entropy_backward(grad, x, target, weight, lse, coef, denom, *ctx.options,
                                                            need_target)
         return (dx if ctx.needs_input_grad[0] else None), (dt if need_target else None), None, None, None, None
 
@@ -560,5 +561,5 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         weight = weight.contiguous()  # C values; the kernels index it densely
     x = input if batched else input.unsqueeze(0)
     t = target if batched else target.unsqueeze(0)
-    loss = CrossEntropyFunction.apply(x, t, weight, reduction, int(ignore_index), label_smoothing)
+    loss = run_function(CrossEntropyFunction, x, t, weight, reduction, int(ignore_index), label_smoothing)
     return loss.squeeze(0) if reduction == "none" and not batched else loss

@@ -214,11 +214,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
 
     kernel, meta = TUNED_MATMUL.launcher(a.device)
     grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
+    # (one stride() tuple per tensor: stride(i) parses its argument on every call)
     kernel[grid](
         a, b, c_target, bias if bias is not None else dummy, gate_t, preact_t, row_target,
         M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        gate_t.stride(0), gate_t.stride(1), preact_t.stride(0), preact_t.stride(-1),
+        *a.stride(), *b.stride(), *out.stride(), *gate_t.stride(), preact_t.stride()[0], preact_t.stride()[-1],
         M * N, M,
         float(activation_param),
         HAS_BIAS=bias is not None, ACT=activation_code, STORE_PREACT=preact_out is not None,

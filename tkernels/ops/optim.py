@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import optim as ref
+from ._dispatch import custom_op
 from ._common import (KernelSpec, cdiv, check_triton_dtype, config, current_arch, from_numpy, register_kernel,
                       to_numpy)
 
@@ -418,7 +419,7 @@ def _sgd_triton(params, grads, bufs, first, lr, momentum, dampening, weight_deca
         staging.finish()
 
 
-@torch.library.custom_op("tkernels::sgd_step", mutates_args=("params", "momentum_buffers"))
+@custom_op("tkernels::sgd_step", mutates_args=("params", "momentum_buffers"))
 def sgd_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], first_step: List[bool],
              lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
              maximize: bool) -> None:
@@ -478,7 +479,7 @@ def _adamw_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
         staging.finish()
 
 
-@torch.library.custom_op("tkernels::adamw_step",
+@custom_op("tkernels::adamw_step",
                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
 def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                max_exp_avg_sqs: List[Tensor], steps: List[Tensor], lr: float, beta1: float, beta2: float,

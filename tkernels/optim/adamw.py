@@ -7,6 +7,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..ops import optim as optim_ops
 from ..ops.optim import validate
 from ._common import check_lr, scalar
 
@@ -60,7 +61,7 @@ class AdamW(torch.optim.AdamW):
             if not params:
                 continue
             beta1, beta2 = (scalar(b) for b in group["betas"])
-            torch.ops.tkernels.adamw_step(
+            optim_ops.adamw_step(
                 params, grads, lists["exp_avg"], lists["exp_avg_sq"], lists["max_exp_avg_sq"], steps,
                 scalar(group["lr"]), beta1, beta2, scalar(group["eps"]), scalar(group["weight_decay"]),
                 bool(group["amsgrad"]), bool(group["maximize"]))

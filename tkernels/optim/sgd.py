@@ -7,6 +7,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from ..ops import optim as optim_ops
 from ..ops.optim import validate
 from ._common import check_lr, scalar
 
@@ -55,7 +56,7 @@ class SGD(torch.optim.SGD):
         for group, params, grads, buffers, first in plans:
             if not params:
                 continue
-            torch.ops.tkernels.sgd_step(params, grads, buffers, first, scalar(group["lr"]),
+            optim_ops.sgd_step(params, grads, buffers, first, scalar(group["lr"]),
                                         scalar(group["momentum"]), scalar(group["dampening"]),
                                         scalar(group["weight_decay"]), bool(group["nesterov"]),
                                         bool(group["maximize"]))
