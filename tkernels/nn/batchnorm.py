@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import functional as F
 from ..activations import ActivationLike, resolve_activation
 from ..ops import batch_norm as bn_ops
 
@@ -58,8 +57,8 @@ class _BatchNormMixin:
         return False
 
     def _normalize(self, input: Tensor, running_mean, running_var, bn_training: bool, factor: float) -> Tensor:
-        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
-                            activation=self.activation)
+        return bn_ops.batch_norm_validated(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                           factor, self.eps, activation=self.activation)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

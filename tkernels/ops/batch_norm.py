@@ -340,6 +340,15 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     are updated in place (unbiased variance into running_var); in eval the running stats are used.
     """
     validate(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return batch_norm_validated(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                activation=activation)
+
+
+def batch_norm_validated(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                         eps: float, *, activation: ActivationLike = None) -> Tensor:
+    """:func:`batch_norm` for arguments that passed :func:`validate` (the modules validate first, before
+    num_batches_tracked moves, and should not pay for the checks twice)."""
     act = resolve_activation(activation)
     C = input.shape[1]
     weight = weight.reshape(C) if weight is not None and weight.dim() != 1 else weight

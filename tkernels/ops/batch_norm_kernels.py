@@ -21,6 +21,7 @@ SyncBatchNorm can all-gather per-process stats and merge them with the same kern
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -445,7 +446,7 @@ register_kernel(KernelSpec(
 # ---------------------------------------------------------------------------------------------
 # Geometry: merge the reduction dims of several same-shaped tensors without copying.
 # ---------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Geometry:
     C: int
     S: int  # inner run of reduction positions
@@ -458,9 +459,11 @@ class Geometry:
         return self.outer[0] * self.outer[1] * self.outer[2]
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and a training loop asks for the same few layouts every step
 def plan(shape: Sequence[int], *tensor_strides: Sequence[int]) -> Optional[Geometry]:
     """Merge N and the spatial dims, in the storage order of the first tensor, wherever every
-    tensor allows it; None when more than 1 + MAX_OUTER runs remain (the caller copies)."""
+    tensor allows it; None when more than 1 + MAX_OUTER runs remain (the caller copies).
+    Arguments must be hashable (torch.Size and stride() tuples are); the result is shared."""
     primary = tensor_strides[0]
     dims = [d for d in range(len(shape)) if d != 1 and shape[d] != 1]
     dims.sort(key=lambda d: -abs(primary[d]))
