@@ -159,6 +159,7 @@ def all_cases() -> List[Case]:
     import torch.nn.functional as F
 
     import tkernels.functional as TF
+    import tkernels.nn as tnn
 
     labels = lambda device: torch.randint(0, 10, (4,), device=device)  # noqa: E731
     cases: List[Case] = []
@@ -177,6 +178,9 @@ def all_cases() -> List[Case]:
     cases += _module_case("Dropout", lambda ns: ns.Dropout(0.5), (4, 16))
     cases += _functional_case("cross_entropy", TF.cross_entropy, F.cross_entropy, (4, 10), target=labels)
     cases += _functional_case("mse_loss", TF.mse_loss, F.mse_loss, (4, 10), (4, 10))
+    cases += _functional_case("CrossEntropyLoss", tnn.CrossEntropyLoss(), nn.CrossEntropyLoss(), (4, 10),
+                              target=labels)
+    cases += _functional_case("MSELoss", tnn.MSELoss(), nn.MSELoss(), (4, 10), (4, 10))
     cases.append(_optimizer_case("AdamW step (LeNet params)", "AdamW"))
     cases.append(_optimizer_case("SGD step (LeNet params)", "SGD"))
     cases.append(_train_step_case())
@@ -237,14 +241,14 @@ def measure(case: Case, where: str, rounds: int, round_ms: float) -> Dict[str, o
 
 def run(where: str = HOST, rounds: int = 7, round_ms: float = 30.0, only: Optional[List[str]] = None,
         progress=None) -> List[Dict[str, object]]:
-    """Measure every case (or those whose label contains one of ``only``), either the host overhead
+    """Measure every case (or those whose label starts with one of ``only``), either the host overhead
     with stubbed launches (needs the interpreter) or the real CUDA wall time (needs it off)."""
     import tkernels
 
     if (where == HOST) != tkernels.INTERPRET:
         raise RuntimeError(f"the {where!r} measurement needs TRITON_INTERPRET={'1' if where == HOST else 'unset'} "
                            "before tkernels is imported (`tkernels bench --host-overhead` arranges it)")
-    cases = [c for c in all_cases() if not only or any(o.lower() in case_label(c).lower() for o in only)]
+    cases = [c for c in all_cases() if not only or any(case_label(c).lower().startswith(o.lower()) for o in only)]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is torch's fastest, and the fair comparison
     rows = []
@@ -295,10 +299,11 @@ def write(rows: List[Dict[str, object]], json_path: Optional[str], csv_path: Opt
 
 
 def main(ops: List[str], json_path: Optional[str], csv_path: Optional[str], rep_ms: float = 200.0,
-         rounds: int = 7, out=sys.stdout) -> int:
+         rounds: int = 7, out=None) -> int:
     """Run, print the Markdown table, write JSON/CSV; exit code 1 when a target is missed."""
     import tkernels
 
+    out = out or sys.stdout
     round_ms = rep_ms / rounds
     if tkernels.INTERPRET:
         rows = run(HOST, rounds, round_ms, only=ops or None)
