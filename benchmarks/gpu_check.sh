@@ -9,6 +9,7 @@
 #   2. tests      the test suite on CUDA                            -> OUTDIR/tests/junit.xml
 #   3. check      every op at benchmark sizes vs torch and float64  -> OUTDIR/check/check.{json,csv}
 #   4. bench-*    the core suites (JSON + CSV per step)             -> OUTDIR/results/*.{json,csv}
+#      host-overhead, train-steps: host cost per call, steps/s eager vs CUDA graphs vs compile
 #   5. report     README table and plots from all the JSON          -> OUTDIR/results/README.md, plot-*.png
 # Logs of every step are in OUTDIR/logs/, and OUTDIR/summary.txt has one line per step.
 # The exit code is 0 only if every step passed. Results are written as they are measured,
@@ -121,9 +122,21 @@ step bench-classifier 45 "${BENCH[@]}" --suite classifier,pool,pointwise --dtype
 step bench-optim 25 "${BENCH[@]}" --suite optim --dtype fp32 --baselines eager,compile \
     --json "$OUT/results/optim.json" --csv "$OUT/results/optim.csv"
 
+# 4b. Host overhead (issue 12): per-call host cost vs torch eager (stubbed launches, interpreter, in a child)
+#     plus real per-call CUDA wall times at tiny sizes; and training steps/s, eager vs CUDA graphs vs
+#     torch.compile(mode="reduce-overhead").
+step host-overhead 90 "$PY" -m tkernels bench --host-overhead Linear "Conv2d fwd" "BatchNorm2d train" \
+    cross_entropy AdamW "LeNet train" --rep 100 \
+    --json "$OUT/results/host_overhead.json" --csv "$OUT/results/host_overhead.csv"
+step train-steps 60 "$PY" benchmarks/train_steps.py --model lenet --batch-size 64 --steps 200 \
+    --json "$OUT/results/train_steps.json"
+
 # 5. README table and plots from whatever JSON the bench steps left.
 shopt -s nullglob
-results=("$OUT"/results/*.json)
+results=()
+for f in "$OUT"/results/*.json; do
+    case $(basename "$f") in host_overhead.json | train_steps.json) ;; *) results+=("$f") ;; esac
+done
 if [ ${#results[@]} -gt 0 ]; then
     step report 30 "$PY" -m tkernels bench --load "${results[@]}" --markdown "$OUT/results/README.md" \
         --plot "$OUT/results/plot.png"
