@@ -148,7 +148,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         parts = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(parts, local, group=process_group)
         stats = bn_ops.batch_norm_gather_stats(torch.stack(parts), running_mean, running_var, momentum,
-                                                           eps)
+                                               eps)
         y = bn_ops.batch_norm_apply(input, stats, weight, bias, None, None, True, eps, activation, param)
         ctx.save_for_backward(input, weight, bias, stats)
         ctx.bn_config = (True, eps, activation, param)

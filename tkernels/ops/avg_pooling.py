@@ -264,7 +264,7 @@ class AvgPool2dFunction(torch.autograd.Function):
         ctx.args = (list(x.shape), kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
                     channels_last)
         return avg_pool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                             divisor_override, channels_last)
+                                  divisor_override, channels_last)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -289,7 +289,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     y = run_function(AvgPool2dFunction, x, kernel, stride_, padding_, bool(ceil_mode), bool(count_include_pad),
-                                divisor_override, suggests_channels_last(input))
+                     divisor_override, suggests_channels_last(input))
     return y.squeeze(0) if unbatched else y
 
 

@@ -271,7 +271,7 @@ class BatchNormFunction(torch.autograd.Function):
             stats = batch_norm_stats(input, running_mean, running_var, momentum, eps)
             running_mean = running_var = None  # normalisation uses the batch stats; nothing else to keep
         y = batch_norm_apply(input, stats, weight, bias, running_mean, running_var, training, eps,
-                                                activation, param)
+                             activation, param)
         ctx.save_for_backward(input, weight, bias, stats, running_mean, running_var)
         ctx.bn_config = (training, eps, activation, param)
         return y
@@ -353,5 +353,5 @@ def batch_norm_validated(input: Tensor, running_mean: Optional[Tensor], running_
     C = input.shape[1]
     weight = weight.reshape(C) if weight is not None and weight.dim() != 1 else weight
     bias = bias.reshape(C) if bias is not None and bias.dim() != 1 else bias
-    return run_function(BatchNormFunction, input, weight, bias, running_mean, running_var, bool(training), float(momentum),
-                                   float(eps), act.name, float(act.param))
+    return run_function(BatchNormFunction, input, weight, bias, running_mean, running_var, bool(training),
+                        float(momentum), float(eps), act.name, float(act.param))

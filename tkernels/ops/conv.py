@@ -372,7 +372,7 @@ class Conv2dFunction(torch.autograd.Function):
                 activation: str, param: float, channels_last: bool):
         save_preact = not resolve_activation(Activation(activation, param)).grad_from_output
         y, z = conv2d_forward(x, weight, bias, stride, padding, dilation, groups, activation, param,
-                                         save_preact, channels_last)
+                              save_preact, channels_last)
         ctx.save_for_backward(x, weight, bias, z if save_preact else y)
         ctx.geometry = (stride, padding, dilation, groups)
         ctx.activation, ctx.param, ctx.channels_last = activation, param, channels_last
@@ -385,8 +385,8 @@ class Conv2dFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
         dx, dw, db = conv2d_backward(grad_y, x, weight, bias, saved, *ctx.geometry,
-                                                        ctx.activation, ctx.param, need_x, need_w, need_b,
-                                                        ctx.channels_last)
+                                     ctx.activation, ctx.param, need_x, need_w, need_b,
+                                     ctx.channels_last)
         return (dx if need_x else None, dw if need_w else None, db if need_b else None,
                 None, None, None, None, None, None, None)
 
@@ -483,5 +483,5 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
                            f"{list(weight.shape)}, but got bias of size {list(bias.shape)}")
     act = resolve_activation(activation)
     y = run_function(Conv2dFunction, x, weight, bias, list(stride), list(pads), list(dilation), groups, act.name,
-                             float(act.param), suggests_channels_last(x))
+                     float(act.param), suggests_channels_last(x))
     return y.squeeze(0) if unbatched else y

@@ -459,7 +459,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
                 label_smoothing: float):
         loss, lse, coef, denom = cross_entropy_forward(x, target, weight, reduction, ignore_index,
-                                                                  label_smoothing)
+                                                       label_smoothing)
         ctx.save_for_backward(x, target, weight, lse, coef, denom)
         ctx.options = (reduction, ignore_index, label_smoothing)
         return loss
@@ -469,7 +469,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         x, target, weight, lse, coef, denom = ctx.saved_tensors
         need_target = ctx.needs_input_grad[1]
         dx, dt = cross_entropy_backward(grad, x, target, weight, lse, coef, denom, *ctx.options,
-                                                           need_target)
+                                        need_target)
         return (dx if ctx.needs_input_grad[0] else None), (dt if need_target else None), None, None, None, None
 
 

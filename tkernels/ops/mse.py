@@ -223,7 +223,7 @@ class MSELossFunction(torch.autograd.Function):
         need_x, need_y, need_w = ctx.needs_input_grad[:3]
         need_w = need_w and weight is not None
         dx, dy, dw = mse_backward(grad, x, y, weight, loss if loss is not None else denom,
-                                                          denom, ctx.reduction, need_x, need_y, need_w)
+                                  denom, ctx.reduction, need_x, need_y, need_w)
         return (dx if need_x else None), (dy if need_y else None), (dw if need_w else None), None
 
 

@@ -381,7 +381,7 @@ class MaxPool2dFunction(torch.autograd.Function):
                 ceil_mode: bool, channels_last: bool, return_indices: bool):
         need_indices = return_indices or ctx.needs_input_grad[0]
         y, indices = max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode,
-                                                   channels_last, need_indices)
+                                        channels_last, need_indices)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
         ctx.args = (list(x.shape), kernel_size, stride, padding, dilation, channels_last)
@@ -409,7 +409,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     y, indices = run_function(MaxPool2dFunction, x, kernel, stride_, padding_, dilation_, bool(ceil_mode),
-                                         suggests_channels_last(input), bool(return_indices))
+                              suggests_channels_last(input), bool(return_indices))
     if unbatched:
         y = y.squeeze(0)
         indices = indices.squeeze(0) if return_indices else indices

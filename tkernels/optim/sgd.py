@@ -57,9 +57,9 @@ class SGD(torch.optim.SGD):
             if not params:
                 continue
             optim_ops.sgd_step(params, grads, buffers, first, scalar(group["lr"]),
-                                        scalar(group["momentum"]), scalar(group["dampening"]),
-                                        scalar(group["weight_decay"]), bool(group["nesterov"]),
-                                        bool(group["maximize"]))
+                               scalar(group["momentum"]), scalar(group["dampening"]),
+                               scalar(group["weight_decay"]), bool(group["nesterov"]),
+                               bool(group["maximize"]))
             for p, buffer in zip(params, buffers):
                 self.state[p]["momentum_buffer"] = buffer
         return loss
