@@ -17,6 +17,7 @@ fused cross-entropy in :mod:`tkernels.ops.losses`.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -45,7 +46,7 @@ MAX_BLOCK_R = 32
 # ---------------------------------------------------------------------------------------------
 # Row layout shared by softmax and cross-entropy
 # ---------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class RowPlan:
     """How a row-reduction kernel is launched: collapsed batch dims, tile and grid."""
 
@@ -87,7 +88,14 @@ def batch_strides(t: Tensor, dim: int) -> List[int]:
 def plan_rows(batch_shape: Sequence[int], C: int, class_stride: int,
               *strides: Sequence[int]) -> Optional[RowPlan]:
     """Plan for rows of length C over `batch_shape`; `strides` are each tensor's batch strides.
-    None when the batch dims do not collapse to three (the caller then makes inputs contiguous)."""
+    None when the batch dims do not collapse to three (the caller then makes inputs contiguous).
+    The plan is shared between calls with the same layout: never change it."""
+    return _plan_rows(tuple(batch_shape), C, class_stride, *(tuple(s) for s in strides))
+
+
+@functools.lru_cache(maxsize=1024)  # a training loop asks for the same few layouts every step
+def _plan_rows(batch_shape: Tuple[int, ...], C: int, class_stride: int,
+               *strides: Tuple[int, ...]) -> Optional[RowPlan]:
     try:
         sizes, collapsed = _collapse(tuple(batch_shape), *strides)
     except NotImplementedError:
