@@ -496,7 +496,7 @@ def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
             for i in idx:
                 p, m, v, v_max, t = ref.adamw_update(
                     to_numpy(params[i]), to_numpy(grads[i]), to_numpy(exp_avgs[i]), to_numpy(exp_avg_sqs[i]),
-                    to_numpy(max_exp_avg_sqs[i]) if amsgrad else None, float(steps[i]), lr=lr, beta1=beta1,
+                    to_numpy(max_exp_avg_sqs[i]) if amsgrad else None, float(to_numpy(steps[i])), lr=lr, beta1=beta1,
                     beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
                 for tensor, value in ((params[i], p), (exp_avgs[i], m), (exp_avg_sqs[i], v)):
                     tensor.copy_(from_numpy(value, tensor))
