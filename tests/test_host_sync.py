@@ -92,6 +92,22 @@ def test_a_lenet_adamw_cross_entropy_step_has_no_host_sync(backend_name, monkeyp
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "the step changed nothing"
 
 
+@pytest.mark.parametrize("backend_name", ["triton", "numpy"])
+def test_lenet_forward_backward_and_cross_entropy_have_no_host_sync(backend_name, monkeypatch, one_cpu_thread):
+    """The model and loss alone (the optimizer step is covered above)."""
+    monkeypatch.setattr(losses, "_target_on_host", lambda target: False)
+    torch.manual_seed(0)
+    model, criterion = LeNet(width=4), tnn.CrossEntropyLoss()
+    images, labels = torch.randn(3, 1, 8, 8), torch.randint(0, 10, (3,))
+    with tkernels.use_backend(backend_name):
+        criterion(model(images), labels).backward()
+        with count_host_syncs(exempt=BRIDGE if backend_name == "numpy" else ()) as counts:
+            loss = criterion(model(images), labels)
+            loss.backward()
+    assert dict(counts) == {}, f"host syncs in forward, loss and backward: {dict(counts)}"
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_device_side_target_check_raises_without_a_host_read(monkeypatch):
     """On a GPU the assert fires asynchronously; on CPU tensors torch._assert_async raises at once,
     which lets the device branch be tested here."""
