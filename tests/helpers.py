@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -116,3 +117,63 @@ def assert_not_mutated(before: Sequence[torch.Tensor], after: Sequence[torch.Ten
     for b, a in zip(before, after):
         assert torch.equal(b, a) or (torch.isnan(b) == torch.isnan(a)).all() and torch.equal(
             b.nan_to_num(), a.nan_to_num()), "an input was mutated"
+
+
+# ---------------------------------------------------------------------------------------------
+# Host syncs and host-built tensors: what makes a GPU wait for Python, or Python for the GPU.
+# ---------------------------------------------------------------------------------------------
+class HostSyncCounter:
+    """Records, inside its ``with`` block, every call that makes the host wait for the device
+    (``.item()``, ``.tolist()``, ``bool(t)``, ``float(t)``, ``int(t)``, ``.cpu()``, ``.numpy()``)
+    and every tensor built from host data (``torch.tensor``, ``torch.as_tensor``,
+    ``torch.from_numpy``), with the file and line that made it. On CPU tensors none of these waits,
+    so tests count the calls themselves: each is a sync or an upload once the tensors live on a GPU.
+
+    Calls made by Triton's interpreter are left out (on a GPU it does not exist: it stands in for the
+    device). Calls reached through C++ only (not through these Python entry points) are not seen.
+
+        with HostSyncCounter() as counter:
+            optimizer.step()
+        assert counter.calls == [], counter.report()
+    """
+
+    SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+    HOST_BUILT = ("tensor", "as_tensor", "from_numpy")
+
+    def __init__(self):
+        import triton
+        self.calls: list = []
+        self._ignored_dir = os.path.dirname(triton.__file__)
+        self._restore: list = []
+
+    def _wrap(self, owner, name: str, kind: str) -> None:
+        original = owner.__dict__.get(name)
+        bound = getattr(owner, name)
+        counter = self
+
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1)
+            if not caller.f_code.co_filename.startswith(counter._ignored_dir):
+                counter.calls.append(f"{kind} {name} at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return bound(*args, **kwargs)
+
+        setattr(owner, name, counted)
+        self._restore.append((owner, name, original))
+
+    def __enter__(self) -> "HostSyncCounter":
+        for name in self.SYNCS:
+            self._wrap(torch.Tensor, name, "sync")
+        for name in self.HOST_BUILT:
+            self._wrap(torch, name, "host-built tensor")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._restore):
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        self._restore.clear()
+
+    def report(self) -> str:
+        return "\n".join(self.calls)

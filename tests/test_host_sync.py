@@ -13,9 +13,6 @@ CUDA and counts every Python-level read whatever the tensor's device:
 * the NumPy backend moves every tensor through NumPy by design (its bridge: ``.numpy()`` and
   ``torch.from_numpy``), so for it the bridge is exempt and everything else must still count zero.
 """
-import contextlib
-from collections import Counter
-
 import pytest
 import torch
 
@@ -24,45 +21,25 @@ import tkernels.nn as tnn
 from tkernels.models import LeNet
 from tkernels.ops import losses
 
-READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
-CREATIONS = ("tensor", "as_tensor", "from_numpy")
+from helpers import HostSyncCounter
+
 BRIDGE = ("numpy", "from_numpy")
 
 
-@contextlib.contextmanager
-def count_host_syncs(exempt=()):
-    """Counter of the reads and host-data creations made inside the block (by name)."""
-    counts = Counter()
-    saved = []
-
-    def counted(owner, name):
-        original = getattr(owner, name)
-        saved.append((owner, name, original))
-
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return original(*args, **kwargs)
-        setattr(owner, name, wrapper)
-
-    for name in READS:
-        if name not in exempt:
-            counted(torch.Tensor, name)
-    for name in CREATIONS:
-        if name not in exempt:
-            counted(torch, name)
-    try:
-        yield counts
-    finally:
-        for owner, name, original in reversed(saved):
-            setattr(owner, name, original)
+def syncs(counter: HostSyncCounter, exempt=()) -> list:
+    """The recorded calls ("<kind> <name> at <file>:<line>"), less those named in ``exempt``."""
+    return [call for call in counter.calls if call.split(" at ")[0].split()[-1] not in exempt]
 
 
 def test_the_counter_sees_every_kind_of_sync():
     t = torch.ones(2)
-    with count_host_syncs() as counts:
+    with HostSyncCounter() as counter:
         t.sum().item(), bool(t[0]), float(t[0]), int(t[0]), t.tolist(), t.cpu(), t.numpy()
         torch.tensor([1.0]), torch.as_tensor([1.0]), torch.from_numpy(t.numpy())
-    assert set(counts) == set(READS + CREATIONS) - {"__index__"}
+    def names(calls):
+        return {call.split(" at ")[0].split()[-1] for call in calls}
+    assert names(counter.calls) == set(HostSyncCounter.SYNCS + HostSyncCounter.HOST_BUILT)
+    assert names(syncs(counter, exempt=BRIDGE)) == set(HostSyncCounter.SYNCS + HostSyncCounter.HOST_BUILT) - set(BRIDGE)
 
 
 def lenet_step(model, optimizer, criterion, images, labels):
@@ -85,9 +62,10 @@ def test_a_lenet_adamw_cross_entropy_step_has_no_host_sync(backend_name, monkeyp
         for _ in range(2):  # the first step creates the optimizer state
             lenet_step(model, optimizer, criterion, images, labels)
         before = [p.detach().clone() for p in model.parameters()]
-        with count_host_syncs(exempt=BRIDGE if backend_name == "numpy" else ()) as counts:
+        with HostSyncCounter() as counter:
             loss = lenet_step(model, optimizer, criterion, images, labels)
-    assert dict(counts) == {}, f"host syncs in one training step: {dict(counts)}"
+    found = syncs(counter, exempt=BRIDGE if backend_name == "numpy" else ())
+    assert found == [], "host syncs in one training step:\n" + "\n".join(found)
     assert torch.isfinite(loss.detach()).all()
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "the step changed nothing"
 
@@ -101,10 +79,11 @@ def test_lenet_forward_backward_and_cross_entropy_have_no_host_sync(backend_name
     images, labels = torch.randn(3, 1, 8, 8), torch.randint(0, 10, (3,))
     with tkernels.use_backend(backend_name):
         criterion(model(images), labels).backward()
-        with count_host_syncs(exempt=BRIDGE if backend_name == "numpy" else ()) as counts:
+        with HostSyncCounter() as counter:
             loss = criterion(model(images), labels)
             loss.backward()
-    assert dict(counts) == {}, f"host syncs in forward, loss and backward: {dict(counts)}"
+    found = syncs(counter, exempt=BRIDGE if backend_name == "numpy" else ())
+    assert found == [], "host syncs in forward, loss and backward:\n" + "\n".join(found)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
@@ -113,11 +92,12 @@ def test_device_side_target_check_raises_without_a_host_read(monkeypatch):
     which lets the device branch be tested here."""
     monkeypatch.setattr(losses, "_target_on_host", lambda target: False)
     logits = torch.randn(4, 3)
-    with count_host_syncs() as counts:
+    bad, ignored = torch.tensor([0, 1, 3, 2]), torch.tensor([0, -100, 2, 1])
+    with HostSyncCounter() as counter:
         with pytest.raises(RuntimeError, match=r"target is out of bounds: expected class indices in \[0, 2\]"):
-            tkernels.functional.cross_entropy(logits, torch.tensor([0, 1, 3, 2]))
-        tkernels.functional.cross_entropy(logits, torch.tensor([0, -100, 2, 1]))  # ignore_index passes
-    assert counts["item"] == counts["__bool__"] == 0
+            tkernels.functional.cross_entropy(logits, bad)
+        tkernels.functional.cross_entropy(logits, ignored)  # ignore_index passes
+    assert counter.calls == [], counter.report()
 
 
 def test_host_target_check_still_raises_torchs_index_error():

@@ -12,10 +12,11 @@ several times what torch spends on a small layer. So:
   none can be, e.g. under ``torch.no_grad()`` or for inputs that do not require grad.
 
 "Plain eager" (:func:`plain_eager`) means: not tracing for torch.compile/export, no
-``TorchDispatchMode`` active (fake tensors, make_fx, FlopCounter...), no functorch transform, no
-autocast (the registered op carries the autocast policy), and a first tensor argument that is an
-ordinary CPU or CUDA tensor (not a subclass, not on the meta device). Everything else keeps the
-exact torch.library behaviour.
+``TorchDispatchMode`` active (fake tensors, make_fx, FlopCounter...), no functorch transform, and a
+first tensor argument that is an ordinary CPU or CUDA tensor (not a subclass, not on the meta
+device). Everything else keeps the exact torch.library behaviour. Autocast needs no exception: the
+public functions cast their inputs before any op runs (ops/_autocast.py), and the custom ops have no
+Autocast kernel.
 
 The direct path keeps one thing the dispatcher did: arguments the op declares as mutated get their
 version counter bumped (a Triton kernel writing in place does not), so autograd still detects an
@@ -30,13 +31,6 @@ from torch import Tensor
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 _EAGER_DEVICES = ("cpu", "cuda")
-_is_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
-
-
-def _autocast_enabled() -> bool:
-    if _is_any_autocast_enabled is not None:
-        return _is_any_autocast_enabled()
-    return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()  # torch < 2.3
 
 
 def _first_tensor(args: Sequence[Any]):
@@ -50,16 +44,17 @@ def _first_tensor(args: Sequence[Any]):
 
 def plain_eager(args: Sequence[Any]) -> bool:
     """Whether a call with these arguments may skip torch.library's dispatch (see module docstring)."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or _autocast_enabled()
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active()):
         return False
     t = _first_tensor(args)
     return t is None or (type(t) in _PLAIN_TYPES and t.device.type in _EAGER_DEVICES)
 
 
-def _mutated_positions(fn: Callable, mutates_args: Sequence[str]) -> Tuple[int, ...]:
+def _mutated_arguments(fn: Callable, mutates_args: Sequence[str]) -> Tuple[Tuple[int, str], ...]:
+    """(position, name) of each mutated argument."""
     names = list(fn.__code__.co_varnames[:fn.__code__.co_argcount])
-    return tuple(names.index(name) for name in mutates_args)
+    return tuple((names.index(name), name) for name in mutates_args)
 
 
 class EagerCustomOp:
@@ -68,19 +63,19 @@ class EagerCustomOp:
     Attribute access (``register_fake``, ``register_autocast``, ...) goes to the registered op.
     """
 
-    def __init__(self, qualname: str, op, impl: Callable, mutated: Tuple[int, ...]):
+    def __init__(self, qualname: str, op, impl: Callable, mutated: Tuple[Tuple[int, str], ...]):
         self.op = op
         self.impl = impl
         self.mutated = mutated
         namespace, name = qualname.split("::")
         self.packet = getattr(getattr(torch.ops, namespace), name)  # what tracing sees, as before
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if not plain_eager(args):
-            return self.packet(*args)
-        result = self.impl(*args)
-        for i in self.mutated:
-            value = args[i]
+            return self.packet(*args, **kwargs)
+        result = self.impl(*args, **kwargs)
+        for i, name in self.mutated:
+            value = args[i] if i < len(args) else kwargs.get(name)
             for t in (value if isinstance(value, (list, tuple)) else (value,)):
                 if t is not None:
                     torch.autograd.graph.increment_version(t)
@@ -94,7 +89,7 @@ def custom_op(qualname: str, *, mutates_args: Sequence[str]):
     """``torch.library.custom_op(qualname, mutates_args=...)`` with the eager fast path."""
     def register(fn: Callable) -> EagerCustomOp:
         op = torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(fn)
-        return EagerCustomOp(qualname, op, fn, _mutated_positions(fn, mutates_args))
+        return EagerCustomOp(qualname, op, fn, _mutated_arguments(fn, mutates_args))
     return register
 
 

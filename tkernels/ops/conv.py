@@ -38,6 +38,7 @@ import triton.language as tl
 from .. import _backend
 from ..activations import Activation, ActivationLike, apply_activation, resolve_activation
 from ..reference import conv as ref
+from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
                       from_numpy, register_kernel, suggests_channels_last, tl_input_precision, to_numpy)
@@ -425,6 +426,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     Output has the input's dtype and memory format (channels_last in, channels_last out).
     """
     op = "conv2d"
+    input, weight, bias = cast_inputs(op, input, weight, bias)
     check_floating(op, "input", input)
     check_floating(op, "weight", weight)
     if bias is not None:

@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import _backend
 from ..activations import ActivationLike, resolve_activation
 from ..reference import linear as ref
+from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
 from ._common import check_floating, check_same, check_triton_dtype, from_numpy, to_numpy
 from .matmul import matmul
@@ -111,6 +112,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
            activation: ActivationLike = None) -> Tensor:
     """``torch.nn.functional.linear`` with an optional fused activation: act(input @ weight.T + bias)."""
     op = "linear"
+    input, weight, bias = cast_inputs(op, input, weight, bias)
     check_floating(op, "input", input)
     check_floating(op, "weight", weight)
     check_same(op, "input", input, weight=weight, bias=bias)

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import losses as ref
+from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
 from ._common import KernelSpec, Tuned, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
@@ -518,6 +519,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     IndexError, checked on the host.
     """
     op = "cross_entropy"
+    input, target, weight = cast_inputs(op, input, target, weight)
     reduction = _resolve_reduction(op, size_average, reduce, reduction)
     _check_float(op, "input", input)
     _check_tensor(op, "target", target)
