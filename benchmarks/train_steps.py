@@ -32,7 +32,7 @@ def _step_eager(run):
 
 
 def variants(model_name: str):
-    from tkernels.cli.train import make_run
+    from tkernels.cli.train_loop import make_run
     from tkernels.models import build_model
 
     def model(impl):

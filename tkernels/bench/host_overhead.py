@@ -31,6 +31,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._threads import cpu_threads
+
 # Targets from issue 12: tkernels' host cost at most this many times torch eager's.
 TARGETS = {
     "Linear fwd": 2.0, "Linear fwd+bwd": 2.0, "Conv2d fwd": 2.0, "BatchNorm2d train fwd": 2.0,
@@ -249,17 +251,13 @@ def run(where: str = HOST, rounds: int = 7, round_ms: float = 30.0, only: Option
         raise RuntimeError(f"the {where!r} measurement needs TRITON_INTERPRET={'1' if where == HOST else 'unset'} "
                            "before tkernels is imported (`tkernels bench --host-overhead` arranges it)")
     cases = [c for c in all_cases() if not only or any(case_label(c).lower().startswith(o.lower()) for o in only)]
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is torch's fastest, and the fair comparison
     rows = []
-    try:
-        with tkernels.use_backend("triton"):
-            for case in cases:
-                rows.append(measure(case, where, rounds, round_ms))
-                if progress:
-                    progress(rows[-1])
-    finally:
-        torch.set_num_threads(previous_threads)
+    # tiny tensors: one torch and one BLAS thread is torch's fastest setting, and the fair comparison
+    with cpu_threads(1), tkernels.use_backend("triton"):
+        for case in cases:
+            rows.append(measure(case, where, rounds, round_ms))
+            if progress:
+                progress(rows[-1])
     return rows
 
 

@@ -4,6 +4,12 @@ op family. Importing this package registers every ``tkernels::`` op and every ke
 import importlib
 import pkgutil
 
-for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
+from .._backend import interpret_as_read
+from ._lazy_dynamo import defer_dynamo_import
+
+with interpret_as_read():  # the kernels are defined here (see tkernels/__init__.py)
+    for _module in pkgutil.iter_modules(__path__):
+        if not _module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{_module.name}")
+
+defer_dynamo_import("tkernels")  # eager calls need not import torch._dynamo (see _lazy_dynamo)
