@@ -94,7 +94,9 @@ def test_every_tkernels_op_defers_dynamo_and_hands_over_once_it_is_loaded():
     for op in ours:
         for impl in op._backend_fns.values():
             assert getattr(impl.__wrapped__, _lazy_dynamo.DISABLE_CACHE) is not None, op._qualname
-    tkernels.functional.relu(torch.randn(4))  # with dynamo loaded: torch's own disabled wrapper from now on
+    # through the dispatcher (plain eager calls skip it: ops/_dispatch.py); with dynamo loaded, torch's
+    # own disabled wrapper from now on
+    torch.ops.tkernels.activation(torch.randn(4), "relu", 0.0)
     activation = OPDEFS["tkernels::activation"]
     cached = [getattr(impl.__wrapped__, _lazy_dynamo.DISABLE_CACHE) for impl in activation._backend_fns.values()]
     assert cached and not any("_until_dynamo_is_imported" in fn.__qualname__ for fn in cached)
