@@ -306,6 +306,26 @@ def test_bias_grad_without_weight_grad(backend):
         assert w.grad is None
 
 
+@pytest.mark.parametrize("batch", [2, 64])  # 64 > the 4-wide output rows: batch-innermost columns
+def test_numpy_backend_weight_grad_without_input_grad(batch):
+    """A first layer (input without grad): the reference skips grad_x, the weight and bias grads
+    still match torch, and grad_x never reaches the input."""
+    x = randn(batch, 3, 8, 7, dtype=torch.float64)
+    w = randn(5, 3, 3, 3, dtype=torch.float64).requires_grad_()
+    b = randn(5, dtype=torch.float64).requires_grad_()
+    with tkernels.use_backend("numpy"):
+        y = conv2d(x, w, b, stride=2, padding=1, activation="silu")
+        gy = randn(*y.shape, dtype=torch.float64)
+        dw, db = torch.autograd.grad(y, (w, b), gy)
+    wt, bt = (t.detach().clone().requires_grad_() for t in (w, b))
+    dwt, dbt = torch.autograd.grad(TF.silu(TF.conv2d(x, wt, bt, stride=2, padding=1)), (wt, bt), gy)
+    assert_close(dw, dwt, reduction=batch * y[0, 0].numel())
+    assert_close(db, dbt, reduction=batch * y[0, 0].numel())
+    args = (to_numpy64(gy), to_numpy64(x), to_numpy64(w), to_numpy64(b), (2, 2), (1, 1, 1, 1), (1, 1), 1, "silu")
+    assert ref.conv2d_backward(*args, need_input=False)[0] is None
+    assert x.grad is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Module
 # ---------------------------------------------------------------------------------------------

@@ -103,3 +103,17 @@ def test_optimizer_steps_bump_the_parameters_versions():
     before = p._version
     optimizer.step()
     assert p._version > before
+
+
+def test_the_direct_path_of_every_op_keeps_the_device_guard_on_cuda():
+    import importlib
+    import pkgutil
+
+    import tkernels.ops as ops_package
+    from tkernels.ops import _common
+
+    modules = [importlib.import_module(f"tkernels.ops.{m.name}") for m in pkgutil.iter_modules(ops_package.__path__)]
+    eager_ops = {v.qualname: v for m in modules for v in vars(m).values() if isinstance(v, _dispatch.EagerCustomOp)}
+    assert len(eager_ops) >= 29 and set(eager_ops) == set(_common.GUARDED_OPS)
+    for name, op in eager_ops.items():
+        assert op.cuda_impl is _common.GUARDED_OPS[name] and op.impl is not op.cuda_impl, name

@@ -24,7 +24,7 @@ in-place change to a tensor saved for backward.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -42,13 +42,23 @@ def _first_tensor(args: Sequence[Any]):
     return None
 
 
-def plain_eager(args: Sequence[Any]) -> bool:
-    """Whether a call with these arguments may skip torch.library's dispatch (see module docstring)."""
+def eager_device(args: Sequence[Any]) -> Optional[str]:
+    """'cpu' or 'cuda' when a call with these arguments may skip torch.library's dispatch (see the
+    module docstring), with the device type its first tensor is on; None when it must dispatch."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active()):
-        return False
+        return None
     t = _first_tensor(args)
-    return t is None or (type(t) in _PLAIN_TYPES and t.device.type in _EAGER_DEVICES)
+    if t is None:
+        return "cpu"
+    if type(t) not in _PLAIN_TYPES:
+        return None
+    device = t.device.type
+    return device if device in _EAGER_DEVICES else None
+
+
+def plain_eager(args: Sequence[Any]) -> bool:
+    return eager_device(args) is not None
 
 
 def _mutated_arguments(fn: Callable, mutates_args: Sequence[str]) -> Tuple[Tuple[int, str], ...]:
@@ -64,16 +74,19 @@ class EagerCustomOp:
     """
 
     def __init__(self, qualname: str, op, impl: Callable, mutated: Tuple[Tuple[int, str], ...]):
+        self.qualname = qualname
         self.op = op
         self.impl = impl
+        self.cuda_impl = impl  # ops/_common.guard_custom_ops puts the device guard here
         self.mutated = mutated
         namespace, name = qualname.split("::")
         self.packet = getattr(getattr(torch.ops, namespace), name)  # what tracing sees, as before
 
     def __call__(self, *args, **kwargs):
-        if not plain_eager(args):
+        device = eager_device(args)
+        if device is None:
             return self.packet(*args, **kwargs)
-        result = self.impl(*args, **kwargs)
+        result = (self.cuda_impl if device == "cuda" else self.impl)(*args, **kwargs)
         for i, name in self.mutated:
             value = args[i] if i < len(args) else kwargs.get(name)
             for t in (value if isinstance(value, (list, tuple)) else (value,)):

@@ -48,8 +48,9 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 def _numpy_stats_tensor(count, mean, m2, eps: float, like: Tensor) -> Tensor:
     dtype = _stats_dtype(like)
-    hi = mean.astype(np.float32 if dtype == torch.float32 else np.float64).astype(np.float64)
-    rows = np.stack([count, hi, mean - hi, m2, ref.invstd_from_m2(count, m2, eps)])
+    with np.errstate(all="ignore"):  # inf - inf is NaN, as in the kernels, and torch does not warn
+        hi = mean.astype(np.float32 if dtype == torch.float32 else np.float64).astype(np.float64)
+        rows = np.stack([count, hi, mean - hi, m2, ref.invstd_from_m2(count, m2, eps)])
     return from_numpy(rows, like, dtype=dtype)
 
 

@@ -267,7 +267,7 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
         z2d = rows_view(z) if z is not None else None
         if x2d is not None and y2d is not None and (z is None or z2d is not None):
             matmul(x2d, weight[:, :, 0, 0].t(), y2d, bias=bias, activation_code=act.code,
-                   activation_param=act.param, preact_out=z2d)
+                   activation_param=act.param, preact_out=z2d, precision_of="conv")
             return
     dummy = y
     z_t = z if z is not None else dummy
@@ -292,7 +292,7 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), groups)  # noqa: E731
     kernel[grid](x, w_t, bias_t, y, z_t, h, w, c_in_g, c_out_g, oh, ow, kh, kw, m, *geometry,
                  *x.stride(), *w_strides, *y.stride(), float(act.param),
-                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype), **meta)
+                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype, "conv"), **meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, param, sav
 
 
 @custom_op("tkernels::conv2d_backward", mutates_args=())
-def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Tensor,
+def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Optional[Tensor],
                     stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str,
                     param: float, need_input: bool, need_weight: bool, need_bias: bool,
                     channels_last: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -336,7 +336,7 @@ def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if _backend.resolve("conv2d", x) == "numpy":
         dx, dw, db = ref.conv2d_backward(to_numpy(grad_y), to_numpy(x), to_numpy(weight), to_numpy(bias), stride,
-                                         padding, dilation, groups, activation, param)
+                                         padding, dilation, groups, activation, param, need_input)
         return (from_numpy(dx, x).contiguous(memory_format=fmt) if need_input else x.new_empty(_EMPTY),
                 from_numpy(dw, weight) if need_weight else x.new_empty(_EMPTY),
                 from_numpy(db, weight) if need_bias else x.new_empty(_EMPTY))
@@ -371,10 +371,12 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
                 activation: str, param: float, channels_last: bool):
-        save_preact = not resolve_activation(Activation(activation, param)).grad_from_output
+        act = resolve_activation(Activation(activation, param))
+        save_preact = not act.grad_from_output
         y, z = conv2d_forward(x, weight, bias, stride, padding, dilation, groups, activation, param,
                               save_preact, channels_last)
-        ctx.save_for_backward(x, weight, bias, z if save_preact else y)
+        # as for linear: no output kept for identity, so `out += identity` on y stays legal
+        ctx.save_for_backward(x, weight, bias, z if save_preact else (None if act.is_identity else y))
         ctx.geometry = (stride, padding, dilation, groups)
         ctx.activation, ctx.param, ctx.channels_last = activation, param, channels_last
         ctx.has_bias = bias is not None

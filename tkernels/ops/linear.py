@@ -3,7 +3,8 @@
 Forward is one matmul launch with bias and activation in the epilogue. Backward fuses
 dZ = dY * act'(.) into the loads of the two gradient GEMMs and gets the bias gradient as
 a by-product of the weight-gradient GEMM (its row sums). What backward keeps: nothing for
-identity, the output y for relu/sigmoid/tanh, the pre-activation z otherwise.
+identity (x and W only, as torch's linear), the output y for relu/sigmoid/tanh (as torch's
+separate activation would), the pre-activation z otherwise.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def _(x, weight, bias, activation, param, save_preact):
 
 
 @custom_op("tkernels::linear_backward", mutates_args=())
-def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Tensor,
+def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Optional[Tensor],
                     activation: str, param: float, need_input: bool, need_weight: bool,
                     need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dx, dW, db); the ones not asked for come back as empty tensors."""
@@ -94,7 +95,9 @@ class LinearFunction(torch.autograd.Function):
         save_preact = not act.grad_from_output
         y, z = linear_forward(x, weight, bias, act.name, param, save_preact)
         ctx.activation, ctx.param, ctx.has_bias = act.name, param, bias is not None
-        saved = z if save_preact else y
+        # Keep what torch's own ops would keep: nothing of the output for identity (so in-place
+        # ops on y, such as `y += residual`, stay legal), y where torch's relu/sigmoid/tanh keep it.
+        saved = z if save_preact else (None if act.is_identity else y)
         ctx.save_for_backward(x, weight, bias, saved)
         return y
 

@@ -208,7 +208,7 @@ def loss_finish_kernel(part_ptr, den_part_ptr, out_ptr, denom_ptr, n_parts, coun
     if HAS_DEN:
         denom = tl.sum(dacc, axis=0)
     else:
-        denom = count + 0.0 * total
+        denom = tl.zeros_like(total) + count  # (not count + 0 * total: NaN for a NaN/Inf loss)
     if MEAN:
         total = total / denom
     tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))

@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 
+from ._errstate import silent
+
 try:  # scipy's erf is vectorised C; math.erf through np.vectorize is the fallback
     from scipy.special import erf as _erf
 except ImportError:  # pragma: no cover
@@ -22,7 +24,8 @@ def relu(z, param=0.0):
 
 
 def relu_grad_from_output(y, param=0.0):
-    return (y > 0).astype(y.dtype)
+    # torch's threshold_backward: zero where y <= 0, so a NaN output passes the gradient
+    return (~(y <= 0)).astype(y.dtype)
 
 
 def leaky_relu(z, negative_slope=0.01):
@@ -33,10 +36,12 @@ def leaky_relu_grad(z, negative_slope=0.01):
     return np.where(z > 0, 1.0, negative_slope).astype(z.dtype)
 
 
+@silent
 def gelu(z, param=0.0):
     return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
 
 
+@silent
 def gelu_grad(z, param=0.0):
     cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
     pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
@@ -46,10 +51,12 @@ def gelu_grad(z, param=0.0):
 _K = math.sqrt(2.0 / math.pi)
 
 
+@silent
 def gelu_tanh(z, param=0.0):
     return 0.5 * z * (1.0 + np.tanh(_K * (z + 0.044715 * z**3)))
 
 
+@silent
 def gelu_tanh_grad(z, param=0.0):
     t = np.tanh(_K * (z + 0.044715 * z**3))
     return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _K * (1.0 + 3 * 0.044715 * z * z)
@@ -65,10 +72,12 @@ def _sigmoid(z):
     return out
 
 
+@silent
 def silu(z, param=0.0):
     return z * _sigmoid(z)
 
 
+@silent
 def silu_grad(z, param=0.0):
     s = _sigmoid(z)
     return s * (1.0 + z * (1.0 - s))
@@ -91,7 +100,7 @@ def tanh_grad_from_output(y, param=0.0):
 
 
 def relu_grad(z, param=0.0):
-    return (z > 0).astype(z.dtype)
+    return (~(z <= 0)).astype(z.dtype)
 
 
 def sigmoid_grad(z, param=0.0):
@@ -117,10 +126,12 @@ ACTIVATIONS = {
 }
 
 
+@silent
 def activation_forward(name, z, param=0.0):
     return ACTIVATIONS[name][0](z, param)
 
 
+@silent
 def activation_backward(name, grad_y, z, param=0.0):
     """dL/dz given dL/dy and the pre-activation z."""
     return grad_y * ACTIVATIONS[name][1](z, param)

@@ -10,15 +10,30 @@ statistics towards the batch mean and the *unbiased* variance:
 Eval normalises with the running statistics. An activation, if any, follows the affine step:
 y = act(gamma * x_hat + beta).
 """
+import math
+
 import numpy as np
 
 from .activations import ACTIVATIONS
+from ._errstate import silent
 
 
 def _per_channel(x):
     """(N, C, *S) -> (C, N * prod(S)): one row per channel."""
     x = np.asarray(x, np.float64)
     return np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+
+
+def _rows_view(x):
+    """(N, C, *S) -> (N, C, prod(S)) without a copy (for a contiguous x): reductions over axes 0
+    and 2 then stay passes over memory in order, with no transposed copy per call."""
+    x = np.asarray(x, np.float64)
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def _column(v):
+    """A per-channel vector shaped to broadcast against (N, C, M)."""
+    return np.asarray(v, np.float64)[:, None]
 
 
 def _broadcast(v, ndim):
@@ -38,6 +53,7 @@ def _affine(x_hat, weight, bias):
 # ---------------------------------------------------------------------------------------------
 # Whole-layer reference
 # ---------------------------------------------------------------------------------------------
+@silent
 def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                        eps=1e-5, activation="identity", param=0.0):
     """Returns (y, new_running_mean, new_running_var); the running arrays are None when not given
@@ -60,6 +76,7 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
     return y, new_mean, new_var
 
 
+@silent
 def batch_norm_backward(grad_y, x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
                         eps=1e-5, activation="identity", param=0.0):
     """Returns (grad_x, grad_weight, grad_bias); grad_weight/grad_bias are per-channel vectors.
@@ -96,17 +113,20 @@ def batch_norm_backward(grad_y, x, weight=None, bias=None, running_mean=None, ru
 # ---------------------------------------------------------------------------------------------
 # Pieces: per-channel statistics, their stable merge, and the two halves of backward.
 # ---------------------------------------------------------------------------------------------
+@silent
 def channel_stats(x):
     """(count, mean, m2) per channel: m2 is the sum of squared deviations from the mean."""
-    rows = _per_channel(x)
-    count = rows.shape[1]
+    rows = _rows_view(x)
+    channels, count = rows.shape[1], rows.shape[0] * rows.shape[2]
     if count == 0:
-        zeros = np.zeros(rows.shape[0])
-        return np.zeros(rows.shape[0]), zeros, zeros.copy()
-    mean = rows.mean(axis=1)
-    return np.full(rows.shape[0], float(count)), mean, ((rows - mean[:, None]) ** 2).sum(axis=1)
+        zeros = np.zeros(channels)
+        return np.zeros(channels), zeros, zeros.copy()
+    mean = np.einsum("ncm->c", rows) / count
+    centered = rows - _column(mean)
+    return np.full(channels, float(count)), mean, np.einsum("ncm,ncm->c", centered, centered)
 
 
+@silent
 def merge_stats(counts, means, m2s):
     """Chan et al.'s pairwise merge of per-group (count, mean, m2), groups along axis 0."""
     counts, means, m2s = (np.asarray(a, np.float64) for a in (counts, means, m2s))
@@ -121,6 +141,7 @@ def merge_stats(counts, means, m2s):
     return n, mean, m2
 
 
+@silent
 def update_running(running_mean, running_var, count, mean, m2, momentum):
     """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0."""
     rm, rv = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
@@ -133,43 +154,63 @@ def update_running(running_mean, running_var, count, mean, m2, momentum):
     return new_mean, new_var
 
 
+@silent
 def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
     """y = act(gamma * (x - mean) * invstd + beta) with given per-channel statistics."""
-    x = np.asarray(x, np.float64)
-    x_hat = (x - _broadcast(mean, x.ndim)) * _broadcast(invstd, x.ndim)
-    return ACTIVATIONS[activation][0](_affine(x_hat, weight, bias), param)
+    rows = _rows_view(x)
+    scale = np.asarray(invstd, np.float64)
+    if weight is not None:
+        scale = np.asarray(weight, np.float64) * scale
+    z = rows - _column(mean)
+    z *= _column(scale)
+    if bias is not None:
+        z += _column(bias)
+    return ACTIVATIONS[activation][0](z, param).reshape(np.shape(x))
 
 
+def _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param):
+    """(x_hat, dz) as (N, C, M): dz = dy * act'(z) with z = gamma * x_hat + beta recomputed."""
+    x_hat = _rows_view(x) - _column(mean)
+    x_hat *= _column(invstd)
+    dz = _rows_view(grad_y)
+    if activation != "identity":  # act' is 1 everywhere for identity
+        dz = dz * ACTIVATIONS[activation][1](_affine(x_hat, weight, bias), param)
+    return x_hat, dz
+
+
+@silent
 def backward_reduce(grad_y, x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
     """Per-channel (sum dz, sum dz * x_hat): dbeta and dgamma, and the two terms dx needs."""
-    x = np.asarray(x, np.float64)
-    axes = (0,) + tuple(range(2, x.ndim))
-    x_hat = (x - _broadcast(mean, x.ndim)) * _broadcast(invstd, x.ndim)
-    dz = np.asarray(grad_y, np.float64) * ACTIVATIONS[activation][1](_affine(x_hat, weight, bias), param)
-    return dz.sum(axis=axes), (dz * x_hat).sum(axis=axes)
+    x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    return np.einsum("ncm->c", dz), np.einsum("ncm,ncm->c", dz, x_hat)
 
 
+@silent
 def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None, sum_dz_xhat=None, count=1,
                    activation="identity", param=0.0):
     """dx from the (possibly all-reduced) sums over `count` values per channel; without the sums
     (eval) the statistics are constants and dx = gamma * invstd * dz."""
-    x = np.asarray(x, np.float64)
-    x_hat = (x - _broadcast(mean, x.ndim)) * _broadcast(invstd, x.ndim)
-    dz = np.asarray(grad_y, np.float64) * ACTIVATIONS[activation][1](_affine(x_hat, weight, bias), param)
-    gamma = np.ones(x.shape[1]) if weight is None else np.asarray(weight, np.float64)
-    scale = _broadcast(gamma * np.asarray(invstd, np.float64), x.ndim)
+    x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    gamma = np.ones(x_hat.shape[1]) if weight is None else np.asarray(weight, np.float64)
+    scale = _column(gamma * np.asarray(invstd, np.float64))
     if sum_dz is None:
-        return scale * dz
+        return (scale * dz).reshape(np.shape(x))
     count = np.maximum(np.asarray(count, np.float64), 1.0)
-    return scale * (dz - _broadcast(np.asarray(sum_dz) / count, x.ndim)
-                    - x_hat * _broadcast(np.asarray(sum_dz_xhat) / count, x.ndim))
+    # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), built in place
+    dx = x_hat * _column(-np.asarray(sum_dz_xhat, np.float64) / count)
+    dx += dz
+    dx -= _column(np.asarray(sum_dz, np.float64) / count)
+    dx *= scale
+    return dx.reshape(np.shape(x))
 
 
+@silent
 def invstd_from_m2(count, m2, eps):
     """1 / sqrt(biased variance + eps) from merged statistics (variance 0 where count is 0)."""
     count = np.asarray(count, np.float64)
     return 1.0 / np.sqrt(np.asarray(m2, np.float64) / np.maximum(count, 1.0) + eps)
 
 
+@silent
 def invstd_from_var(var, eps):
     return 1.0 / np.sqrt(np.asarray(var, np.float64) + eps)

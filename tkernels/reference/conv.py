@@ -1,79 +1,146 @@
-"""2-D convolution (cross-correlation, as torch defines it) in float64 NumPy.
+"""2-D convolution (cross-correlation, as torch defines it) in float64 NumPy, as matrix products.
 
-The input is zero-padded explicitly, every receptive field is exposed as a strided view
-(``sliding_window_view``), and each group is one ``tensordot`` between the windows and the
-weight. The input gradient scatters the per-window gradients back with one strided add per
-kernel position; the weight gradient is the tensordot of grad_z with the same windows.
+The zero-padded input is unfolded once into a column matrix (im2col): row (c, i, j) holds, for
+every output position (n, oh, ow), the input value that kernel tap (i, j) of channel c meets
+there. Each group's convolution is then a single BLAS matrix product of the weight, reshaped to
+(C_out_g, C_in_g * KH * KW), with that group's rows of the columns. Channels are the outer index
+of both the rows and the result, so groups are row blocks and no product needs a transpose copy.
+
+Backward reuses the columns: grad_weight = grad_z @ columns.T, and the input gradient's columns
+weight.T @ grad_z are folded back (col2im) with one strided add of a whole (C, positions) block
+per kernel tap.
+
+The output positions (n, oh, ow) run batch outermost (n, oh, ow), except for feature maps narrower
+than 8 columns with a larger batch, where they run batch innermost (oh, ow, n). NumPy's strided
+copies and adds cost per innermost run, so 4-wide runs over a batch of 64 make the unfold and the
+fold several times slower than 64-long ones; for wider maps the transposes in and out of the
+batch-innermost layout cost more than they save.
 
 Shapes: x (N, C_in, H, W), weight (C_out, C_in/groups, KH, KW), bias (C_out,),
 padding (top, bottom, left, right), stride (sh, sw), dilation (dh, dw).
+The results are (N, C, H, W) views of arrays laid out channels first, then the positions' order.
 """
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 
 from .activations import activation_backward, activation_forward
+from ._errstate import silent
 
 
-def _windows(x, kernel, stride, padding, dilation):
-    """Receptive fields of the padded input: (N, C, OH, OW, KH, KW)."""
-    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+def padded(x, padding, fill=0.0):
+    """x with `fill` around its last two dims, padding = (top, bottom, left, right); x itself when
+    there is nothing to pad. (np.pad does the same several times more slowly on small arrays.)"""
     top, bottom, left, right = padding
-    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
-    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    win = sliding_window_view(xp, (span_h, span_w), axis=(2, 3))  # (N, C, Hp-span+1, Wp-span+1, span_h, span_w)
-    return win[:, :, ::sh, ::sw, ::dh, ::dw]
+    if not any(padding):
+        return x
+    n, c, h, w = x.shape
+    xp = np.full((n, c, top + h + bottom, left + w + right), fill)
+    xp[:, :, top:top + h, left:left + w] = x
+    return xp
 
 
+def _output_size(padded_size, kernel, stride, dilation):
+    return (padded_size - dilation * (kernel - 1) - 1) // stride + 1
+
+
+_N, _H, _W = 0, 2, 3  # axes of an (N, C, H, W) array
+
+
+def _position_order(n, ow):
+    """The axes (of N, C, H, W) that output positions run over, slowest first."""
+    return (_H, _W, _N) if ow < 8 and n > ow else (_N, _H, _W)
+
+
+def _from_layout(a, order):
+    """An array laid out (C, *order) seen as (N, C, H, W)."""
+    return a.transpose(np.argsort((1,) + order))
+
+
+def _columns(xp, kernel, stride, dilation):
+    """im2col of the padded input: (C * KH * KW, positions), rows (c, i, j); returns the columns,
+    the output size (OH, OW) and the order of the positions."""
+    n, c, hp, wp = xp.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh, ow = _output_size(hp, kh, sh, dh), _output_size(wp, kw, sw, dw)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"conv2d: kernel {kh}x{kw} with dilation {dh}x{dw} does not fit the padded input "
+                         f"{hp}x{wp}")
+    order = _position_order(n, ow)
+    s_n, s_c, s_h, s_w = xp.strides
+    extent, step = {_N: n, _H: oh, _W: ow}, {_N: s_n, _H: sh * s_h, _W: sw * s_w}
+    taps = as_strided(xp, (c, kh, kw) + tuple(extent[a] for a in order),
+                      (s_c, dh * s_h, dw * s_w) + tuple(step[a] for a in order), writeable=False)
+    return taps.reshape(c * kh * kw, n * oh * ow), (oh, ow), order  # the one copy of the windows
+
+
+def _by_group(product, a, b, groups):
+    """product(a_g, b_g) for equal row blocks a_g, b_g of a and b, stacked by rows."""
+    if groups == 1:
+        return product(a, b)
+    return np.concatenate([product(a_g, b_g) for a_g, b_g in zip(np.split(a, groups), np.split(b, groups))])
+
+
+def _preactivation(weight, bias, columns, groups, shape):
+    """z laid out (C_out, *positions), `shape` being that layout's shape."""
+    z = _by_group(np.matmul, weight.reshape(weight.shape[0], -1), columns, groups).reshape(shape)
+    if bias is not None:
+        z += np.asarray(bias, np.float64).reshape((-1, 1, 1, 1))
+    return z
+
+
+def _layout_shape(channels, n, h, w, order):
+    return (channels,) + tuple({_N: n, _H: h, _W: w}[a] for a in order)
+
+
+@silent
 def conv2d_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
                    activation="identity", param=0.0):
     """Returns (y, z): the output act(z) and the pre-activation z, both (N, C_out, OH, OW)."""
+    x = np.asarray(x, np.float64)
     weight = np.asarray(weight, np.float64)
-    c_out, c_in_g, kh, kw = weight.shape
-    c_out_g = c_out // groups
-    win = _windows(x, (kh, kw), stride, padding, dilation)
-    n, _, oh, ow = win.shape[:4]
-    z = np.empty((n, c_out, oh, ow))
-    for g in range(groups):
-        w_g = weight[g * c_out_g:(g + 1) * c_out_g]
-        win_g = win[:, g * c_in_g:(g + 1) * c_in_g]
-        # (N, C_in_g, OH, OW, KH, KW) . (C_out_g, C_in_g, KH, KW) -> (N, OH, OW, C_out_g)
-        z_g = np.tensordot(win_g, w_g, axes=([1, 4, 5], [1, 2, 3]))
-        z[:, g * c_out_g:(g + 1) * c_out_g] = z_g.transpose(0, 3, 1, 2)
-    if bias is not None:
-        z = z + np.asarray(bias, np.float64)[None, :, None, None]
+    columns, (oh, ow), order = _columns(padded(x, padding), weight.shape[2:], stride, dilation)
+    z = _preactivation(weight, bias, columns, groups, _layout_shape(weight.shape[0], x.shape[0], oh, ow, order))
+    z = _from_layout(z, order)
     return activation_forward(activation, z, param), z
 
 
+def _fold(grad_columns, padded_shape, kernel, stride, dilation, out_size, order):
+    """col2im: add each tap's block of gradients onto the padded input positions it read; returns
+    the gradient of the padded input laid out (C, *order)."""
+    n, c, hp, wp = padded_shape
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_size
+    blocks = grad_columns.reshape((c, kh, kw) + _layout_shape(c, n, oh, ow, order)[1:])
+    grad = np.zeros(_layout_shape(c, n, hp, wp, order))
+    h_axis, w_axis = 1 + order.index(_H), 1 + order.index(_W)
+    for i in range(kh):
+        for j in range(kw):
+            window = [slice(None)] * 4
+            window[h_axis] = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+            window[w_axis] = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+            grad[tuple(window)] += blocks[:, i, j]
+    return grad
+
+
+@silent
 def conv2d_backward(grad_y, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
-                    activation="identity", param=0.0):
-    """Returns (grad_x, grad_weight, grad_bias); z is recomputed from the inputs."""
+                    activation="identity", param=0.0, need_input=True):
+    """Returns (grad_x, grad_weight, grad_bias); z is recomputed from the inputs. Without
+    need_input grad_x is None: a network's first layer skips a product and the fold."""
     x = np.asarray(x, np.float64)
     weight = np.asarray(weight, np.float64)
-    grad_z = np.asarray(grad_y, np.float64)
+    c_out = weight.shape[0]
+    xp = padded(x, padding)
+    columns, (oh, ow), order = _columns(xp, weight.shape[2:], stride, dilation)
+    grad_z = np.asarray(grad_y, np.float64).transpose((1,) + order)  # laid out (C_out, *positions)
     if activation != "identity":  # only an activation needs the pre-activation
-        _, z = conv2d_forward(x, weight, bias, stride, padding, dilation, groups)
+        z = _preactivation(weight, bias, columns, groups, grad_z.shape)
         grad_z = activation_backward(activation, grad_z, z, param)
+    grad_z = grad_z.reshape(c_out, columns.shape[1])
 
-    n, c_in, h, w = x.shape
-    c_out, c_in_g, kh, kw = weight.shape
-    c_out_g = c_out // groups
-    (sh, sw), (dh, dw) = stride, dilation
-    top, bottom, left, right = padding
-    oh, ow = grad_z.shape[2:]
-    win = _windows(x, (kh, kw), stride, padding, dilation)
-
-    grad_w = np.empty_like(weight)
-    grad_xp = np.zeros((n, c_in, h + top + bottom, w + left + right))
-    for g in range(groups):
-        gz = grad_z[:, g * c_out_g:(g + 1) * c_out_g]  # (N, C_out_g, OH, OW)
-        win_g = win[:, g * c_in_g:(g + 1) * c_in_g]
-        grad_w[g * c_out_g:(g + 1) * c_out_g] = np.tensordot(gz, win_g, axes=([0, 2, 3], [0, 2, 3]))
-        # per-window input gradients: (N, OH, OW, C_in_g, KH, KW)
-        cols = np.tensordot(gz, weight[g * c_out_g:(g + 1) * c_out_g], axes=([1], [0]))
-        for i in range(kh):
-            for j in range(kw):
-                rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
-                cols_w = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
-                grad_xp[:, g * c_in_g:(g + 1) * c_in_g, rows, cols_w] += cols[..., i, j].transpose(0, 3, 1, 2)
-    grad_x = grad_xp[:, :, top:top + h, left:left + w]
-    return grad_x, grad_w, grad_z.sum(axis=(0, 2, 3))
+    grad_w = _by_group(lambda g, col: g @ col.T, grad_z, columns, groups).reshape(weight.shape)
+    if not need_input:
+        return None, grad_w, grad_z.sum(axis=1)
+    grad_columns = _by_group(lambda w, g: w.T @ g, weight.reshape(c_out, -1), grad_z, groups)
+    grad_xp = _from_layout(_fold(grad_columns, xp.shape, weight.shape[2:], stride, dilation, (oh, ow), order), order)
+    top, _, left, _ = padding
+    return grad_xp[:, :, top:top + x.shape[2], left:left + x.shape[3]], grad_w, grad_z.sum(axis=1)

@@ -2,8 +2,10 @@
 import numpy as np
 
 from .activations import activation_backward, activation_forward
+from ._errstate import silent
 
 
+@silent
 def linear_forward(x, weight, bias=None, activation="identity", param=0.0):
     """x: (M, K), weight: (N, K), bias: (N,) or None -> (y, z), both (M, N)."""
     z = np.asarray(x, np.float64) @ np.asarray(weight, np.float64).T
@@ -12,6 +14,7 @@ def linear_forward(x, weight, bias=None, activation="identity", param=0.0):
     return activation_forward(activation, z, param), z
 
 
+@silent
 def linear_backward(grad_y, x, weight, bias=None, activation="identity", param=0.0):
     """Returns (grad_x (M, K), grad_weight (N, K), grad_bias (N,))."""
     _, z = linear_forward(x, weight, bias, "identity")

@@ -11,6 +11,9 @@ for batched input (N, C, d1, ...) and 0 for a single sample (C,).
 """
 import numpy as np
 
+from ._errstate import silent
+
+
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -55,6 +58,7 @@ def _prepare(x, target, weight, ignore_index, label_smoothing):
     return axis, z, q, valid, w, denom, probabilities
 
 
+@silent
 def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Loss: a scalar for 'mean'/'sum', per-sample (target's batch shape) for 'none'."""
     _, z, q, valid, w, denom, _ = _prepare(x, target, weight, ignore_index, label_smoothing)
@@ -68,10 +72,10 @@ def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", l
     total = np.sum(per_row)
     if reduction == "sum":
         return np.asarray(total)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(np.float64(total) / np.float64(denom))
+    return np.asarray(np.float64(total) / np.float64(denom))
 
 
+@silent
 def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, reduction="mean",
                            label_smoothing=0.0):
     """(grad_input, grad_target); grad_target is None for class-index targets."""
@@ -84,8 +88,7 @@ def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, redu
     elif reduction == "sum":
         scale = np.full(valid.shape, float(g))
     else:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scale = np.full(valid.shape, np.float64(g) / np.float64(denom))
+        scale = np.full(valid.shape, np.float64(g) / np.float64(denom))
     wq = w * q
     # d loss_i / d x_ic = p_ic * sum_k w_k q_ik - w_c q_ic
     dz = np.where(valid[..., None], scale[..., None] * (p * np.sum(wq, axis=-1, keepdims=True) - wq), 0.0)
@@ -105,6 +108,7 @@ def _sum_to_shape(a, shape):
     return np.sum(a, axis=axes, keepdims=True) if axes else a
 
 
+@silent
 def mse_loss(x, y, reduction="mean", weight=None):
     """(x - y)^2, times `weight` if given; 'mean' divides by the number of elements, or by sum(weight)."""
     d = np.asarray(x, np.float64) - np.asarray(y, np.float64)
@@ -116,10 +120,10 @@ def mse_loss(x, y, reduction="mean", weight=None):
     if reduction == "sum":
         return np.asarray(np.sum(sq))
     divisor = np.sum(np.broadcast_to(weight, sq.shape)) if weight is not None else sq.size
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(np.sum(sq) / np.float64(divisor))
+    return np.asarray(np.sum(sq) / np.float64(divisor))
 
 
+@silent
 def mse_loss_backward(grad, x, y, reduction="mean", weight=None):
     """(grad_x, grad_y, grad_weight), each summed back to its own (pre-broadcast) shape;
     grad_weight is None without a weight."""
@@ -128,8 +132,7 @@ def mse_loss_backward(grad, x, y, reduction="mean", weight=None):
     w = np.ones(d.shape) if weight is None else np.broadcast_to(np.asarray(weight, np.float64), d.shape)
     g = np.asarray(grad, np.float64)
     if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            g = g / np.float64(np.sum(w) if weight is not None else d.size)
+        g = g / np.float64(np.sum(w) if weight is not None else d.size)
     dd = 2.0 * d * w * g
     grad_weight = None
     if weight is not None:

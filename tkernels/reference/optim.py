@@ -11,7 +11,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ._errstate import silent
 
+
+@silent
 def sgd_update(param: np.ndarray, grad: np.ndarray, momentum_buffer: Optional[np.ndarray], *, lr: float,
                momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                maximize: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -36,6 +39,7 @@ def sgd_update(param: np.ndarray, grad: np.ndarray, momentum_buffer: Optional[np
     return p - lr * update, buffer
 
 
+@silent
 def adamw_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
                  max_exp_avg_sq: Optional[np.ndarray], step: float, *, lr: float, beta1: float, beta2: float,
                  eps: float, weight_decay: float, amsgrad: bool, maximize: bool):
@@ -64,6 +68,7 @@ def adamw_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_a
     return new_p, m, v, v_max, t
 
 
+@silent
 def unscale(grad: np.ndarray, grad_scale: float) -> np.ndarray:
     """A gradient of a loss that torch.amp.GradScaler multiplied by ``grad_scale``, unscaled: g / scale."""
     return np.asarray(grad, dtype=np.float64) / float(grad_scale)

@@ -2,8 +2,10 @@
 
 Layout is always (N, C, H, W). Windows are built tap by tap: for kernel tap (kh, kw) every
 output (oh, ow) reads input row oh*stride - pad + kh*dilation (column likewise), or nothing
-when that falls in the padding. Backward scatters each output gradient back to its taps with
-``np.add.at`` (the kernels gather instead; the two formulations must agree).
+when that falls in the padding. The taps are stacked along a leading axis, so that reductions
+over a window are elementwise passes over whole (N, C, OH, OW) arrays (NumPy reduces a short
+trailing axis several times more slowly). Backward scatters each output gradient back to its
+taps (``np.bincount`` / ``np.add.at``; the kernels gather instead; the two formulations must agree).
 
 Semantics follow torch's documentation and behaviour:
   * output size: floor((in + 2p - d(k-1) - 1 [+ s-1 if ceil_mode]) / s) + 1, minus one if
@@ -16,6 +18,9 @@ Semantics follow torch's documentation and behaviour:
   * adaptive windows are [floor(o*In/Out), ceil((o+1)*In/Out)).
 """
 import numpy as np
+
+from ._errstate import silent
+from .conv import padded
 
 
 def output_size(size, kernel, stride, padding, dilation=1, ceil_mode=False):
@@ -35,72 +40,76 @@ def _taps(size, out, kernel, stride, padding, dilation):
         yield k, pos, (pos >= 0) & (pos < size)
 
 
+def _every(start, step, count):
+    """The slice of `count` positions start, start + step, ... (empty for count 0)."""
+    return slice(start, start + step * (count - 1) + 1 if count else start, step)
+
+
+def _padded_extent(size, out, kernel, stride, padding, dilation):
+    """(before, after): the padding that makes every tap of every window an index of the padded
+    input; `after` also covers windows that ceil_mode lets run past the right padding."""
+    last = (out - 1) * stride - padding + (kernel - 1) * dilation  # the last position any tap reads
+    return padding, max(last - (size - 1), 0)
+
+
 def _windows(x, kernel_size, stride, padding, dilation, ceil_mode, fill):
-    """Stack the window taps: values (N, C, OH, OW, T), valid (OH, OW, T), flat input index (OH, OW, T)."""
+    """One entry per kernel tap, in scan order (rows, then columns): (values (N, C, OH, OW), a view
+    of the input padded with `fill`; valid (OH, OW), false where the tap reads padding; flat input
+    index h * W + w (OH, OW)). Also returns (OH, OW)."""
     N, C, H, W = x.shape
     (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     OH = output_size(H, kh_, sh, ph, dh, ceil_mode)
     OW = output_size(W, kw_, sw, pw, dw, ceil_mode)
-    values, valid, flat = [], [], []
-    for _, rows, row_ok in _taps(H, OH, kh_, sh, ph, dh):
-        for _, cols, col_ok in _taps(W, OW, kw_, sw, pw, dw):
-            ok = row_ok[:, None] & col_ok[None, :]
-            tap = x[:, :, np.clip(rows, 0, H - 1)][:, :, :, np.clip(cols, 0, W - 1)]
-            values.append(np.where(ok, tap, fill))
-            valid.append(ok)
-            flat.append(rows[:, None] * W + cols[None, :])
-    return np.stack(values, -1), np.stack(valid, -1), np.stack(flat, -1), (OH, OW)
+    pad_h, pad_w = _padded_extent(H, OH, kh_, sh, ph, dh), _padded_extent(W, OW, kw_, sw, pw, dw)
+    xp = padded(x, pad_h + pad_w, fill)
+    taps = []
+    for i, rows, row_ok in _taps(H, OH, kh_, sh, ph, dh):
+        for j, cols, col_ok in _taps(W, OW, kw_, sw, pw, dw):
+            values = xp[:, :, _every(i * dh, sh, OH), _every(j * dw, sw, OW)]
+            taps.append((values, row_ok[:, None] & col_ok[None, :], rows[:, None] * W + cols[None, :]))
+    return taps, (OH, OW)
 
 
 # ---------------------------------------------------------------------------------------------
 # Max pooling
 # ---------------------------------------------------------------------------------------------
+@silent
 def max_pool2d_forward(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
     """x: (N, C, H, W) -> (y (N, C, OH, OW), indices (N, C, OH, OW) int64, flat h*W + w)."""
     x = np.asarray(x, np.float64)
     N, C, H, W = x.shape
-    (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    OH = output_size(H, kh_, sh, ph, dh, ceil_mode)
-    OW = output_size(W, kw_, sw, pw, dw, ceil_mode)
-    # One pass per kernel tap with whole-tensor elementwise ops (reducing over a short trailing
-    # tap axis is several times slower in NumPy): the first valid tap, then any strictly larger
-    # value, wins; a NaN anywhere wins over everything, the last NaN giving the index.
-    best = np.full((N, C, OH, OW), -np.inf)
-    best_idx = np.full((N, C, OH, OW), -1, np.int64)
-    nan_idx = np.full((N, C, OH, OW), -1, np.int64)
-    any_nan = bool(np.isnan(x).any())
-    for _, rows, row_ok in _taps(H, OH, kh_, sh, ph, dh):
-        for _, cols, col_ok in _taps(W, OW, kw_, sw, pw, dw):
-            ok = row_ok[:, None] & col_ok[None, :]
-            flat = rows[:, None] * W + cols[None, :]
-            if rows.size and cols.size and row_ok.all() and col_ok.all():  # in bounds: a strided view, no gather
-                tap = x[:, :, rows[0]:rows[-1] + 1:sh, cols[0]:cols[-1] + 1:sw]
-            else:
-                tap = x[:, :, np.clip(rows, 0, H - 1)][:, :, :, np.clip(cols, 0, W - 1)]
-            value = tap
-            if any_nan:
-                is_nan = ok & np.isnan(tap)
-                nan_idx = np.where(is_nan, flat, nan_idx)
-                value = np.where(is_nan, -np.inf, tap)
-            take = ok & ((value > best) | (best_idx < 0))
-            best = np.where(take, value, best)
-            best_idx = np.where(take, flat, best_idx)
-    has_nan = nan_idx >= 0
-    indices = np.where(has_nan, nan_idx, best_idx)
+    (_, _), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    taps, (OH, OW) = _windows(x, kernel_size, stride, padding, dilation, ceil_mode, -np.inf)
+    # Whole-array passes, one per tap (NumPy's argmax over a short tap axis is several times
+    # slower). np.maximum propagates NaN; padding is -inf, so it never wins over an input value.
+    y = taps[0][0]
+    for values, _, _ in taps[1:]:
+        y = np.maximum(y, values)
+    # the index is that of the first tap holding the maximum; padding only ties where every
+    # in-bounds value is -inf, and then the first in-bounds tap wins
+    tap = np.zeros(y.shape, np.intp)
+    padded = not all(valid.all() for _, valid, _ in taps)
+    for t in reversed(range(len(taps))):
+        values, valid, _ = taps[t]
+        tap = np.where((values == y) & valid if padded else values == y, t, tap)
+    if np.isnan(y).any():  # a window holding NaN gives the index of its last NaN
+        for t, (values, _, _) in enumerate(taps):
+            tap = np.where(np.isnan(values), t, tap)
+    flat = np.stack([f for _, _, f in taps])  # (T, OH, OW): indices[n, c, oh, ow] = flat[tap, oh, ow]
+    indices = flat.ravel()[tap * (OH * OW) + np.arange(OH * OW).reshape(OH, OW)]
     # a window whose taps are all padding keeps torch's start index: its first tap moved
     # forward by whole dilation steps until it is no longer negative
-    no_tap = ~has_nan & (best_idx < 0)
+    no_tap = ~np.any([valid for _, valid, _ in taps], axis=0)
     if no_tap.any():
         h0 = np.arange(OH) * sh - ph
         w0 = np.arange(OW) * sw - pw
         h0 = np.where(h0 < 0, h0 + (-h0 + dh - 1) // dh * dh, h0)
         w0 = np.where(w0 < 0, w0 + (-w0 + dw - 1) // dw * dw, w0)
-        fallback = np.broadcast_to(h0[:, None] * W + w0[None, :], indices.shape)
-        indices = np.where(no_tap, fallback, indices)
-    y = np.where(has_nan, np.nan, best)
-    return y, indices.astype(np.int64)
+        indices = np.where(no_tap, h0[:, None] * W + w0[None, :], indices)
+    return y.copy() if y is taps[0][0] else y, indices.astype(np.int64)
 
 
+@silent
 def max_pool2d_backward(grad_y, indices, input_shape, kernel_size=None, stride=None, padding=(0, 0),
                         dilation=(1, 1)):
     """Each output gradient goes to the input element its index names; overlaps add up.
@@ -119,13 +128,13 @@ def max_pool2d_backward(grad_y, indices, input_shape, kernel_size=None, stride=N
         for _, _, ok in _taps(W, OW, kernel_size[1], stride[1], padding[1], dilation[1]):
             cols |= ok
         grad_y = grad_y * (rows[:, None] & cols[None, :])
-    dx = np.zeros((N * C, H * W))
-    idx = np.asarray(indices).reshape(N * C, grad_y[0, 0].size if N * C else 0)
+    idx = np.asarray(indices).reshape(N * C, grad_y.shape[2] * grad_y.shape[3])
     g = grad_y.reshape(idx.shape)
-    plane = np.broadcast_to(np.arange(N * C)[:, None], idx.shape)
     inside = (idx >= 0) & (idx < H * W)
-    np.add.at(dx, (plane[inside], idx[inside]), g[inside])
-    return dx.reshape(N, C, H, W)
+    # one flat bin per input element; bincount adds in order, like the sequential scatter
+    bins = (np.arange(N * C)[:, None] * (H * W) + idx)[inside]
+    dx = np.bincount(bins, weights=g[inside], minlength=N * C * H * W)
+    return dx.astype(np.float64, copy=False).reshape(N, C, H, W)  # (an empty bincount is int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,16 +160,21 @@ def _avg_divisors(H, W, OH, OW, kernel_size, stride, padding, count_include_pad,
     return np.where(touches, divisor, 1.0), touches
 
 
+@silent
 def avg_pool2d_forward(x, kernel_size, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True,
                        divisor_override=None):
     x = np.asarray(x, np.float64)
     N, C, H, W = x.shape
-    values, _, _, (OH, OW) = _windows(x, kernel_size, stride, padding, (1, 1), ceil_mode, 0.0)
+    taps, (OH, OW) = _windows(x, kernel_size, stride, padding, (1, 1), ceil_mode, 0.0)
     divisor, touches = _avg_divisors(H, W, OH, OW, kernel_size, stride, padding, count_include_pad,
                                      divisor_override)
-    return np.where(touches, values.sum(-1) / divisor, 0.0)
+    total = np.zeros((N, C, OH, OW))
+    for values, _, _ in taps:
+        total += values
+    return np.where(touches, total / divisor, 0.0)
 
 
+@silent
 def avg_pool2d_backward(grad_y, input_shape, kernel_size, stride, padding=(0, 0), ceil_mode=False,
                         count_include_pad=True, divisor_override=None):
     grad_y = np.asarray(grad_y, np.float64)
@@ -169,12 +183,14 @@ def avg_pool2d_backward(grad_y, input_shape, kernel_size, stride, padding=(0, 0)
     divisor, touches = _avg_divisors(H, W, OH, OW, kernel_size, stride, padding, count_include_pad,
                                      divisor_override)
     share = np.where(touches, grad_y / divisor, 0.0)
-    dx = np.zeros((N, C, H, W))
-    for _, rows, row_ok in _taps(H, OH, kernel_size[0], stride[0], padding[0], 1):
-        for _, cols, col_ok in _taps(W, OW, kernel_size[1], stride[1], padding[1], 1):
-            r, c = np.nonzero(row_ok[:, None] & col_ok[None, :])
-            np.add.at(dx, (slice(None), slice(None), rows[r], cols[c]), share[:, :, r, c])
-    return dx
+    # every tap adds the share to a strided slice of the padded input; cropping drops the padding
+    (kh_, kw_), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    (top, bottom), (left, right) = _padded_extent(H, OH, kh_, sh, ph, 1), _padded_extent(W, OW, kw_, sw, pw, 1)
+    dx = np.zeros((N, C, top + H + bottom, left + W + right))
+    for i in range(kh_):
+        for j in range(kw_):
+            dx[:, :, _every(i, sh, OH), _every(j, sw, OW)] += share
+    return dx[:, :, top:top + H, left:left + W]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +201,7 @@ def adaptive_window(o, size, out):
     return (o * size) // out, -((-(o + 1) * size) // out)
 
 
+@silent
 def adaptive_avg_pool2d_forward(x, output_size):
     x = np.asarray(x, np.float64)
     N, C, H, W = x.shape
@@ -198,6 +215,7 @@ def adaptive_avg_pool2d_forward(x, output_size):
     return y
 
 
+@silent
 def adaptive_avg_pool2d_backward(grad_y, input_shape):
     grad_y = np.asarray(grad_y, np.float64)
     N, C, H, W = input_shape
