@@ -17,6 +17,7 @@ import tkernels
 from tkernels.functional import conv2d
 from tkernels.ops import conv as conv_ops
 from tkernels.ops import conv_backward
+from tkernels.ops._common import Tuned
 from tkernels.reference import conv as ref
 
 from helpers import Canary, DEVICE, assert_close, assert_not_mutated, device_for, randn, skip_unsupported, to_numpy64
@@ -103,6 +104,9 @@ CASES = {
     "fast_cl": Case(2, 16, (7, 6), 16, 3, padding=1, activation="gelu", channels_last=True, pad=8),
     "fast_cl_strided_grouped": Case(2, 32, (9, 8), 16, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2), groups=2,
                                     activation="relu", channels_last=True, pad=8),
+    # NCHW (torch's default) with FAST-able channels: run on channels_last copies, output stays NCHW
+    "fast_nchw": Case(2, 16, (7, 6), 16, 3, padding=1, activation="gelu"),
+    "fast_nchw_strided_identity": Case(1, 24, (8, 9), 16, 3, stride=2, padding=1, bias=False),
 }
 
 
@@ -172,29 +176,40 @@ def _run_case(case: Case, backend: str, dtype=torch.float32):
 
 @pytest.fixture
 def launched(monkeypatch):
-    """Names of the tuned conv kernels launched during the test (to check the path dispatch)."""
+    """Names of the tuned conv kernels launched during the test (to check the path dispatch).
+    Tuned.launcher is patched on the class, so that undoing it leaves no instance attribute behind
+    (one would shadow later class-level patches, such as test_precision_flags')."""
     log = []
+    labels = {}
     for module in (conv_ops, conv_backward):
         for name in [n for n in vars(module) if n.startswith("TUNED_")]:
             value = getattr(module, name)
-            # implicit-GEMM kernels have one Tuned per (FAST, fp32) family
+            # implicit-GEMM kernels have one Tuned per (FAST, operand class) family
             family = value.items() if isinstance(value, dict) else [((False, None), value)]
             for (fast, _), tuned in family:
-                label = name + ("_FAST" if fast else "")
-                original = tuned.launcher
-                monkeypatch.setattr(tuned, "launcher",
-                                    lambda device, _o=original, _n=label: (log.append(_n), _o(device))[1])
+                labels[id(tuned)] = name + ("_FAST" if fast else "")
+    original = Tuned.launcher
+
+    def launcher(self, device):
+        if id(self) in labels:
+            log.append(labels[id(self)])
+        return original(self, device)
+
+    monkeypatch.setattr(Tuned, "launcher", launcher)
     return log
 
 
 FAST_KERNELS = {"TUNED_FWD_FAST", "TUNED_DGRAD_FAST", "TUNED_WGRAD_FAST"}
+# FAST-able channel counts (C_in/groups >= 16, 8-aligned) in a layout the FAST kernels cannot take
+# (canary-padded strides): they run on aligned channels_last copies
+COPIED_TO_CHANNELS_LAST = {"1x1_stride2_cl"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_conv2d_cases(backend, name, launched):
     _run_case(CASES[name], backend)
     if backend == "triton":
-        if name.startswith("fast"):
+        if name.startswith("fast") or name in COPIED_TO_CHANNELS_LAST:
             assert FAST_KERNELS <= set(launched), f"FAST kernels not all used: {launched}"
         elif name.startswith("depthwise"):
             assert {"TUNED_DW_FWD", "TUNED_DW_DGRAD", "TUNED_WGRAD"} <= set(launched), launched
@@ -205,7 +220,8 @@ def test_conv2d_cases(backend, name, launched):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["3x3_cl_relu", "combined_grouped_strided", "depthwise_cl", "1x1_cl_gelu", "fast_cl"])
+@pytest.mark.parametrize("name", ["3x3_cl_relu", "combined_grouped_strided", "depthwise_cl", "1x1_cl_gelu", "fast_cl",
+                                  "fast_nchw"])
 def test_conv2d_half_precision(backend, name, dtype):
     _run_case(CASES[name], backend, dtype)
 

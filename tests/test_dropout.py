@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import tkernels
 import tkernels.functional as F
@@ -157,6 +159,42 @@ def test_wide_counter_path_matches_below_two_to_the_31():
         outs.append(y)
     assert torch.equal(outs[0], outs[1])
     assert 0.4 < float((outs[0] != 0).float().mean()) < 0.6
+
+
+@triton.jit
+def _philox_uniforms(seed_ptr, out_ptr, QUARTER: tl.constexpr):
+    """out[b*4Q + j*Q + t] = output j of tl.rand4x(seed, b*Q + t): the layout dropout_kernel promises."""
+    t = tl.arange(0, QUARTER)
+    b = tl.program_id(0)
+    u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr), b * QUARTER + t)
+    base = out_ptr + b * 4 * QUARTER + t
+    tl.store(base, u0)
+    tl.store(base + QUARTER, u1)
+    tl.store(base + 2 * QUARTER, u2)
+    tl.store(base + 3 * QUARTER, u3)
+
+
+def test_mask_uses_all_four_philox_outputs_per_counter():
+    """Each Philox call decides four elements: the mask is exactly u >= p for the four outputs of
+    tl.rand4x at counter b*BLOCK/4 + t, laid out one contiguous quarter per output; forward and
+    backward agree on it, and an odd size masks the tail of the last block."""
+    dev = device_for("triton")
+    n = 2 * dropout_ops.BLOCK + 333
+    x = _nonzero_randn(n, device=dev).requires_grad_()
+    torch.manual_seed(7)
+    y = F.dropout(x, 0.5)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    torch.manual_seed(7)  # the same draw as dropout's
+    seed = dropout_ops.draw_seed(x.device)
+    blocks = triton.cdiv(n, dropout_ops.BLOCK)
+    u = torch.full((blocks * dropout_ops.BLOCK,), float("nan"), device=dev)
+    _philox_uniforms[(blocks,)](seed, u, QUARTER=dropout_ops.BLOCK // 4)
+    expected = u[:n] >= 0.5
+    assert torch.equal(y.detach() != 0, expected)
+    assert torch.equal(dx != 0, expected)
+    quarter = dropout_ops.BLOCK // 4
+    quarters = expected[:dropout_ops.BLOCK].view(4, quarter)
+    assert all(not torch.equal(quarters[0], quarters[j]) for j in (1, 2, 3)), "each output is a different stream"
 
 
 def test_errors(backend):

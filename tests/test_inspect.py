@@ -1,11 +1,11 @@
 """`tkernels inspect`: registered kernel configs compile for sm_80 and sm_90 with Triton's AOT
 compiler, without spills, and the fp16/bf16 builds of tensor-core kernels contain HMMA/HGMMA.
 
-Compiling every build (config x variant x dtype x arch of every spec: 1300+ once all families
-registered, about 2-4 CPU-seconds each) does not fit this file's 5-minute budget on 2 cores. So the
+Compiling every build (config x variant x dtype (fp32 in both input precisions) x arch of every
+spec: 1300+ once all families registered, about 2-10 CPU-seconds each) does not fit this file's 5-minute budget on 2 cores. So the
 test compiles in ``coverage_order`` for ``TKERNELS_INSPECT_BUDGET_S`` seconds (default 150):
-always one build per kernel x arch (its costliest config, in bf16) and every fp16/bf16 matmul build,
-then as many other configs, variants and dtypes as fit. Results are cached on disk keyed by the
+always one build per kernel x arch (its costliest config, in bf16), every fp16/bf16 matmul build and
+the first fp16/bf16 build of each sm_90 TMA matmul kernel, then as many other configs, variants and dtypes as fit. Results are cached on disk keyed by the
 kernel source, and every cached build is checked too, so repeated runs (or a prior full
 `tkernels inspect`, the CI main job) extend the check to everything. TKERNELS_INSPECT_BUDGET_S=none
 compiles everything. Compiles run on worker subprocesses without TRITON_INTERPRET, one per CPU.
@@ -19,6 +19,7 @@ import warnings
 import pytest
 
 from tkernels import inspection
+from tkernels.inspection import workers as inspection_workers  # noqa: F401 (patched below)
 from tkernels.cli import main
 from tkernels.ops._common import KERNEL_SPECS
 
@@ -33,11 +34,18 @@ def _describe(rows):
 
 
 def _expected_builds(spec, arch):
-    return len(spec.configs_by_arch[arch]) * len(spec.variants) * len(spec.dtypes)
+    if arch not in spec.configs_by_arch:
+        return 0
+    return sum(len(spec.configs(arch, d, p)) * len(spec.variants)
+               for d in spec.dtypes for p in inspection.precisions(spec, d))
 
 
 def _is_tensor_core_matmul(build):
-    return build.kernel == "matmul" and build.dtype in ("fp16", "bf16")
+    """Always compiled: every fp16/bf16 build of the cp.async matmul, and the first build of each TMA
+    matmul kernel in both half dtypes."""
+    if build.kernel == "matmul":
+        return build.dtype in ("fp16", "bf16")
+    return build.kernel.startswith("matmul_tma") and build.config_index == 0 and build.variant_index == 0
 
 
 @pytest.mark.slow
@@ -47,13 +55,15 @@ def test_registered_configs_compile_for_both_archs():
                                       stats=stats)
     total = sum(_expected_builds(spec, arch) for spec in KERNEL_SPECS.values() for arch in ("sm_80", "sm_90"))
     assert stats["builds"] == total and len(rows) + stats["left_out"] == total
-    assert len({(r["kernel"], r["arch"], r["dtype"], r["config_index"], r["variant_index"]) for r in rows}) == len(rows)
+    assert len({(r["kernel"], r["arch"], r["dtype"], r["input_precision"], r["config_index"], r["variant_index"])
+                for r in rows}) == len(rows)
     if stats["left_out"]:
         warnings.warn(f"tkernels inspect test: checked {len(rows)} of {total} builds within its {BUDGET_S:.0f} s "
                       f"budget ({stats['cached']} from the cache); `tkernels inspect` checks them all")
 
     # always checked: every kernel on both archs, and every fp16/bf16 matmul build
-    assert {(r["kernel"], r["arch"]) for r in rows} == {(n, a) for n in KERNEL_SPECS for a in ("sm_80", "sm_90")}
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(n, a) for n, spec in KERNEL_SPECS.items()
+                                                        for a in ("sm_80", "sm_90") if a in spec.configs_by_arch}
     matmul = KERNEL_SPECS["matmul"]
     tc_matmul = [r for r in rows if r["kernel"] == "matmul" and r["dtype"] in ("fp16", "bf16")]
     assert len(tc_matmul) == sum(len(matmul.configs_by_arch[a]) * len(matmul.variants) * 2 for a in ("sm_80", "sm_90"))
@@ -61,7 +71,8 @@ def test_registered_configs_compile_for_both_archs():
     failures = [
         ("do not compile", [r for r in rows if r["error"]]),
         ("spill registers", [r for r in rows if not r["error"] and r["spill_bytes"]]),
-        ("are fp16/bf16 builds of tensor-core kernels without HMMA/HGMMA",
+        ("need more shared memory than their arch has", [r for r in rows if not r["error"] and not r["ctas_per_sm"]]),
+        ("are fp16/bf16/tf32 builds of tensor-core kernels without HMMA/HGMMA",
          [r for r in rows if not r["error"] and r["tensor_cores_expected"] and not r["tensor_core_ops"]]),
     ]
     report = "\n".join(f"{len(bad)} builds {what}:\n{_describe(bad)}" for what, bad in failures if bad)
@@ -76,6 +87,10 @@ def test_registered_configs_compile_for_both_archs():
     for dtype in ("fp16", "bf16"):
         assert any(r["hgmma"] > 0 for r in tc_matmul if r["arch"] == "sm_90" and r["dtype"] == dtype), \
             f"no {dtype} matmul config uses wgmma on sm_90"
+    # the sm_90 TMA matmul: copy-engine loads (UTMALDG) feeding wgmma, in both half dtypes
+    tma = [r for r in rows if r["kernel"].startswith("matmul_tma")]
+    assert tma and all(r["arch"] == "sm_90" and r["tma_ops"] > 0 and r["hgmma"] > 0 for r in tma)
+    assert {r["dtype"] for r in tma} == {"fp16", "bf16"}
     plain = [r for r in rows if r["kernel"] == "sum_partials"]
     assert plain and all(r["tensor_core_ops"] == 0 for r in plain)
 
@@ -96,14 +111,68 @@ def test_coverage_order_covers_every_axis_early():
     upto = lambda tier: [b for t, b in order if t <= tier]  # noqa: E731
     for (kernel, arch) in groups:
         spec = specs[kernel]
+        flavours = {(d, p) for d in spec.dtypes for p in inspection.precisions(spec, d)}
         first = [b for b in upto(1) if (b.kernel, b.arch) == (kernel, arch)]
-        assert {b.config_index for b in first} == set(range(len(spec.configs_by_arch[arch])))
+        for dtype, precision in flavours:  # every config of every config list, early
+            configs = spec.configs(arch, dtype, precision)
+            labels = lambda f: list(map(inspection.config_label, spec.configs(arch, *f)))  # noqa: E731
+            sharing = [f for f in flavours if labels(f) == labels((dtype, precision))]
+            assert {b.config_index for b in first if (b.dtype, b.precision) in sharing} == set(range(len(configs)))
         if spec.tensor_cores:
             for dt in (d for d in ("fp16", "bf16") if d in spec.dtypes):
                 assert {b.config_index for b in first if b.dtype == dt} == set(range(len(spec.configs_by_arch[arch])))
         second = [b for b in upto(2) if (b.kernel, b.arch) == (kernel, arch)]
         assert {b.variant_index for b in second} == set(range(len(spec.variants)))
-        assert {b.dtype for b in second} == set(spec.dtypes)
+        assert {(b.dtype, b.precision) for b in second} == flavours
+
+
+def test_fp32_dots_are_built_in_both_input_precisions():
+    specs = KERNEL_SPECS
+    builds = inspection.plan(specs, ["matmul", "conv2d_fwd_fp32", "sum_partials"], ["sm_90"])
+    flavours = lambda name: {(b.dtype, b.precision) for b in builds if b.kernel == name}  # noqa: E731
+    assert flavours("matmul") == {("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")}
+    assert flavours("conv2d_fwd_fp32") == {("fp32", "ieee"), ("fp32", "tf32")}
+    assert flavours("sum_partials") == {("fp16", ""), ("bf16", ""), ("fp32", "")}
+    # exact fp32 has its own tiles, and compiles with INPUT_PRECISION set from the build
+    matmul = specs["matmul"]
+    exact = [b for b in builds if b.kernel == "matmul" and b.precision == "ieee" and b.dtype == "fp32"]
+    assert len(exact) == len(matmul.configs("sm_90", "fp32", "ieee")) * len(matmul.variants)
+    assert all(c.kwargs["BLOCK_K"] <= 32 for c in matmul.configs("sm_90", "fp32", "ieee"))
+    row = inspection.make_row(matmul, exact[0], dict(registers=100, spill_bytes=0, shared_bytes=1024,
+                                                     static_shared_bytes=0, hmma=0, hgmma=0, tensor_core_ops=0,
+                                                     tma_ops=0, async_copy_ops=4, error=None))
+    assert row["input_precision"] == "ieee" and row["values"]["INPUT_PRECISION"] == "ieee"
+    assert row["ok"] and not row["tensor_cores_expected"]  # exact fp32 runs on the FMA units
+    tf32 = inspection.Build("matmul", "sm_90", "fp32", 0, 0, "tf32")
+    assert inspection.make_row(matmul, tf32, dict(row, tensor_core_ops=0))["problems"] == \
+        ["no tensor-core ops (HMMA/HGMMA)"]
+
+
+def test_sass_opcode_counts():
+    sass = """
+        /*0050*/                   LDGSTS.E.BYPASS.LTC128B.128 [R1+0x100], desc[UR4][R2.64] ;
+        /*0060*/              @!P0 HMMA.16816.F32 R4, R8, R10, R4 ;
+        /*0070*/              @UP0 UTMALDG.2D [UR8], [UR4] ;
+        /*0080*/                   HGMMA.64x128x16.F32 R24, gdesc[UR4], R24 ;
+        /*0090*/                   UTMASTG.2D [UR4], [UR8] ;
+        /*00a0*/                   UBLKCP.S.G [UR4], [UR6], UR8 ;
+        /*00b0*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+    """
+    assert inspection.count_opcodes(sass) == dict(hmma=1, hgmma=1, tensor_core_ops=2, tma_ops=3, async_copy_ops=1)
+
+
+def test_ctas_per_sm_from_registers_and_shared_memory():
+    # 128 registers x 256 threads = 32 Ki registers: 2 blocks by registers
+    assert inspection.ctas_per_sm("sm_90", 128, 0, 8) == 2
+    # 240 registers x 256 threads: one block; the same with 128 threads: 2
+    assert inspection.ctas_per_sm("sm_90", 240, 0, 8) == 1 and inspection.ctas_per_sm("sm_90", 240, 0, 4) == 2
+    # shared memory: 100 KiB (+1 KiB reserved) per block, 228 KiB per SM on sm_90, 164 KiB on sm_80
+    assert inspection.ctas_per_sm("sm_90", 32, 100 * 1024, 4) == 2
+    assert inspection.ctas_per_sm("sm_80", 32, 100 * 1024, 4) == 1
+    # more than a block may have: it never launches
+    assert inspection.ctas_per_sm("sm_90", 32, 246784, 4) == 0
+    # small kernels are capped by threads (2048) and block slots (32)
+    assert inspection.ctas_per_sm("sm_80", 16, 0, 1) == 32 and inspection.ctas_per_sm("sm_80", 16, 0, 4) == 16
 
 
 @pytest.mark.slow
@@ -130,8 +199,10 @@ def test_json_schema_filtering_and_cache(capsys, tmp_path):
     for r in first:
         assert set(inspection.ROW_KEYS) <= set(r)
         assert r["arch"] in ("sm_80", "sm_90") and isinstance(r["config"], str) and r["config"]
-        for key in ("registers", "spill_bytes", "shared_bytes", "tensor_core_ops", "hmma", "hgmma"):
+        for key in ("registers", "spill_bytes", "shared_bytes", "tensor_core_ops", "hmma", "hgmma", "tma_ops",
+                    "async_copy_ops", "ctas_per_sm"):
             assert isinstance(r[key], int) and r[key] >= 0, (key, r[key])
+        assert r["ctas_per_sm"] >= 1 and r["input_precision"] is None
         assert r["ok"] is True and r["error"] is None and r["problems"] == [] and r["cached"] is False
         assert r["num_warps"] == spec.configs_by_arch[r["arch"]][r["config_index"]].num_warps
 
@@ -154,7 +225,7 @@ def test_json_schema_filtering_and_cache(capsys, tmp_path):
 def test_bad_request_is_a_clear_error_before_any_compile(capsys, argv, expected, monkeypatch):
     def no_worker(*args, **kwargs):
         raise AssertionError("a bad request must be refused before any compile worker starts")
-    monkeypatch.setattr(inspection, "_Worker", no_worker)
+    monkeypatch.setattr(inspection.workers, "Worker", no_worker)
     assert main(["inspect", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -174,18 +245,18 @@ def test_arch_and_dtype_parsing():
 def _row(**metrics):
     spec = KERNEL_SPECS["matmul"]
     base = dict(registers=128, spill_bytes=0, shared_bytes=16384, static_shared_bytes=0, hmma=32, hgmma=0,
-                tensor_core_ops=32, error=None, compile_s=1.0)
+                tensor_core_ops=32, tma_ops=0, async_copy_ops=12, error=None, compile_s=1.0)
     base.update(metrics)
-    return inspection.make_row(spec, inspection.Build("matmul", "sm_80", "fp16", 0, 0), base)
+    return inspection.make_row(spec, inspection.Build("matmul", "sm_80", "fp16", 0, 0, "ieee"), base)
 
 
-def test_shared_memory_over_the_limit_is_a_warning(capsys, monkeypatch):
+def test_shared_memory_over_the_limit_fails_the_run(capsys, monkeypatch):
     row = _row(shared_bytes=200 * 1024)  # sm_80 blocks have 163 KiB at most
-    assert row["ok"] and row["problems"] == [] and "never launches" in row["warnings"][0]
+    assert not row["ok"] and row["ctas_per_sm"] == 0 and "never launches" in row["problems"][0]
     monkeypatch.setattr(inspection, "inspect_kernels", lambda **kwargs: [row])
-    assert main(["inspect", "--quiet"]) == 0
+    assert main(["inspect", "--quiet"]) == 1
     out = capsys.readouterr().out
-    assert "warning: never launches" in out and "1 never launch" in out
+    assert "never launches" in out and "1 never launch" in out
 
 
 @pytest.mark.parametrize("metrics, problem", [

@@ -1,9 +1,10 @@
 """`tkernels inspect`: compile every registered kernel config for sm_80/sm_90 without a GPU and
-report registers, spills, shared memory and tensor-core instructions per build.
+report registers, spills, shared memory, occupancy and tensor-core / TMA / cp.async instructions
+per build (fp32 dots in both input precisions, ieee and tf32).
 
-Exit status: 0 when every build is fit to ship, 1 when one fails to compile, spills, or (fp16/bf16
-of a tensor-core kernel) has no HMMA/HGMMA; 2 for a bad request (unknown kernel, arch or dtype).
-A config needing more shared memory than its target has is a warning: autotune skips it.
+Exit status: 0 when every build is fit to ship, 1 when one fails to compile, spills, needs more
+shared memory than its target has, or (fp16/bf16/tf32 of a tensor-core kernel) has no HMMA/HGMMA;
+2 for a bad request (unknown kernel, arch or dtype).
 """
 from __future__ import annotations
 
@@ -62,19 +63,20 @@ def run(args: argparse.Namespace) -> int:
 
 def format_table(rows: Sequence[dict]) -> str:
     """One aligned line per build (bytes for spill and smem), then the legend of variants."""
-    head = ("kernel", "arch", "dtype", "config", "var", "regs", "spill", "smem", "HMMA", "HGMMA", "status")
+    head = ("kernel", "arch", "dtype", "config", "var", "regs", "spill", "smem", "ctas", "HMMA", "HGMMA", "TMA",
+            "LDGSTS", "status")
     body = []
     for r in rows:
         status = "ok" if r["ok"] else "; ".join(r["problems"])
         if r["error"]:
             status += ": " + r["error"].strip().splitlines()[0][:100]
-        if r["warnings"]:
-            status += " (warning: " + "; ".join(r["warnings"]) + ")"
-        nums = [r["registers"], r["spill_bytes"], r["shared_bytes"], r["hmma"], r["hgmma"]]
-        body.append((r["kernel"], r["arch"], r["dtype"], r["config"], f"v{r['variant_index']}",
+        nums = [r["registers"], r["spill_bytes"], r["shared_bytes"], r["ctas_per_sm"], r["hmma"], r["hgmma"],
+                r["tma_ops"], r["async_copy_ops"]]
+        dtype = r["dtype"] + (f"/{r['input_precision']}" if r["dtype"] == "fp32" and r["input_precision"] else "")
+        body.append((r["kernel"], r["arch"], dtype, r["config"], f"v{r['variant_index']}",
                      *("-" if v is None else str(v) for v in nums), status))
     widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head) - 1)]
-    right = {5, 6, 7, 8, 9}
+    right = set(range(5, 13))
     lines = []
     for cells in [head, *body]:
         out = [(str(c).rjust(w) if i in right else str(c).ljust(w)) for i, (c, w) in enumerate(zip(cells, widths))]
@@ -97,11 +99,11 @@ def summary(rows: Sequence[dict], stats: Optional[dict] = None) -> str:
     failed = sum(1 for r in rows if r["error"])
     spills = sum(1 for r in rows if not r["error"] and r["spill_bytes"])
     no_tc = sum(1 for r in rows if not r["error"] and r["tensor_cores_expected"] and not r["tensor_core_ops"])
-    smem = sum(1 for r in rows if r["warnings"])
+    smem = sum(1 for r in rows if not r["error"] and not r["ctas_per_sm"])
     ok = sum(1 for r in rows if r["ok"])
     kernels = len({r["kernel"] for r in rows})
     text = (f"{n} builds of {kernels} kernels: {ok} ok, {failed} failed to compile, {spills} spill, "
-            f"{no_tc} without tensor cores, {smem} never launch (too much shared memory; autotune skips them)")
+            f"{no_tc} without tensor cores, {smem} never launch (too much shared memory)")
     if stats:
         text += (f". {stats['cached']} from the cache, {stats['compiled']} compiled on {stats['jobs']} "
                  f"worker(s) in {stats['wall_s']:.1f} s")

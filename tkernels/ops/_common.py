@@ -118,7 +118,8 @@ class KernelSpec:
     a constant and multiples of 16 get 16-divisibility (unit strides and aligned sizes are
     what make loads vectorise, so without them registers and spills are those of arbitrary
     strides). A variant may hold such values too, overriding these (e.g. per call site).
-    Pointer arguments are always taken as 16-byte aligned.
+    Pointer arguments are always taken as 16-byte aligned. A kernel built for some targets only
+    (the TMA matmul: sm_90) leaves the others out of ``configs_by_arch``.
     """
 
     name: str
@@ -128,9 +129,21 @@ class KernelSpec:
     variants: List[dict] = field(default_factory=lambda: [{}])
     dtypes: Sequence[str] = ("fp16", "bf16", "fp32")
     tensor_cores: bool = False
-    # Constexprs that depend on the dtype, e.g. {"fp32": {"INPUT_PRECISION": "tf32"}}
+    # Constexprs that depend on the dtype, e.g. {"fp32": {"ACC_FP32": True}}
     per_dtype: Dict[str, dict] = field(default_factory=dict)
     example_args: Dict[str, int] = field(default_factory=dict)
+    # The kernel takes an INPUT_PRECISION constexpr for tl.dot: fp16/bf16 build with "ieee", fp32
+    # with "ieee" and "tf32" (torch's allow_tf32 flags pick one at run time, so both are reachable).
+    input_precision: bool = False
+    # fp32 configs per input precision, then per arch, where they differ from configs_by_arch
+    # (fp32 operands take twice the registers and shared memory; exact fp32 runs on the FMA units).
+    fp32_configs: Dict[str, Dict[str, List[triton.Config]]] = field(default_factory=dict)
+
+    def configs(self, arch: str, dtype: str, precision: str = "") -> List[triton.Config]:
+        """The configs a launch of this dtype and input precision autotunes over on ``arch``."""
+        if dtype == "fp32" and precision in self.fp32_configs:
+            return self.fp32_configs[precision][arch]
+        return self.configs_by_arch[arch]
 
 
 KERNEL_SPECS: Dict[str, KernelSpec] = {}
@@ -286,6 +299,12 @@ def guard_custom_ops(module: ModuleType) -> None:
             op.register_kernel("cuda")(GUARDED_OPS[name])
         if isinstance(value, EagerCustomOp):
             value.cuda_impl = GUARDED_OPS[name]
+
+
+def operand_class(dtype: torch.dtype, precision: str) -> str:
+    """The config family of a tl.dot launch: "half" for fp16/bf16 operands, else the fp32 input
+    precision ("tf32" runs on tensor cores, "ieee" on the FMA units; each has its own tiles)."""
+    return precision if dtype == torch.float32 else "half"
 
 
 # ---------------------------------------------------------------------------------------------

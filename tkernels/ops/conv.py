@@ -12,8 +12,8 @@ fast path (``FAST``) is channels_last with 8-aligned channel runs (C_in/groups a
 multiples of 8, checked on the host): the kernel then knows the channel stride is 1 and the
 other strides are multiples of 8, so X, W (re-laid tap-major, a small copy) and y move as
 16-byte vectors and larger tiles fit in registers. Two reduction orders:
-  * nested (C_in/groups >= 16): for each kernel position, walk the channels in BLOCK_K steps,
-    the spatial mask computed once per position;
+  * per tap (C_in/groups >= 16): one flattened loop over (kernel position, channel block) pairs,
+    so loads stay in flight across kernel positions;
   * flat (C_in/groups < 16, e.g. an RGB stem): walk the flattened (kh, kw, ci) axis, so the
     BLOCK_K >= 16 that ``tl.dot`` needs is filled instead of padded with zeros.
 Depthwise-like convs (one input channel per group) are not GEMMs at all; a direct kernel
@@ -41,10 +41,11 @@ from ..reference import conv as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
-                      from_numpy, register_kernel, suggests_channels_last, tl_input_precision, to_numpy)
+                      from_numpy, operand_class, register_kernel, suggests_channels_last, tl_input_precision,
+                      to_numpy)
 from . import conv_backward as bwd
-from .conv_backward import (aligned8, aligned_channels_last, check_pixel_count, gather_k_major, is_pointwise,
-                            register_family, rows_view, tuned_family)
+from .conv_backward import (aligned8, aligned_channels_last, as_channels_last, channels_last_pays, check_pixel_count,
+                            gather_k_major, is_pointwise, register_family, rows_view, tuned_family)
 from .matmul import matmul
 
 _EMPTY = (0,)
@@ -134,7 +135,13 @@ def conv2d_fwd_kernel(
             b = tl.load(w_ptr + w_cols[None, :] + b_offs[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
-        for kpos in range(0, KH * KW):
+        # one flattened loop over (kernel position, channel block) pairs: the software pipeline
+        # then keeps loads in flight across kernel positions (a nested loop drains it at each one,
+        # and with C_in/groups <= BLOCK_K nothing would overlap at all)
+        c_blocks = tl.cdiv(C_in_g, BLOCK_K)
+        for step in range(0, KH * KW * c_blocks):
+            kpos = step // c_blocks
+            c0 = (step % c_blocks) * BLOCK_K
             kh = kpos // KW
             kw = kpos % KW
             ih = ih0 + kh * dil_h
@@ -142,13 +149,12 @@ def conv2d_fwd_kernel(
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_rows = x_rows + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
             b_cols = w_cols + kh.to(tl.int64) * swh + kw.to(tl.int64) * sww
-            for c0 in range(0, C_in_g, BLOCK_K):
-                offs_c = c0 + tl.arange(0, BLOCK_K)
-                mask_c = offs_c < C_in_g
-                a = gather_k_major(x_ptr, a_rows, offs_c.to(tl.int64) * sxc, row_ok, mask_c, FAST)
-                b = tl.load(w_ptr + b_cols[None, :] + (offs_c.to(tl.int64) * swi)[:, None],
-                            mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            mask_c = offs_c < C_in_g
+            a = gather_k_major(x_ptr, a_rows, offs_c.to(tl.int64) * sxc, row_ok, mask_c, FAST)
+            b = tl.load(w_ptr + b_cols[None, :] + (offs_c.to(tl.int64) * swi)[:, None],
+                        mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out_rows = n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
     out_offs = out_rows[:, None] + (co.to(tl.int64) * syc)[None, :]
@@ -222,8 +228,12 @@ _FWD_SIG = {"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "y
 # the heaviest epilogue (gelu_tanh + pre-activation store) on the nested path, and the flat-K path
 # (FAST never runs with flat K: it needs C_in/groups >= 16)
 _HEAVY = dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, FLAT_K=False)
+# the generic path's tap-major weight as launched for 8-aligned C_out (64 here; the JIT marks
+# its strides 16-divisible): unit C_out stride
+_TAP_MAJOR = dict(swo=1, swi=64, swh=64 * 3 * 3, sww=64 * 3, C_out_g=64)
 register_family("conv2d_fwd", conv2d_fwd_kernel, _FWD_SIG,
-                [_HEAVY, dict(HAS_BIAS=True, ACT=1, STORE_PREACT=False, FLAT_K=True)], fast_variants=[_HEAVY])
+                [dict(_HEAVY, **_TAP_MAJOR), dict(HAS_BIAS=True, ACT=1, STORE_PREACT=False, FLAT_K=True, **_TAP_MAJOR)],
+                fast_variants=[_HEAVY])
 register_kernel(KernelSpec(
     name="conv2d_depthwise_fwd",
     kernel=conv2d_depthwise_fwd_kernel,
@@ -282,17 +292,26 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
                      float(act.param), **common, **meta)
         return
     c_out_g = c_out // groups
+    if channels_last_pays(c_in_g, c_out_g, x, y):  # e.g. NCHW: run the FAST kernel on channels_last copies
+        y_cl = torch.empty_like(y, memory_format=torch.channels_last)
+        z_cl = torch.empty_like(z, memory_format=torch.channels_last) if z is not None else None
+        _forward_triton(as_channels_last(x), weight, bias, y_cl, z_cl, stride, padding, dilation, groups, act)
+        y.copy_(y_cl)
+        if z is not None:
+            z.copy_(z_cl)
+        return
     fast = c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(x, y)
-    if fast:  # tap-major weight (KH, KW, C_in_g, C_out): each tap's C_out row is one contiguous vector run
-        w_t = weight.permute(2, 3, 1, 0).contiguous()
-        w_strides = (w_t.stride(3), w_t.stride(2), w_t.stride(0), w_t.stride(1))
-    else:
-        w_t, w_strides = weight, weight.stride()
-    kernel, meta = TUNED_FWD[fast, x.dtype == torch.float32].launcher(x.device)
+    # tap-major weight (KH, KW, C_in_g, C_out), a small copy: each (tap, ci) row of C_out is one
+    # contiguous run, so B tiles load as vectors through cp.async (whenever C_out is 8-aligned) on
+    # every path, the generic one (e.g. an RGB stem, whose input is gathered) included
+    w_t = weight.permute(2, 3, 1, 0).contiguous()
+    w_strides = (w_t.stride(3), w_t.stride(2), w_t.stride(0), w_t.stride(1))
+    precision = tl_input_precision(x.dtype, "conv")
+    kernel, meta = TUNED_FWD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), groups)  # noqa: E731
     kernel[grid](x, w_t, bias_t, y, z_t, h, w, c_in_g, c_out_g, oh, ow, kh, kw, m, *geometry,
                  *x.stride(), *w_strides, *y.stride(), float(act.param),
-                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype, "conv"), **meta)
+                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=precision, **meta)
 
 
 # ---------------------------------------------------------------------------------------------

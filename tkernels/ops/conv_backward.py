@@ -12,9 +12,10 @@ pre-activation z; see :mod:`tkernels.activations`).
       dx[n, ci, ih, iw] = sum_{co, kh, kw} dz[n, co, oh, ow] * W[co, ci, kh, kw],
       oh = (ih + pt - kh*dh) / sh  when that divides exactly and 0 <= oh < OH (same for ow).
   Input pixels are split into the sh*sw stride phases (ih mod sh, iw mod sw). Inside one phase,
-  whether kernel row kh reaches an output row is the same for the whole tile, so the taps that
-  cannot contribute are skipped as a scalar branch and ``oh = i + (rh + pt - kh*dh) / sh`` needs
-  no per-element division. No dilated copy of dz is built.
+  whether kernel row kh reaches an output row is the same for the whole tile: the taps that do
+  form an arithmetic progression (``_phase_taps``), so one flattened loop walks (valid tap,
+  channel block) pairs with loads pipelined across taps, and ``oh = i + (rh + pt - kh*dh) / sh``
+  needs no per-element division. No dilated copy of dz is built.
 * **Weight gradient**, an implicit GEMM reducing over the N*OH*OW output pixels p:
       dW[co, (kh, kw, ci)] = sum_p dz[p, co] * x[n, ci, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw].
 Long reductions (weight and bias gradients) are split over SPLIT programs when the output has
@@ -22,7 +23,8 @@ too few tiles to fill the GPU; they write fp32 partials and a second kernel sums
 order (deterministic, no float atomics).
 
 As in the forward, ``FAST`` variants take channels_last tensors with 8-aligned channel runs and
-move them as vectors (the weight is re-laid tap-major for the input gradient; the weight
+move them as vectors (NCHW tensors with such channel counts are copied to channels_last first:
+``channels_last_pays``) (the weight is re-laid tap-major for the input gradient; the weight
 gradient is written tap-major and re-laid into dW). 1x1 stride-1 unpadded convs whose pixels
 form a 2-D (pixels, channels) view are GEMMs and reuse the matmul kernel with act' fused into
 its loads, as Linear does (dx = dz @ W, dW = dz^T @ X with db as its row sums).
@@ -42,7 +44,8 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation, activation_grad
-from ._common import grouped_tile, KernelSpec, Tuned, cdiv, config, register_kernel, sm_count, tl_input_precision
+from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, operand_class, register_kernel,
+                      sm_count, tl_input_precision)
 from .matmul import SUM_PARTIALS_BLOCK, matmul, sum_partials_kernel
 
 # Tests set this to exercise the split-reduction path on small (interpreter-sized) shapes.
@@ -70,6 +73,24 @@ def gather_k_major(ptr, row_offs, k_offs, row_ok, k_ok, FAST: tl.constexpr):
         tile = tl.trans(tl.load(ptr + row_offs[None, :] + k_offs[:, None], mask=k_ok[:, None] & row_ok[None, :],
                                 other=0.0))
     return tile
+
+
+@triton.jit
+def _phase_taps(r, pad, dil, stride, KSIZE):
+    """(first, step, count): the kernel positions k in [0, KSIZE) with (r + pad - k*dil) divisible by
+    stride, i.e. those that reach an output pixel from input pixels of phase r. They are first,
+    first + step, ... with step = stride / gcd(stride, dil); found by scalar loops of <= stride
+    iterations, so the main loop need not branch per tap."""
+    step = stride
+    for p in range(1, stride):  # the smallest p >= 1 with p * dil divisible by stride
+        if ((p * dil) % stride == 0) & (p < step):
+            step = p
+    first = KSIZE
+    for k in range(0, step):  # the smallest valid k below step (the pattern repeats with step)
+        if ((r + pad - k * dil) % stride == 0) & (k < first):
+            first = k
+    count = tl.maximum(tl.cdiv(KSIZE - first, step), 0)
+    return first, step, count
 
 
 @triton.jit
@@ -117,29 +138,30 @@ def conv2d_dgrad_kernel(
     mask_n = offs_n < C_in_g
     co_base = g * C_out_g
 
+    # Kernel rows (and columns) that land between output rows for this phase contribute nothing
+    # to the whole tile. The ones that do form a progression kh0, kh0 + step_h, ... (step_h =
+    # sh / gcd(sh, dh)); find it with scalar loops, then walk (valid tap, channel block) pairs in
+    # ONE flattened loop, so the software pipeline keeps loads in flight across taps.
+    kh0, step_h, taps_h = _phase_taps(rh, pad_h, dil_h, stride_h, KH)
+    kw0, step_w, taps_w = _phase_taps(rw, pad_w, dil_w, stride_w, KW)
+    c_blocks = tl.cdiv(C_out_g, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(0, KH):
-        th = rh + pad_h - kh * dil_h
-        # kernel rows (and below, columns) that land between output rows for this phase
-        # contribute nothing to the whole tile: skip them as a scalar branch
-        if th % stride_h == 0:
-            oh = i + th // stride_h
-            h_ok = mask_m & (oh >= 0) & (oh < OH)
-            for kw in range(0, KW):
-                tw = rw + pad_w - kw * dil_w
-                if tw % stride_w == 0:
-                    ow = j + tw // stride_w
-                    row_ok = h_ok & (ow >= 0) & (ow < OW)
-                    d_rows = n.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-                    b_cols = offs_n.to(tl.int64) * swi + kh * swh + kw * sww
-                    for c0 in range(0, C_out_g, BLOCK_K):
-                        offs_c = c0 + tl.arange(0, BLOCK_K)
-                        mask_c = offs_c < C_out_g
-                        co = (co_base + offs_c).to(tl.int64)
-                        a = gather_k_major(dz_ptr, d_rows, co * sdc, row_ok, mask_c, FAST)
-                        b = tl.load(w_ptr + b_cols[None, :] + (co * swo)[:, None],
-                                    mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-                        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    for step in range(0, taps_h * taps_w * c_blocks):
+        tap = step // c_blocks
+        c0 = (step % c_blocks) * BLOCK_K
+        kh = kh0 + (tap // taps_w) * step_h
+        kw = kw0 + (tap % taps_w) * step_w
+        oh = i + (rh + pad_h - kh * dil_h) // stride_h  # exact: the tap is valid for this phase
+        ow = j + (rw + pad_w - kw * dil_w) // stride_w
+        row_ok = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        d_rows = n.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+        b_cols = offs_n.to(tl.int64) * swi + kh * swh + kw * sww
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        mask_c = offs_c < C_out_g
+        co = (co_base + offs_c).to(tl.int64)
+        a = gather_k_major(dz_ptr, d_rows, co * sdc, row_ok, mask_c, FAST)
+        b = tl.load(w_ptr + b_cols[None, :] + (co * swo)[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     ci = (g * C_in_g + offs_n).to(tl.int64)
     dx_offs = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + (ci * sxc)[None, :]
@@ -323,43 +345,50 @@ def _tile(m: int, n: int, k: int, stages: int = 3) -> triton.Config:
     return config(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=4, num_stages=stages)
 
 
-# Implicit-GEMM tiles per (FAST, fp32), then per arch; num_warps = 4 throughout. FAST (vectorised
-# channels_last) tiles go up to 128x64; generic-layout tiles gather every element with its own
-# address and stay at 64x64. fp32 operands take twice the registers (BLOCK_K 16 for generic
-# tiles). Each list is what `tkernels inspect` compiles without spills on sm_80 and sm_90.
+# Implicit-GEMM tiles per (FAST, operand class), then per arch; num_warps = 4 throughout. FAST
+# (vectorised channels_last) tiles go up to 128x64; generic-layout tiles gather every element with
+# its own address and stay at 64x64. fp32 operands take twice the registers (BLOCK_K 16 for
+# generic tiles); exact fp32 ("ieee") runs on the FMA units with both operand tiles in registers.
+# Each list is what `tkernels inspect` compiles without spills on sm_80 and sm_90.
 _FAST_HALF = [_tile(128, 64, 32, 4), _tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4),
               _tile(32, 64, 32, 4)]
-_FAST_FP32 = [_tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4)]
+_FAST_FP32 = [_tile(64, 128, 32, 4), _tile(64, 64, 32), _tile(64, 32, 32, 4)]
+_FAST_EXACT = [_tile(64, 32, 16), _tile(32, 32, 32)]
 _GENERIC_HALF = [_tile(64, 64, 32), _tile(64, 32, 32), _tile(32, 64, 32), _tile(16, 64, 32)]
-_GENERIC_FP32 = [_tile(64, 64, 16), _tile(64, 32, 16)]
+_GENERIC_FP32 = [_tile(64, 32, 16), _tile(32, 64, 16)]
+_GENERIC_EXACT = [_tile(64, 32, 16), _tile(32, 32, 16)]
 GEMM_CONFIGS = {
-    (True, False): {"sm_80": _FAST_HALF, "sm_90": [_tile(128, 64, 64)] + _FAST_HALF},
-    (True, True): {"sm_80": _FAST_FP32, "sm_90": _FAST_FP32},
-    (False, False): {"sm_80": _GENERIC_HALF, "sm_90": _GENERIC_HALF},
-    (False, True): {"sm_80": _GENERIC_FP32, "sm_90": _GENERIC_FP32},
+    (True, "half"): {"sm_80": _FAST_HALF, "sm_90": [_tile(128, 64, 64)] + _FAST_HALF},
+    (True, "tf32"): {"sm_80": _FAST_FP32, "sm_90": _FAST_FP32},
+    (True, "ieee"): {"sm_80": _FAST_EXACT, "sm_90": _FAST_EXACT},
+    (False, "half"): {"sm_80": _GENERIC_HALF, "sm_90": _GENERIC_HALF},
+    (False, "tf32"): {"sm_80": _GENERIC_FP32, "sm_90": _GENERIC_FP32},
+    (False, "ieee"): {"sm_80": _GENERIC_EXACT, "sm_90": _GENERIC_EXACT},
 }
 
 
-def tuned_family(kernel, key, interpreter: triton.Config) -> Dict[Tuple[bool, bool], Tuned]:
-    """One Tuned per (FAST, fp32) config family of an implicit-GEMM kernel."""
+def tuned_family(kernel, key, interpreter: triton.Config) -> Dict[Tuple[bool, str], Tuned]:
+    """One Tuned per (FAST, operand class) config family of an implicit-GEMM kernel."""
     return {family: Tuned(kernel, configs, interpreter=interpreter, key=key)
             for family, configs in GEMM_CONFIGS.items()}
 
 
 def register_family(name: str, kernel, signature: dict, variants: List[dict],
                     fast_variants: Optional[List[dict]] = None) -> None:
-    """Register each (FAST, fp32) family for `tkernels inspect` as name[_fast][_fp32]."""
-    for (fast, fp32), configs in GEMM_CONFIGS.items():
+    """Register each FAST x (half, fp32) family for `tkernels inspect` as name[_fast][_fp32]; the
+    fp32 spec is built in both input precisions, each with its own tiles."""
+    for fast in (True, False):
         chosen = fast_variants if fast and fast_variants is not None else variants
-        register_kernel(KernelSpec(
-            name=name + ("_fast" if fast else "") + ("_fp32" if fp32 else ""), kernel=kernel, signature=signature,
-            configs_by_arch=configs, variants=[dict(v, FAST=fast) for v in chosen],
-            dtypes=("fp32",) if fp32 else ("fp16", "bf16"), per_dtype=_PRECISION, tensor_cores=True,
-        ))
+        for fp32 in (False, True):
+            register_kernel(KernelSpec(
+                name=name + ("_fast" if fast else "") + ("_fp32" if fp32 else ""), kernel=kernel,
+                signature=signature, configs_by_arch=GEMM_CONFIGS[fast, "tf32" if fp32 else "half"],
+                fp32_configs={p: GEMM_CONFIGS[fast, p] for p in ("tf32", "ieee")},
+                variants=[dict(v, FAST=fast) for v in chosen], dtypes=("fp32",) if fp32 else ("fp16", "bf16"),
+                input_precision=True, tensor_cores=True,
+            ))
 
 
-_PRECISION = {"fp32": {"INPUT_PRECISION": "tf32"}, "fp16": {"INPUT_PRECISION": "ieee"},
-              "bf16": {"INPUT_PRECISION": "ieee"}}
 TUNED_DGRAD = tuned_family(conv2d_dgrad_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w"],
                            interpreter=config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, GROUP_M=4))
 TUNED_WGRAD = tuned_family(conv2d_wgrad_kernel, ["P", "J", "C_out_g", "KH", "KW", "SPLIT"],
@@ -386,9 +415,17 @@ _DGRAD_SIG = {"dz_ptr": "*{dtype}", "w_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
 _WGRAD_SIG = {"dz_ptr": "*{dtype}", "x_ptr": "*{dtype}", "out_ptr": "*fp32",
               **_GEOMETRY_SIG, "C_in_g": _I32, "C_out_g": _I32, "P": _I32, "J": _I32,
               **_strides("d", "x"), "soo": _I32, "soi": _I32, "soh": _I32, "sow": _I32, "stride_split": _I32}
-register_family("conv2d_dgrad", conv2d_dgrad_kernel, _DGRAD_SIG, [{}])
+# the generic input gradient as launched with a channels_last dz (8-aligned C_out, 64 here) and the
+# tap-major weight of a 3x3 conv with 12 input channels per group
+register_family("conv2d_dgrad", conv2d_dgrad_kernel, _DGRAD_SIG,
+                [dict(sdc=1, sdn=64 * 56 * 56, sdh=64 * 56, sdw=64, C_out_g=64, swi=1, swo=12, swh=3 * 64 * 12,
+                      sww=64 * 12)],
+                fast_variants=[{}])
 # out_ptr is the fp32 partials buffer (split) or dW itself; only the store's cast differs
-register_family("conv2d_wgrad", conv2d_wgrad_kernel, _WGRAD_SIG, [dict(SPLIT=4)])
+# the generic weight gradient as launched with a channels_last dz (8-aligned C_out, 64 here)
+register_family("conv2d_wgrad", conv2d_wgrad_kernel, _WGRAD_SIG,
+                [dict(SPLIT=4, sdc=1, sdn=64 * 56 * 56, sdh=64 * 56, sdw=64, C_out_g=64)],
+                fast_variants=[dict(SPLIT=4)])
 register_kernel(KernelSpec(
     name="conv2d_depthwise_dgrad",
     kernel=conv2d_depthwise_dgrad_kernel,
@@ -458,6 +495,8 @@ def _weight_grad(dz: Tensor, x: Tensor, dw: Tensor, geometry, groups: int) -> No
     c_out_g = c_out // groups
     p = n * oh * ow
     fast = c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(dz, x)
+    if not fast and c_out_g % 8 == 0 and dz.stride(1) != 1:
+        dz = as_channels_last(dz)  # (e.g. an RGB stem) unit-stride C_out runs: dz tiles move through cp.async
     # FAST: one tap per grid column, dW written tap-major (KH, KW, C_out, C_in_g) then re-laid out
     j, taps = (c_in_g, kh * kw) if fast else (c_in_g * kh * kw, 1)
     result_shape = (kh, kw, c_out, c_in_g) if fast else tuple(dw.shape)
@@ -469,11 +508,12 @@ def _weight_grad(dz: Tensor, x: Tensor, dw: Tensor, geometry, groups: int) -> No
     # (co, ci, kh, kw) strides of the layout the kernel writes
     st = target.stride()[1:] if split > 1 else target.stride()
     strides = (st[2], st[3], st[0], st[1]) if fast else st
-    kernel, meta = TUNED_WGRAD[fast, x.dtype == torch.float32].launcher(x.device)
+    precision = tl_input_precision(x.dtype, "conv")
+    kernel, meta = TUNED_WGRAD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(c_out_g, cfg["BLOCK_M"]) * cdiv(j, cfg["BLOCK_N"]), groups * taps, split)  # noqa: E731
     kernel[grid](dz, x, target, h, w, c_in_g, c_out_g, oh, ow, kh, kw, p, j, *geometry,
                  *dz.stride(), *x.stride(), *strides, dw.numel(),
-                 SPLIT=split, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype, "conv"), **meta)
+                 SPLIT=split, FAST=fast, INPUT_PRECISION=precision, **meta)
     if split > 1:
         summed = torch.empty(result_shape, device=x.device, dtype=dw.dtype) if fast else dw
         _reduce_partials(target, summed)
@@ -496,18 +536,19 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
         return
     c_out_g = c_out // groups
     fast = c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(dz, dx)
-    if fast:  # tap-major weight (KH, KW, C_out, C_in_g): each (tap, co) row of C_in_g is one vector run
-        w_t = weight.permute(2, 3, 0, 1).contiguous()
-        w_strides = (w_t.stride(2), w_t.stride(3), w_t.stride(0), w_t.stride(1))
-    else:
-        w_t, w_strides = weight, weight.stride()
+    if not fast and c_out_g % 8 == 0 and dz.stride(1) != 1:
+        dz = as_channels_last(dz)  # unit-stride C_out runs: the dz tiles move through cp.async
+    # tap-major weight (KH, KW, C_out, C_in_g), a small copy: each (tap, co) row of C_in_g is one run
+    w_t = weight.permute(2, 3, 0, 1).contiguous()
+    w_strides = (w_t.stride(2), w_t.stride(3), w_t.stride(0), w_t.stride(1))
     hq, wq = cdiv(h, sh), cdiv(w, sw)
     m = n * hq * wq
-    kernel, meta = TUNED_DGRAD[fast, dx.dtype == torch.float32].launcher(dx.device)
+    precision = tl_input_precision(dx.dtype, "conv")
+    kernel, meta = TUNED_DGRAD[fast, operand_class(dx.dtype, precision)].launcher(dx.device)
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_in_g, cfg["BLOCK_N"]), groups * sh * sw)  # noqa: E731
     kernel[grid](dz, w_t, dx, h, w, c_in_g, c_out_g, oh, ow, kh, kw, hq, wq, m, *geometry,
                  *dz.stride(), *w_strides, *dx.stride(),
-                 FAST=fast, INPUT_PRECISION=tl_input_precision(dx.dtype, "conv"), **meta)
+                 FAST=fast, INPUT_PRECISION=precision, **meta)
 
 
 # Pixel indices are int32 in the kernels (offsets are int64): N*H*W must stay clear of 2**31.
@@ -534,6 +575,18 @@ def aligned_channels_last(*tensors: Tensor) -> bool:
     layout the FAST kernel variants assume, so that channel runs load as 16-byte vectors."""
     return all(t.stride(1) == 1 and all(st % 8 == 0 for d, st in enumerate(t.stride()) if d != 1 and t.shape[d] > 1)
                for t in tensors)
+
+
+def channels_last_pays(c_in_g: int, c_out_g: int, *tensors: Tensor) -> bool:
+    """Whether to run the FAST (vectorised, cp.async-pipelined) kernels on channels_last copies of
+    tensors that are not laid out for them (e.g. torch's default NCHW): the channel counts allow
+    them (>= 16 input channels, 8-aligned runs) and one copy of each tensor (memory-bound) is
+    cheap next to an implicit GEMM that gathers element by element with no async copies."""
+    return c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and not aligned_channels_last(*tensors)
+
+
+def as_channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def is_pointwise(weight: Tensor, stride, padding, groups: int) -> bool:
@@ -571,13 +624,19 @@ def backward_triton(dy: Tensor, x: Tensor, weight: Tensor, gate: Optional[Tensor
         return
     geometry = (*stride, padding[0], padding[2], *dilation)
     need_gemm = (dx is not None and dx.numel() > 0) or (dw is not None and dw.numel() > 0)
-    dz = dy
+    # NCHW (or other unaligned) operands with FAST-able channels: dz is made channels_last, x and
+    # dx go through channels_last copies, and the GEMMs take the FAST kernels
+    convert = need_gemm and channels_last_pays(weight.shape[1], weight.shape[0] // groups, dy, x)
+    dz = as_channels_last(dy) if convert and gate is None else dy
     if gate is not None and need_gemm:
-        dz = torch.empty_like(gate)
+        dz = torch.empty_like(gate, memory_format=torch.channels_last if convert else torch.preserve_format)
         _grad_z(dy, gate, act, dz, db)
     elif db is not None:
         _grad_z(dy, gate, act, None, db)
     if dx is not None and dx.numel():
-        _input_grad(dz, weight, dx, geometry, groups)
+        dx_target = torch.empty_like(dx, memory_format=torch.channels_last) if convert else dx
+        _input_grad(dz, weight, dx_target, geometry, groups)
+        if dx_target is not dx:
+            dx.copy_(dx_target)
     if dw is not None and dw.numel():
-        _weight_grad(dz, x, dw, geometry, groups)
+        _weight_grad(dz, as_channels_last(x) if convert else x, dw, geometry, groups)

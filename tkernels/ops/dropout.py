@@ -1,7 +1,8 @@
 """Dropout with an in-kernel counter-based generator: y = x * keep / (1 - p), keep ~ Bernoulli(1 - p).
 
-The keep decision of element i (its logical, row-major index) is ``tl.rand(seed, i) >= p``:
-Philox, a counter-based generator, so the mask is a pure function of (seed, i). Nothing is
+The keep decision of element i (its logical, row-major index) is ``u >= p`` with u one of the four
+outputs of Philox (``tl.rand4x``) at a counter derived from i (see ``dropout_kernel``): a
+counter-based generator, so the mask is a pure function of (seed, i). Nothing is
 stored for backward: it recomputes the same mask from the seed and writes dx = g * keep / (1 - p).
 The seed is one int64 drawn with ``torch.randint`` from torch's default generator of the input's
 device and kept on that device (the kernel loads it, so there is no host sync); so
@@ -14,7 +15,8 @@ and p == 0 or training=False returns the input itself.
 
 Tiling: a 1-D grid of BLOCK elements over the logical index; contiguous tensors are addressed
 directly, others through up to 4 collapsed strides (the output keeps the input's dense layout).
-Bytes: one read and one write per element; memory-bound (Philox is ~40 integer ops an element).
+Bytes: one read and one write per element; memory-bound (one Philox call, ~40 integer ops, per
+four elements).
 """
 from __future__ import annotations
 
@@ -35,23 +37,19 @@ _INT31 = 2**31 - 1
 
 
 @triton.jit
-def _keep_mask(seed, offs, p, WIDE: tl.constexpr):
-    """keep_i = U(seed, i) >= p. Philox takes a 32-bit counter; past 2**31 elements (WIDE) the high
-    bits of i move the key instead, so the stream never repeats inside one tensor."""
+def _uniform4(seed, counter, WIDE: tl.constexpr):
+    """Philox's four 32-bit outputs for each counter, as uniforms in [0, 1). Philox takes a 32-bit
+    counter; past 2**31 counters (WIDE) the high bits move the key instead, so the stream never
+    repeats inside one tensor."""
     if WIDE:
-        r = tl.rand(seed + (offs >> 31), (offs & 0x7FFFFFFF).to(tl.int32))
-    else:
-        r = tl.rand(seed, offs.to(tl.int32))
-    return r >= p
+        return tl.rand4x(seed + (counter >> 31), (counter & 0x7FFFFFFF).to(tl.int32))
+    return tl.rand4x(seed, counter.to(tl.int32))
 
 
 @triton.jit
-def dropout_kernel(x_ptr, y_ptr, seed_ptr, p, scale, n, size1, size2, size3,
-                   sx0, sx1, sx2, sx3, sy0, sy1, sy2, sy3,
-                   DENSE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    """y_i = x_i * (keep_i * scale): the forward (x = input), the backward (x = grad_y) and the
-    in-place forward (y_ptr == x_ptr). fp32 math. Grid = (cdiv(n, BLOCK),)."""
-    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+def _dropout_quarter(x_ptr, y_ptr, offs, u, p, scale, n, size1, size2, size3, sx0, sx1, sx2, sx3,
+                     sy0, sy1, sy2, sy3, DENSE: tl.constexpr):
+    """y = x * (keep * scale) on one contiguous quarter of a block, keep = u >= p."""
     mask = offs < n
     if DENSE:
         x_offs = offs
@@ -59,10 +57,34 @@ def dropout_kernel(x_ptr, y_ptr, seed_ptr, p, scale, n, size1, size2, size3,
     else:
         x_offs = _strided_offsets(offs, size1, size2, size3, sx0, sx1, sx2, sx3)
         y_offs = _strided_offsets(offs, size1, size2, size3, sy0, sy1, sy2, sy3)
-    keep = _keep_mask(tl.load(seed_ptr), offs, p, WIDE)
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-    y = x * tl.where(keep, scale, 0.0)
-    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_offs, (x * tl.where(u >= p, scale, 0.0)).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dropout_kernel(x_ptr, y_ptr, seed_ptr, p, scale, n, size1, size2, size3,
+                   sx0, sx1, sx2, sx3, sy0, sy1, sy2, sy3,
+                   DENSE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """y_i = x_i * (keep_i * scale): the forward (x = input), the backward (x = grad_y) and the
+    in-place forward (y_ptr == x_ptr). fp32 math. Grid = (cdiv(n, BLOCK),).
+
+    One Philox call gives four 32-bit outputs, and all four are used: program b draws BLOCK/4
+    counters c = b*BLOCK/4 + t, and output j of counter c decides element b*BLOCK + j*BLOCK/4 + t.
+    Each quarter is a contiguous run, so loads and stores stay coalesced 16-byte vectors, and the
+    mask is a pure function of (seed, element index) for a fixed BLOCK (backward launches the same)."""
+    QUARTER: tl.constexpr = BLOCK // 4
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.arange(0, QUARTER)
+    u0, u1, u2, u3 = _uniform4(tl.load(seed_ptr), pid * QUARTER + t, WIDE)
+    base = pid * BLOCK + t
+    _dropout_quarter(x_ptr, y_ptr, base, u0, p, scale, n, size1, size2, size3, sx0, sx1, sx2, sx3,
+                     sy0, sy1, sy2, sy3, DENSE)
+    _dropout_quarter(x_ptr, y_ptr, base + QUARTER, u1, p, scale, n, size1, size2, size3, sx0, sx1, sx2, sx3,
+                     sy0, sy1, sy2, sy3, DENSE)
+    _dropout_quarter(x_ptr, y_ptr, base + 2 * QUARTER, u2, p, scale, n, size1, size2, size3, sx0, sx1, sx2, sx3,
+                     sy0, sy1, sy2, sy3, DENSE)
+    _dropout_quarter(x_ptr, y_ptr, base + 3 * QUARTER, u3, p, scale, n, size1, size2, size3, sx0, sx1, sx2, sx3,
+                     sy0, sy1, sy2, sy3, DENSE)
 
 
 register_kernel(KernelSpec(

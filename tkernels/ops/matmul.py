@@ -17,6 +17,11 @@ the K range is split across SPLIT_K programs that write fp32 partials to a works
 second kernel sums them in a fixed order (deterministic; no float atomics).
 
 All offsets are computed in int64, so tensors past 2**31 elements index correctly.
+
+This kernel is the cp.async path (sm_80, fp32, split-K, and layouts TMA cannot address). On sm_90,
+fp16/bf16 launches whose operands TMA can address go to the persistent, TMA-fed, warp-specialised
+kernel in :mod:`.matmul_tma`. Configs come in three families by operand class: fp16/bf16, tf32
+(fp32 operands are twice as wide) and exact fp32 (FMA units, both operand tiles in registers).
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
-from ._common import grouped_tile, KernelSpec, Tuned, cdiv, config, register_kernel, sm_count, tl_input_precision
+from .matmul_tma import matmul_tma, tma_eligible
+from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, operand_class, register_kernel,
+                      sm_count, tl_input_precision)
 
 
 @triton.jit
@@ -110,26 +117,37 @@ def sum_partials_kernel(part_ptr, out_ptr, L, SPLIT, stride_out, BLOCK: tl.const
     tl.store(out_ptr + offs * stride_out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _configs(sm90: bool):
+def _configs(block_k: int, small_block_k: int):
     # Accumulator registers per thread = BLOCK_M*BLOCK_N / (32*num_warps); the fused epilogue
     # (bias, stored pre-activation, gelu) needs headroom on top, so no tile holds more than
-    # 64 fp32 accumulators per thread (larger tiles spilled in `tkernels inspect`).
-    bk = 64 if sm90 else 32
+    # 64 fp32 accumulators per thread (larger tiles spilled in `tkernels inspect`). block_k is the
+    # K step of the three largest tiles, small_block_k that of the 64x64 and 16x64 ones.
     return [
-        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3),
-        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=small_block_k, GROUP_M=8, num_warps=4, num_stages=3),
         config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=5),
-        config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=2, num_stages=4),
+        config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=small_block_k, GROUP_M=8, num_warps=2, num_stages=4),
     ]
 
 
-MATMUL_CONFIGS = {"sm_80": _configs(False), "sm_90": _configs(True)}
+# Config families by operand class (see operand_class): fp16/bf16 tiles step K by 64 on sm_90;
+# tf32 operands are twice as wide, so 128x128x64 x 3 stages would need 246,784 B of shared
+# memory, more than sm_90's 232,448 B: tf32 keeps BLOCK_K 32 on every arch. Exact fp32 dots run on
+# the FMA units with both operand tiles in registers: BLOCK_K 64 spilled 264-2,616 B per thread
+# (gated backward), so every tile steps K by 32, and the three largest by 16 on sm_80 (at 32 its
+# gated backward still spilled 56-208 B).
+MATMUL_CONFIGS = {
+    "half": {"sm_80": _configs(32, 64), "sm_90": _configs(64, 64)},
+    "tf32": {"sm_80": _configs(32, 64), "sm_90": _configs(32, 64)},
+    "ieee": {"sm_80": _configs(16, 32), "sm_90": _configs(32, 32)},
+}
 # Under the interpreter, bigger tiles mean fewer NumPy-driven programs; 32 keeps odd shapes masked.
-TUNED_MATMUL = Tuned(matmul_kernel, MATMUL_CONFIGS,
-                     interpreter=config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-                     key=["M", "N", "K", "SPLIT_K", "HAS_GATE", "ROWSUM"])
+TUNED_MATMUL = {family: Tuned(matmul_kernel, configs,
+                              interpreter=config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+                              key=["M", "N", "K", "SPLIT_K", "HAS_GATE", "ROWSUM"])
+                for family, configs in MATMUL_CONFIGS.items()}
 SUM_PARTIALS_BLOCK = 1024
 
 register_kernel(KernelSpec(
@@ -144,7 +162,8 @@ register_kernel(KernelSpec(
         "stride_pm": "i32", "stride_pn": "i32", "stride_split_c": "i32", "stride_split_r": "i32",
         "act_param": "fp32",
     },
-    configs_by_arch=MATMUL_CONFIGS,
+    configs_by_arch=MATMUL_CONFIGS["half"],
+    fp32_configs={"tf32": MATMUL_CONFIGS["tf32"], "ieee": MATMUL_CONFIGS["ieee"]},
     # forward with the heaviest epilogue, and the backward with the gate prologue + bias rowsum
     # unit strides as the linear launches them: forward A = x, B = W^T; weight gradient A = dY^T, B = x
     variants=[
@@ -156,8 +175,7 @@ register_kernel(KernelSpec(
     example_args={name: 4096 for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                                           "stride_cm", "stride_cn", "stride_gm", "stride_gk", "stride_pm",
                                           "stride_pn", "stride_split_c", "stride_split_r")},
-    per_dtype={"fp32": {"INPUT_PRECISION": "tf32"}, "fp16": {"INPUT_PRECISION": "ieee"},
-               "bf16": {"INPUT_PRECISION": "ieee"}},
+    input_precision=True,
     tensor_cores=True,
 ))
 register_kernel(KernelSpec(
@@ -202,6 +220,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     if split > 1 and (bias is not None or activation_code != 0 or preact_out is not None):
         raise ValueError("split-K matmul has no epilogue; use it for gradients only")
 
+    if tma_eligible(a, b, out, gate, preact_out, split):
+        matmul_tma(a, b, out, bias=bias, activation_code=activation_code, activation_param=activation_param,
+                   preact_out=preact_out, gate=gate, gate_activation_code=gate_activation_code,
+                   rowsum_out=rowsum_out)
+        return out
+
     dummy = out
     if split > 1:
         c_target = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
@@ -213,7 +237,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     gate_t = gate if gate is not None else a
     preact_t = preact_out if preact_out is not None else dummy
 
-    kernel, meta = TUNED_MATMUL.launcher(a.device)
+    precision = tl_input_precision(a.dtype, precision_of)
+    kernel, meta = TUNED_MATMUL[operand_class(a.dtype, precision)].launcher(a.device)
     grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
     # (one stride() tuple per tensor: stride(i) parses its argument on every call)
     kernel[grid](
@@ -224,7 +249,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
         float(activation_param),
         HAS_BIAS=bias is not None, ACT=activation_code, STORE_PREACT=preact_out is not None,
         HAS_GATE=gate is not None, GATE_ACT=gate_activation_code, ROWSUM=rowsum_out is not None,
-        SPLIT_K=split, INPUT_PRECISION=tl_input_precision(a.dtype, precision_of),
+        SPLIT_K=split, INPUT_PRECISION=precision,
         **meta,
     )
     if split > 1:
