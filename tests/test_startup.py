@@ -94,7 +94,9 @@ def test_every_tkernels_op_defers_dynamo_and_hands_over_once_it_is_loaded():
     for op in ours:
         for impl in op._backend_fns.values():
             assert getattr(impl.__wrapped__, _lazy_dynamo.DISABLE_CACHE) is not None, op._qualname
-    tkernels.functional.relu(torch.randn(4))  # with dynamo loaded: torch's own disabled wrapper from now on
+    # through the dispatcher (plain eager calls skip it: ops/_dispatch.py); with dynamo loaded, torch's
+    # own disabled wrapper from now on
+    torch.ops.tkernels.activation(torch.randn(4), "relu", 0.0)
     activation = OPDEFS["tkernels::activation"]
     # the default (CPU) implementation ran and handed over; the CUDA one (the device guard) did not run
     cached = getattr(activation._backend_fns[None].__wrapped__, _lazy_dynamo.DISABLE_CACHE)
