@@ -10,6 +10,8 @@
 #   3. check      every op at benchmark sizes vs torch and float64  -> OUTDIR/check/check.{json,csv}
 #   4. bench-*    the core suites (JSON + CSV per step)             -> OUTDIR/results/*.{json,csv}
 #   5. report     README table and plots from all the JSON          -> OUTDIR/results/README.md, plot-*.png
+#   6. host-overhead, train-steps: host cost per call vs torch eager;
+#                 training steps/s eager vs CUDA graphs vs compile  -> OUTDIR/results/{host_overhead,train_steps}.*
 # Logs of every step are in OUTDIR/logs/, and OUTDIR/summary.txt has one line per step.
 # The exit code is 0 only if every step passed. Results are written as they are measured,
 # so a step cut by its timeout still leaves the rows it finished.
@@ -123,7 +125,10 @@ step bench-optim 25 "${BENCH[@]}" --suite optim --dtype fp32 --baselines eager,c
 
 # 5. README table and plots from whatever JSON the bench steps left.
 shopt -s nullglob
-results=("$OUT"/results/*.json)
+results=()
+for f in "$OUT"/results/*.json; do
+    case $(basename "$f") in host_overhead.json | train_steps.json) ;; *) results+=("$f") ;; esac
+done
 if [ ${#results[@]} -gt 0 ]; then
     step report 30 "$PY" -m tkernels bench --load "${results[@]}" --markdown "$OUT/results/README.md" \
         --plot "$OUT/results/plot.png"
@@ -131,6 +136,15 @@ else
     printf '%-7s %-16s %s\n' "SKIP" "report" "no results to report" | tee -a "$SUMMARY"
     FAILED=1
 fi
+
+# 6. Host overhead (issue 12): per-call host cost vs torch eager (stubbed launches, interpreter, in a child)
+#     plus real per-call CUDA wall times at tiny sizes; and training steps/s, eager vs CUDA graphs vs
+#     torch.compile(mode="reduce-overhead"). Last, so a short budget cuts these and not the report.
+step host-overhead 90 "$PY" -m tkernels bench --host-overhead Linear "Conv2d fwd" "BatchNorm2d train" \
+    cross_entropy AdamW "LeNet train" --rep 100 \
+    --json "$OUT/results/host_overhead.json" --csv "$OUT/results/host_overhead.csv"
+step train-steps 60 "$PY" benchmarks/train_steps.py --model lenet --batch-size 64 --steps 200 \
+    --json "$OUT/results/train_steps.json"
 
 echo "total $(($(date +%s) - START))s; everything is under $OUT" | tee -a "$SUMMARY"
 GPU=$(cat "$OUT/gpu_name.txt" 2>/dev/null || echo gpu)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import tkernels
-from tkernels.ops import _lazy_dynamo
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "triton", "numpy", "torch._dynamo")
@@ -83,22 +82,6 @@ print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "interpret": tkernel
 def test_eager_forward_and_backward_do_not_import_dynamo(interpret):
     result = fresh_python(EAGER_MODEL, TRITON_INTERPRET=interpret)
     assert result == {"dynamo": False, "interpret": interpret == "1"}
-
-
-def test_every_tkernels_op_defers_dynamo_and_hands_over_once_it_is_loaded():
-    import torch._dynamo  # noqa: F401  (as torch.compile and opcheck do)
-    from torch._library.custom_ops import OPDEFS
-
-    ours = [op for name, op in OPDEFS.items() if name.startswith("tkernels::")]
-    assert len(ours) >= 20
-    for op in ours:
-        for impl in op._backend_fns.values():
-            assert getattr(impl.__wrapped__, _lazy_dynamo.DISABLE_CACHE) is not None, op._qualname
-    tkernels.functional.relu(torch.randn(4))  # with dynamo loaded: torch's own disabled wrapper from now on
-    activation = OPDEFS["tkernels::activation"]
-    # the default (CPU) implementation ran and handed over; the CUDA one (the device guard) did not run
-    cached = getattr(activation._backend_fns[None].__wrapped__, _lazy_dynamo.DISABLE_CACHE)
-    assert "_until_dynamo_is_imported" not in cached.__qualname__
 
 
 def test_kernels_load_in_the_mode_read_at_import():

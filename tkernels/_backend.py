@@ -82,11 +82,13 @@ def use_backend(name: str) -> Iterator[str]:
 
 def resolve(op: str, *tensors: torch.Tensor | None) -> str:
     """Which concrete backend ('triton' or 'numpy') runs ``op`` on these tensors."""
+    choice = getattr(_state, "backend", _default_backend)
+    if choice == "auto" and INTERPRET:  # the common cases first, without building the device set
+        return "triton"
     devices = {t.device.type for t in tensors if t is not None}
     on_cuda = "cuda" in devices
-    choice = get_backend()
     if choice == "auto":
-        return "triton" if on_cuda or INTERPRET else "numpy"
+        return "triton" if on_cuda else "numpy"
     if choice == "triton":
         if not on_cuda and not INTERPRET:
             raise RuntimeError(

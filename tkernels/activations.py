@@ -16,7 +16,7 @@ Users name an activation by string ("relu", "gelu_tanh", ...), by an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import triton
@@ -114,10 +114,16 @@ def valid_names() -> str:
     return ", ".join(sorted(_BY_ALIAS))
 
 
+_IDENTITY = Activation("identity")
+_BY_SPELLING: Dict[str, Activation] = {}  # every op resolves its activation name on every call
+
+
 def resolve_activation(spec: ActivationLike) -> Activation:
     """Turn any accepted activation spelling into an :class:`Activation`."""
     if spec is None:
-        return Activation("identity")
+        return _IDENTITY
+    if type(spec) is str and spec in _BY_SPELLING:
+        return _BY_SPELLING[spec]
     if isinstance(spec, Activation):
         if spec.name not in REGISTRY:
             raise ValueError(f"unknown activation {spec.name!r}; valid: {valid_names()}")
@@ -126,7 +132,8 @@ def resolve_activation(spec: ActivationLike) -> Activation:
         kind = _BY_ALIAS.get(spec.lower())
         if kind is None:
             raise ValueError(f"unknown activation {spec!r}; valid: {valid_names()}")
-        return Activation(kind.name, kind.default_param)
+        act = _BY_SPELLING[spec] = Activation(kind.name, kind.default_param)
+        return act
     if isinstance(spec, torch.nn.Module):
         act = _from_module(spec)
         if act is None:

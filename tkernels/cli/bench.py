@@ -25,6 +25,7 @@ EPILOG = """examples:
   tkernels bench --suite linear --check          # correctness at benchmark sizes vs torch
   tkernels bench relu --device cpu --json - | jq .   # rows to stdout, table to stderr
   tkernels bench --load a.json b.json --markdown README.md --plot plot.png
+  tkernels bench --host-overhead --rep 700 --json host.json   # host cost per call vs torch eager
 exit codes: 0 ok, 1 a measurement or check failed, 2 usage error (unknown op, dtype, suite...)"""
 
 
@@ -66,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of timing, check every op at these sizes against torch and a float64 reference")
     parser.add_argument("--load", nargs="+", metavar="FILE",
                         help="no run: print, plot and summarise saved JSON results")
+    parser.add_argument("--host-overhead", action="store_true",
+                        help="per-call host cost of every op and module (launches stubbed, tiny CPU tensors) "
+                             "vs torch eager; OPS filter the cases by name; with a GPU also real CUDA wall times")
     parser.add_argument("--list", action="store_true", help="list the ops and suites, then exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -108,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
 
         print(listing())
         return 0
+    if args.host_overhead:
+        from tkernels.bench import host_overhead
+
+        return host_overhead.main(args.ops, args.json, args.csv, rep_ms=args.rep)
     if args.interpreter and not tkernels.INTERPRET:
         return _rerun_with_interpreter(args)
     try:

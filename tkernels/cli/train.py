@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: Triton kernels on CUDA, NumPy reference on CPU (default: auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--compile", action="store_true", help="wrap the model(s) in torch.compile")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="capture forward, backward and optimizer step into one CUDA graph after 3 eager "
+                             "warm-up steps and replay it (CUDA only; a smaller last batch is skipped)")
     parser.add_argument("--compare", action="store_true",
                         help="also train the plain torch.nn twin (same seed, init and batches), side by side")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG of the loss and accuracy curves (matplotlib)")
@@ -71,6 +74,18 @@ def _check_backend(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def _check_cuda_graphs(args: argparse.Namespace, device: torch.device) -> Optional[str]:
+    if not args.cuda_graphs:
+        return None
+    if device.type != "cuda":
+        return (f"--cuda-graphs needs a CUDA device, but the run is on {device}: a CUDA graph records GPU "
+                "launches, and there is nothing to record on the CPU; drop --cuda-graphs or use --device cuda")
+    if args.compile:
+        return ("--cuda-graphs and --compile are two ways to cut launch overhead; pick one "
+                "(torch.compile's own graphs: mode='reduce-overhead')")
+    return None
+
+
 def _backend_label(backend: str, device: torch.device) -> str:
     from .._backend import INTERPRET
 
@@ -99,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as exc:
         print(f"tkernels train: {exc}", file=sys.stderr)
         return 2
-    problem = _check_backend(args.backend, device)
+    problem = _check_backend(args.backend, device) or _check_cuda_graphs(args, device)
     if problem:
         print(f"tkernels train: {problem}", file=sys.stderr)
         return 2
@@ -112,23 +127,24 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = build_model(args.model).to(device)
         runs = [make_run("tkernels", model, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-                         compile=args.compile)]
+                         compile=args.compile, cuda_graphs=args.cuda_graphs)]
         if args.compare:
             twin = build_model(args.model, impl="torch").to(device)
             twin.load_state_dict(model.state_dict())  # same initial weights, whatever the init consumed
             runs.append(make_run("torch.nn", twin, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-                                 use_tkernels=False, compile=args.compile))
+                                 use_tkernels=False, compile=args.compile, cuda_graphs=args.cuda_graphs))
         lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
         print(f"tkernels train: {args.model} on digits ({data.x_train.shape[0]} train / {data.x_test.shape[0]} "
               f"test images), {_backend_label(args.backend, device)} on {device}, {args.optimizer} lr={lr:g}, "
-              f"batch {args.batch_size}, {args.epochs} epoch(s){', compiled' if args.compile else ''}", flush=True)
+              f"batch {args.batch_size}, {args.epochs} epoch(s){', compiled' if args.compile else ''}"
+              f"{', CUDA graphs' if args.cuda_graphs else ''}", flush=True)
         fit(runs, data, args.epochs, args.batch_size, progress=not args.no_progress,
             report=lambda line: print(line, flush=True))
 
     for run_ in runs:
         h = run_.history
         print(f"final test accuracy ({run_.label}): {100 * h.test_acc[-1]:.1f}%  "
-              f"[{sum(h.seconds):.1f} s training]")
+              f"[{sum(h.seconds):.1f} s training, {sum(h.steps) / max(sum(h.seconds), 1e-9):.1f} steps/s]")
     if args.compare:
         diff = max(abs(a - b) for a, b in zip(runs[0].history.train_loss, runs[1].history.train_loss))
         print(f"largest difference in epoch loss between tkernels and torch.nn: {diff:.2e}")

@@ -24,6 +24,7 @@ class History:
     test_loss: List[float] = field(default_factory=list)
     test_acc: List[float] = field(default_factory=list)
     seconds: List[float] = field(default_factory=list)
+    steps: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -34,30 +35,40 @@ class Run:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     history: History = field(default_factory=History)
+    graphed: Optional[Callable] = None  # a GraphedTrainStep under --cuda-graphs
 
 
-def _optimizer(kind: str, params, lr: float, use_tkernels: bool) -> torch.optim.Optimizer:
+def _optimizer(kind: str, params, lr: float, use_tkernels: bool, capturable: bool = False) -> torch.optim.Optimizer:
     if use_tkernels:
         from .. import optim as namespace
     else:
         namespace = torch.optim
     if kind == "sgd":
         return namespace.SGD(params, lr=lr, momentum=0.9)
-    return namespace.AdamW(params, lr=lr, weight_decay=0.01)
+    # torch's AdamW keeps its step count on the host unless capturable; ours always keeps it on the device
+    extra = {"capturable": True} if capturable and not use_tkernels else {}
+    return namespace.AdamW(params, lr=lr, weight_decay=0.01, **extra)
 
 
 def make_run(label: str, model: torch.nn.Module, *, optimizer: str = "sgd", lr: Optional[float] = None,
-             seed: int = 0, use_tkernels: bool = True, compile: bool = False) -> Run:
-    """Bundle a model with its loss (tkernels' or torch's) and optimizer, and a seeded batch order."""
+             seed: int = 0, use_tkernels: bool = True, compile: bool = False, cuda_graphs: bool = False) -> Run:
+    """Bundle a model with its loss (tkernels' or torch's) and optimizer, and a seeded batch order;
+    with ``cuda_graphs`` the training step is captured into a CUDA graph after warm-up."""
     if use_tkernels:
         from .. import nn as tnn
 
         criterion = tnn.CrossEntropyLoss()
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    opt = _optimizer(optimizer, model.parameters(), DEFAULT_LR[optimizer] if lr is None else lr, use_tkernels)
+    opt = _optimizer(optimizer, model.parameters(), DEFAULT_LR[optimizer] if lr is None else lr, use_tkernels,
+                     capturable=cuda_graphs)
     called = torch.compile(model) if compile else model
-    return Run(label, called, criterion, opt, torch.Generator().manual_seed(seed))
+    run = Run(label, called, criterion, opt, torch.Generator().manual_seed(seed))
+    if cuda_graphs:
+        from ..cuda_graphs import GraphedTrainStep
+
+        run.graphed = GraphedTrainStep(called, criterion, opt)
+    return run
 
 
 class ProgressBar:
@@ -94,18 +105,24 @@ def train_epoch(run: Run, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     # Sums stay on the device, so a CUDA run is not synchronised at every step.
     total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    seen = 0
+    seen = steps = 0
     batches = list(minibatches(x.shape[0], batch_size, run.generator))
     for i, idx in enumerate(batches):
         if idx.numel() < 2:  # batch norm cannot train on a single sample
             continue
+        if run.graphed is not None and idx.numel() != batch_size:
+            continue  # a graph replays one batch shape
         idx = idx.to(x.device)
         xb, yb = x[idx], y[idx]
-        logits = run.model(xb)
-        loss = run.criterion(logits, yb)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
+        if run.graphed is not None:
+            loss, logits = run.graphed(xb, yb)
+        else:
+            logits = run.model(xb)
+            loss = run.criterion(logits, yb)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+        steps += 1
         total_loss += loss.detach() * idx.numel()
         correct += (logits.argmax(dim=1) == yb).sum()
         seen += idx.numel()
@@ -116,6 +133,7 @@ def train_epoch(run: Run, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     run.history.train_loss.append(float(total_loss) / max(1, seen))
     run.history.train_acc.append(int(correct) / max(1, seen))
     run.history.seconds.append(time.perf_counter() - start)
+    run.history.steps.append(steps)
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import functional as F
 from ..activations import ActivationLike, resolve_activation
 from ..ops import batch_norm as bn_ops
 
@@ -58,8 +57,8 @@ class _BatchNormMixin:
         return False
 
     def _normalize(self, input: Tensor, running_mean, running_var, bn_training: bool, factor: float) -> Tensor:
-        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
-                            activation=self.activation)
+        return bn_ops.batch_norm_validated(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                           factor, self.eps, activation=self.activation)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -144,13 +143,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], eps: float, momentum: float, activation: str, param: float,
                 process_group, world_size: int):
-        local = torch.ops.tkernels.batch_norm_stats(input, None, None, 0.0, eps)
+        local = bn_ops.batch_norm_stats(input, None, None, 0.0, eps)
         # all_gather, not all_reduce: (count, mean, M2) triples merge by Chan's formula, not by a sum
         parts = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(parts, local, group=process_group)
-        stats = torch.ops.tkernels.batch_norm_gather_stats(torch.stack(parts), running_mean, running_var, momentum,
-                                                           eps)
-        y = torch.ops.tkernels.batch_norm_apply(input, stats, weight, bias, None, None, True, eps, activation, param)
+        stats = bn_ops.batch_norm_gather_stats(torch.stack(parts), running_mean, running_var, momentum,
+                                               eps)
+        y = bn_ops.batch_norm_apply(input, stats, weight, bias, None, None, True, eps, activation, param)
         ctx.save_for_backward(input, weight, bias, stats)
         ctx.bn_config = (True, eps, activation, param)
         ctx.process_group = process_group

@@ -7,11 +7,8 @@ import pkgutil
 
 from .._backend import interpret_as_read
 from ._common import guard_custom_ops
-from ._lazy_dynamo import defer_dynamo_import
 
 with interpret_as_read():  # the kernels are defined here (see tkernels/__init__.py)
     for _module in pkgutil.iter_modules(__path__):
         if not _module.name.startswith("_"):
             guard_custom_ops(importlib.import_module(f"{__name__}.{_module.name}"))
-
-defer_dynamo_import("tkernels")  # eager calls need not import torch._dynamo (see _lazy_dynamo)

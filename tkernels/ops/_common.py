@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tuning import BucketedLauncher
+
 
 # Set before any kernel compiles: triton 3.9 warns that its FMA-contraction default changes in
 # 3.10, and contraction moves results, so we pin it (on: the fast path on every target).
@@ -29,9 +31,29 @@ def config(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def device_properties(device: torch.device):
+    """torch.cuda.get_device_properties, cached per device: it costs microseconds per call, and
+    launchers ask for it on every call."""
+    return _device_properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def sm_count(device: torch.device) -> int:
+    return device_properties(device).multi_processor_count
+
+
 def current_arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return "sm_90" if major >= 9 else "sm_80"
+    return "sm_90" if device_properties(device).major >= 9 else "sm_80"
+
+
+def gpu_name(device: torch.device) -> str:
+    """The device model and capability, which is what a tuned config depends on."""
+    props = device_properties(device)
+    return f"{props.name} sm_{props.major}{props.minor}"
 
 
 class Tuned:
@@ -50,26 +72,32 @@ class Tuned:
         self.key = list(key)
         self.restore_value = list(restore_value)
         self.reset_to_zero = list(reset_to_zero)
-        self._by_arch: Dict[str, Callable] = {}
+        self._by_device: Dict[int, BucketedLauncher] = {}
+        self._interpreter_meta = self.interpreter_meta
 
     @property
     def interpreter_meta(self) -> dict:
         return dict(self.interpreter.kwargs)
 
     def launcher(self, device: torch.device):
-        """(kernel, meta): launch as ``kernel[grid](*args, **meta)``; grid may read the chosen meta."""
+        """(kernel, meta): launch as ``kernel[grid](*args, **meta)``; grid may read the chosen meta.
+        Callers unpack ``meta`` and never change it.
+
+        On CUDA the kernel is tuned once per bucketed key (see ops/_tuning.py)."""
         if device.type != "cuda":
-            return self.kernel, self.interpreter_meta
-        arch = current_arch(device)
-        fn = self._by_arch.get(arch)
+            return self.kernel, self._interpreter_meta
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        fn = self._by_device.get(index)
         if fn is None:
             kwargs = {}
             if self.restore_value:
                 kwargs["restore_value"] = self.restore_value
             if self.reset_to_zero:
                 kwargs["reset_to_zero"] = self.reset_to_zero
-            fn = triton.autotune(configs=self.configs_by_arch[arch], key=self.key, **kwargs)(self.kernel)
-            self._by_arch[arch] = fn
+            autotuner = triton.autotune(configs=self.configs_by_arch[current_arch(device)], key=self.key,
+                                        **kwargs)(self.kernel)
+            fn = BucketedLauncher(self.kernel.__name__, self.kernel, autotuner, self.key, gpu_name(device))
+            self._by_device[index] = fn
         return fn, {}
 
 
@@ -255,14 +283,22 @@ GUARDED_OPS: Dict[str, Callable] = {}
 
 def guard_custom_ops(module: ModuleType) -> None:
     """Register, for CUDA, each ``tkernels::`` custom op of ``module`` as its own implementation run
-    under :func:`on_tensor_device`; CPU calls (NumPy reference, interpreter) do not pass through it."""
+    under :func:`on_tensor_device`; CPU calls (NumPy reference, interpreter) do not pass through it.
+    The eager fast path of the op (ops/_dispatch.py) runs CUDA calls through the same guard."""
     from torch._library.custom_ops import CustomOpDef
 
+    from ._dispatch import EagerCustomOp
+
     for value in vars(module).values():
-        name = f"tkernels::{getattr(value, '_name', '')}"
-        if isinstance(value, CustomOpDef) and value._namespace == "tkernels" and name not in GUARDED_OPS:
-            GUARDED_OPS[name] = on_tensor_device(value._init_fn)
-            value.register_kernel("cuda")(GUARDED_OPS[name])
+        op = value.op if isinstance(value, EagerCustomOp) else value
+        if not isinstance(op, CustomOpDef) or op._namespace != "tkernels":
+            continue
+        name = f"tkernels::{op._name}"
+        if name not in GUARDED_OPS:
+            GUARDED_OPS[name] = on_tensor_device(op._init_fn)
+            op.register_kernel("cuda")(GUARDED_OPS[name])
+        if isinstance(value, EagerCustomOp):
+            value.cuda_impl = GUARDED_OPS[name]
 
 
 def operand_class(dtype: torch.dtype, precision: str) -> str:

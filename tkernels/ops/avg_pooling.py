@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import pooling as ref
+from ._dispatch import custom_op, run_function
 from ._common import KernelSpec, Tuned, cdiv, check_triton_dtype, register_kernel, suggests_channels_last, to_numpy
 from .pooling import (INTERPRETER_CONFIG, IntPair, as_pair, check_image_size, check_pool_input, check_window, copy_into,
                       element_offset, image_coords, launch, new_pooled, plane_offset, pool_configs,
@@ -212,7 +213,7 @@ def _avg_out_shape(x: Tensor, kernel, stride, padding, ceil_mode) -> List[int]:
             pooling_output_size(W, kernel[1], stride[1], padding[1], 1, ceil_mode)]
 
 
-@torch.library.custom_op("tkernels::avg_pool2d", mutates_args=())
+@custom_op("tkernels::avg_pool2d", mutates_args=())
 def avg_pool2d_forward(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int], ceil_mode: bool,
                        count_include_pad: bool, divisor_override: Optional[int], channels_last: bool) -> Tensor:
     shape = _avg_out_shape(x, kernel_size, stride, padding, ceil_mode)
@@ -233,7 +234,7 @@ def _(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_ove
     return new_pooled(x, _avg_out_shape(x, kernel_size, stride, padding, ceil_mode), channels_last)
 
 
-@torch.library.custom_op("tkernels::avg_pool2d_backward", mutates_args=())
+@custom_op("tkernels::avg_pool2d_backward", mutates_args=())
 def avg_pool2d_backward(grad_y: Tensor, input_size: List[int], kernel_size: List[int], stride: List[int],
                         padding: List[int], ceil_mode: bool, count_include_pad: bool,
                         divisor_override: Optional[int], channels_last: bool) -> Tensor:
@@ -262,12 +263,12 @@ class AvgPool2dFunction(torch.autograd.Function):
                 count_include_pad: bool, divisor_override: Optional[int], channels_last: bool):
         ctx.args = (list(x.shape), kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
                     channels_last)
-        return torch.ops.tkernels.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                             divisor_override, channels_last)
+        return avg_pool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                  divisor_override, channels_last)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        return (torch.ops.tkernels.avg_pool2d_backward(grad_y, *ctx.args),) + (None,) * 7
+        return (avg_pool2d_backward(grad_y, *ctx.args),) + (None,) * 7
 
 
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
@@ -287,15 +288,15 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     pooled_shape(op, input, kernel, stride_, padding_, [1, 1], ceil_mode)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    y = AvgPool2dFunction.apply(x, kernel, stride_, padding_, bool(ceil_mode), bool(count_include_pad),
-                                divisor_override, suggests_channels_last(input))
+    y = run_function(AvgPool2dFunction, x, kernel, stride_, padding_, bool(ceil_mode), bool(count_include_pad),
+                     divisor_override, suggests_channels_last(input))
     return y.squeeze(0) if unbatched else y
 
 
 # ---------------------------------------------------------------------------------------------
 # Adaptive average pooling
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("tkernels::adaptive_avg_pool2d", mutates_args=())
+@custom_op("tkernels::adaptive_avg_pool2d", mutates_args=())
 def adaptive_avg_pool2d_forward(x: Tensor, output_size: List[int], channels_last: bool) -> Tensor:
     N, C, H, W = x.shape
     OH, OW = output_size
@@ -313,7 +314,7 @@ def _(x, output_size, channels_last):
     return new_pooled(x, [*x.shape[:2], *output_size], channels_last)
 
 
-@torch.library.custom_op("tkernels::adaptive_avg_pool2d_backward", mutates_args=())
+@custom_op("tkernels::adaptive_avg_pool2d_backward", mutates_args=())
 def adaptive_avg_pool2d_backward(grad_y: Tensor, input_size: List[int], channels_last: bool) -> Tensor:
     dx = new_pooled(grad_y, input_size, channels_last)
     if _backend.resolve("adaptive_avg_pool2d", grad_y) == "numpy":
@@ -336,11 +337,11 @@ class AdaptiveAvgPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, output_size: IntPair, channels_last: bool):
         ctx.args = (list(x.shape), channels_last)
-        return torch.ops.tkernels.adaptive_avg_pool2d(x, output_size, channels_last)
+        return adaptive_avg_pool2d_forward(x, output_size, channels_last)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        return torch.ops.tkernels.adaptive_avg_pool2d_backward(grad_y, *ctx.args), None, None
+        return adaptive_avg_pool2d_backward(grad_y, *ctx.args), None, None
 
 
 def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
@@ -361,5 +362,5 @@ def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     check_image_size(op, *input.shape[-3:], *size)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    y = AdaptiveAvgPool2dFunction.apply(x, size, suggests_channels_last(input))
+    y = run_function(AdaptiveAvgPool2dFunction, x, size, suggests_channels_last(input))
     return y.squeeze(0) if unbatched else y

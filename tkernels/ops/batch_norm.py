@@ -31,6 +31,7 @@ from .. import _backend
 from ..activations import ActivationLike, resolve_activation
 from ..reference import batch_norm as ref
 from . import batch_norm_kernels as K
+from ._dispatch import custom_op, run_function
 from ._common import check_floating, check_triton_dtype, from_numpy, to_numpy
 
 OP = "batch_norm"
@@ -132,7 +133,7 @@ def _numpy_apply_training(input: Tensor, stats: Tensor, weight, bias, activation
     return _like_input(y, input)
 
 
-@torch.library.custom_op("tkernels::batch_norm_stats", mutates_args=("running_mean", "running_var"))
+@custom_op("tkernels::batch_norm_stats", mutates_args=("running_mean", "running_var"))
 def batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                      eps: float) -> Tensor:
     """Batch statistics (5, C) of input; running stats (if given) updated in place."""
@@ -148,7 +149,7 @@ def _(input, running_mean, running_var, momentum, eps):
     return input.new_empty((K.STATS_ROWS, input.shape[1]), dtype=_stats_dtype(input))
 
 
-@torch.library.custom_op("tkernels::batch_norm_gather_stats", mutates_args=("running_mean", "running_var"))
+@custom_op("tkernels::batch_norm_gather_stats", mutates_args=("running_mean", "running_var"))
 def batch_norm_gather_stats(gathered: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                             momentum: float, eps: float) -> Tensor:
     """Merge per-process statistics (P, 5, C) into (5, C); running stats updated in place."""
@@ -168,7 +169,7 @@ def _(gathered, running_mean, running_var, momentum, eps):
     return gathered.new_empty(gathered.shape[1:])
 
 
-@torch.library.custom_op("tkernels::batch_norm_apply", mutates_args=())
+@custom_op("tkernels::batch_norm_apply", mutates_args=())
 def batch_norm_apply(input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
                      activation: str, param: float) -> Tensor:
@@ -190,7 +191,7 @@ def _(input, stats, weight, bias, running_mean, running_var, training, eps, acti
     return K.empty_like_dense(input)
 
 
-@torch.library.custom_op("tkernels::batch_norm_train", mutates_args=("running_mean", "running_var"))
+@custom_op("tkernels::batch_norm_train", mutates_args=("running_mean", "running_var"))
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                      running_var: Optional[Tensor], momentum: float, eps: float, activation: str,
                      param: float) -> Tuple[Tensor, Tensor]:
@@ -219,7 +220,7 @@ def _(input, weight, bias, running_mean, running_var, momentum, eps, activation,
     return K.empty_like_dense(input), input.new_empty((K.STATS_ROWS, input.shape[1]), dtype=_stats_dtype(input))
 
 
-@torch.library.custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())
+@custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())
 def batch_norm_backward_reduce(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
                                bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                                training: bool, eps: float, activation: str, param: float, need_weight: bool,
@@ -253,7 +254,7 @@ def _(grad, input, stats, weight, bias, running_mean, running_var, training, eps
             input.new_empty((C,) if need_bias else _EMPTY, dtype=pdtype))
 
 
-@torch.library.custom_op("tkernels::batch_norm_backward_input", mutates_args=())
+@custom_op("tkernels::batch_norm_backward_input", mutates_args=())
 def batch_norm_backward_input(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
                               bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                               sums: Optional[Tensor], training: bool, eps: float, activation: str,
@@ -288,14 +289,14 @@ def backward(ctx, grad: Tensor, input, weight, bias, stats, running_mean, runnin
     need_w, need_b = need_w and weight is not None, need_b and bias is not None
     sums = dw = db = None
     if need_w or need_b or (need_x and training):
-        sums, dw, db = torch.ops.tkernels.batch_norm_backward_reduce(
+        sums, dw, db = batch_norm_backward_reduce(
             grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param,
             need_w, need_b)
         if reduce_hook is not None and need_x and training:
             sums = reduce_hook(sums)
     dx = None
     if need_x:
-        dx = torch.ops.tkernels.batch_norm_backward_input(
+        dx = batch_norm_backward_input(
             grad, input, stats, weight, bias, running_mean, running_var, sums if training else None, training, eps,
             activation, param)
     return dx, (dw if need_w else None), (db if need_b else None)
@@ -308,13 +309,13 @@ class BatchNormFunction(torch.autograd.Function):
                 param: float):
         stats = None
         if training and K.single_launch_fits(input.shape):
-            y, stats = torch.ops.tkernels.batch_norm_train(input, weight, bias, running_mean, running_var, momentum,
-                                                           eps, activation, param)
+            y, stats = batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, activation,
+                                        param)
         else:
             if training:
-                stats = torch.ops.tkernels.batch_norm_stats(input, running_mean, running_var, momentum, eps)
-            y = torch.ops.tkernels.batch_norm_apply(input, stats, weight, bias, running_mean, running_var, training,
-                                                    eps, activation, param)
+                stats = batch_norm_stats(input, running_mean, running_var, momentum, eps)
+            y = batch_norm_apply(input, stats, weight, bias, running_mean, running_var, training, eps, activation,
+                                 param)
         if training:
             running_mean = running_var = None  # normalisation used the batch stats; nothing else to keep
         ctx.save_for_backward(input, weight, bias, stats, running_mean, running_var)
@@ -385,9 +386,18 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     are updated in place (unbiased variance into running_var); in eval the running stats are used.
     """
     validate(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return batch_norm_validated(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                activation=activation)
+
+
+def batch_norm_validated(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                         eps: float, *, activation: ActivationLike = None) -> Tensor:
+    """:func:`batch_norm` for arguments that passed :func:`validate` (the modules validate first, before
+    num_batches_tracked moves, and should not pay for the checks twice)."""
     act = resolve_activation(activation)
     C = input.shape[1]
     weight = weight.reshape(C) if weight is not None and weight.dim() != 1 else weight
     bias = bias.reshape(C) if bias is not None and bias.dim() != 1 else bias
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training), float(momentum),
-                                   float(eps), act.name, float(act.param))
+    return run_function(BatchNormFunction, input, weight, bias, running_mean, running_var, bool(training),
+                        float(momentum), float(eps), act.name, float(act.param))

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
-from ._common import KernelSpec, Tuned, cdiv, config, register_kernel
+from ._common import KernelSpec, Tuned, cdiv, config, register_kernel, sm_count
 
 STATS_ROWS = 5  # count, pivot, mean - pivot, m2, invstd
 PARTIAL_ROWS = 4  # count, pivot, mean - pivot, m2
@@ -557,7 +557,7 @@ register_kernel(KernelSpec(
 # ---------------------------------------------------------------------------------------------
 # Geometry: merge the reduction dims of several same-shaped tensors without copying.
 # ---------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Geometry:
     C: int
     S: int  # inner run of reduction positions
@@ -570,9 +570,11 @@ class Geometry:
         return self.outer[0] * self.outer[1] * self.outer[2]
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and a training loop asks for the same few layouts every step
 def plan(shape: Sequence[int], *tensor_strides: Sequence[int]) -> Optional[Geometry]:
     """Merge N and the spatial dims, in the storage order of the first tensor, wherever every
-    tensor allows it; None when more than 1 + MAX_OUTER runs remain (the caller copies)."""
+    tensor allows it; None when more than 1 + MAX_OUTER runs remain (the caller copies).
+    Arguments must be hashable (torch.Size and stride() tuples are); the result is shared."""
     primary = tensor_strides[0]
     dims = [d for d in range(len(shape)) if d != 1 and shape[d] != 1]
     dims.sort(key=lambda d: -abs(primary[d]))
@@ -601,11 +603,6 @@ def empty_like_dense(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_permuted(x.shape, order, dtype=x.dtype, device=x.device)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_splits(geom: Geometry, device: torch.device) -> int:
     """How many programs share one channel block's reduction (G)."""
     block_c, block_s = _G_HINT[geom.channels_inner] if device.type == "cuda" else (
@@ -615,7 +612,7 @@ def _num_splits(geom: Geometry, device: torch.device) -> int:
         return 0
     if device.type != "cuda":
         return min(items, 3)  # enough to exercise the merge, few programs for the interpreter
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     wanted = cdiv(4 * sms, cdiv(geom.C, block_c))
     return max(1, min(wanted, cdiv(items, 4), 1024))
 

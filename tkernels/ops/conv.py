@@ -39,6 +39,7 @@ from .. import _backend
 from ..activations import Activation, ActivationLike, apply_activation, resolve_activation
 from ..reference import conv as ref
 from ._autocast import cast_inputs
+from ._dispatch import custom_op, run_function
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
                       from_numpy, operand_class, register_kernel, suggests_channels_last, tl_input_precision,
                       to_numpy)
@@ -316,7 +317,7 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
 # ---------------------------------------------------------------------------------------------
 # Custom ops. padding is (top, bottom, left, right): 'same' with an even kernel is asymmetric.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("tkernels::conv2d", mutates_args=())
+@custom_op("tkernels::conv2d", mutates_args=())
 def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
                    dilation: List[int], groups: int, activation: str, param: float, save_preact: bool,
                    channels_last: bool) -> Tuple[Tensor, Tensor]:
@@ -345,7 +346,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, param, sav
                                                     else x.new_empty(_EMPTY))
 
 
-@torch.library.custom_op("tkernels::conv2d_backward", mutates_args=())
+@custom_op("tkernels::conv2d_backward", mutates_args=())
 def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Optional[Tensor],
                     stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str,
                     param: float, need_input: bool, need_weight: bool, need_bias: bool,
@@ -391,8 +392,8 @@ class Conv2dFunction(torch.autograd.Function):
                 activation: str, param: float, channels_last: bool):
         act = resolve_activation(Activation(activation, param))
         save_preact = not act.grad_from_output
-        y, z = torch.ops.tkernels.conv2d(x, weight, bias, stride, padding, dilation, groups, activation, param,
-                                         save_preact, channels_last)
+        y, z = conv2d_forward(x, weight, bias, stride, padding, dilation, groups, activation, param,
+                              save_preact, channels_last)
         # as for linear: no output kept for identity, so `out += identity` on y stays legal
         ctx.save_for_backward(x, weight, bias, z if save_preact else (None if act.is_identity else y))
         ctx.geometry = (stride, padding, dilation, groups)
@@ -405,9 +406,9 @@ class Conv2dFunction(torch.autograd.Function):
         x, weight, bias, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.has_bias
-        dx, dw, db = torch.ops.tkernels.conv2d_backward(grad_y, x, weight, bias, saved, *ctx.geometry,
-                                                        ctx.activation, ctx.param, need_x, need_w, need_b,
-                                                        ctx.channels_last)
+        dx, dw, db = conv2d_backward(grad_y, x, weight, bias, saved, *ctx.geometry,
+                                     ctx.activation, ctx.param, need_x, need_w, need_b,
+                                     ctx.channels_last)
         return (dx if need_x else None, dw if need_w else None, db if need_b else None,
                 None, None, None, None, None, None, None)
 
@@ -504,6 +505,6 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
         raise RuntimeError(f"{op}: bias must be 1-D with {c_out} elements to match weight of size "
                            f"{list(weight.shape)}, but got bias of size {list(bias.shape)}")
     act = resolve_activation(activation)
-    y = Conv2dFunction.apply(x, weight, bias, list(stride), list(pads), list(dilation), groups, act.name,
-                             float(act.param), suggests_channels_last(x))
+    y = run_function(Conv2dFunction, x, weight, bias, list(stride), list(pads), list(dilation), groups, act.name,
+                     float(act.param), suggests_channels_last(x))
     return y.squeeze(0) if unbatched else y

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..activations import Activation, activation_grad
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, operand_class, register_kernel,
-                      tl_input_precision)
+                      sm_count, tl_input_precision)
 from .matmul import SUM_PARTIALS_BLOCK, matmul, sum_partials_kernel
 
 # Tests set this to exercise the split-reduction path on small (interpreter-sized) shapes.
@@ -454,7 +454,7 @@ def _split(programs: int, length: int, device: torch.device) -> int:
         return max(1, FORCE_SPLIT)
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     if programs >= sms:
         return 1
     return max(1, min(64, cdiv(2 * sms, programs), length // 2048))

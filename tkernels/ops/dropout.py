@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import dropout as ref
+from ._dispatch import custom_op, run_function
 from ._common import KernelSpec, cdiv, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
 from .elementwise import _collapse, _strided_offsets
 
@@ -123,7 +124,7 @@ def _numpy_apply(x: Tensor, seed: Tensor, p: float) -> Tensor:
     return from_numpy(ref.dropout(to_numpy(x), keep, p), x).reshape(x.shape)
 
 
-@torch.library.custom_op("tkernels::dropout", mutates_args=())
+@custom_op("tkernels::dropout", mutates_args=())
 def dropout_forward(x: Tensor, seed: Tensor, p: float) -> Tensor:
     """x * keep(seed) / (1 - p), keep drawn per logical element index from the int64 seed tensor."""
     if _backend.resolve("dropout", x) == "numpy":
@@ -144,7 +145,7 @@ def _(x, seed, p):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("tkernels::dropout_", mutates_args=("x",))
+@custom_op("tkernels::dropout_", mutates_args=("x",))
 def dropout_forward_inplace(x: Tensor, seed: Tensor, p: float) -> None:
     if _backend.resolve("dropout", x) == "numpy":
         x.copy_(_numpy_apply(x, seed, p))
@@ -161,7 +162,7 @@ def _(x, seed, p):
     return None
 
 
-@torch.library.custom_op("tkernels::dropout_backward", mutates_args=())
+@custom_op("tkernels::dropout_backward", mutates_args=())
 def dropout_backward(grad_y: Tensor, seed: Tensor, p: float) -> Tensor:
     """grad_y * keep(seed) / (1 - p), the mask recomputed from the seed."""
     if _backend.resolve("dropout", grad_y) == "numpy":
@@ -190,15 +191,15 @@ class DropoutFunction(torch.autograd.Function):
         ctx.p = p
         ctx.save_for_backward(seed)
         if inplace:
-            torch.ops.tkernels.dropout_(x, seed, p)
+            dropout_forward_inplace(x, seed, p)
             ctx.mark_dirty(x)
             return x
-        return torch.ops.tkernels.dropout(x, seed, p)
+        return dropout_forward(x, seed, p)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         (seed,) = ctx.saved_tensors
-        return torch.ops.tkernels.dropout_backward(grad_y, seed, ctx.p), None, None, None
+        return dropout_backward(grad_y, seed, ctx.p), None, None, None
 
 
 def draw_seed(device: torch.device) -> Tensor:
@@ -221,4 +222,4 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
         # torch refuses before writing anything; autograd would only notice after the kernel ran
         raise RuntimeError("dropout: a leaf Variable that requires grad is being used in an in-place operation "
                            "(inplace=True); use inplace=False or run under torch.no_grad()")
-    return DropoutFunction.apply(input, draw_seed(input.device), float(p), bool(inplace))
+    return run_function(DropoutFunction, input, draw_seed(input.device), float(p), bool(inplace))

@@ -21,6 +21,7 @@ import triton.language as tl
 from .. import _backend
 from ..activations import Activation, activation_grad, apply_activation, resolve_activation
 from ..reference import activations as ref
+from ._dispatch import custom_op, run_function
 from ._common import (KernelSpec, cdiv, check_floating, check_triton_dtype, config, from_numpy,
                       register_kernel, to_numpy)
 
@@ -152,7 +153,7 @@ def _as_kernel_input(t: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("tkernels::activation", mutates_args=())
+@custom_op("tkernels::activation", mutates_args=())
 def activation_forward(x: Tensor, activation: str, param: float) -> Tensor:
     if _backend.resolve(activation, x) == "numpy":
         return _numpy_like(ref.activation_forward(activation, to_numpy(x), param), x)
@@ -168,7 +169,7 @@ def _(x, activation, param):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("tkernels::activation_", mutates_args=("x",))
+@custom_op("tkernels::activation_", mutates_args=("x",))
 def activation_forward_inplace(x: Tensor, activation: str, param: float) -> None:
     if _backend.resolve(activation, x) == "numpy":
         x.copy_(from_numpy(ref.activation_forward(activation, to_numpy(x), param), x))
@@ -187,7 +188,7 @@ def _(x, activation, param):
     return None
 
 
-@torch.library.custom_op("tkernels::activation_backward", mutates_args=())
+@custom_op("tkernels::activation_backward", mutates_args=())
 def activation_backward(grad: Tensor, saved: Tensor, activation: str, param: float, saved_is_output: bool) -> Tensor:
     if _backend.resolve(activation, grad) == "numpy":
         g, s = to_numpy(grad), to_numpy(saved)
@@ -234,21 +235,21 @@ class ActivationFunction(torch.autograd.Function):
         if inplace:
             # the derivative of silu/gelu/leaky_relu needs x, which the in-place write destroys
             keep = None if act.grad_from_output or not ctx.needs_input_grad[0] else x.clone()
-            torch.ops.tkernels.activation_(x, act.name, act.param)
+            activation_forward_inplace(x, act.name, act.param)
             ctx.mark_dirty(x)
             ctx.save_for_backward(x if act.grad_from_output else keep)
             return x
-        y = torch.ops.tkernels.activation(x, act.name, act.param)
+        y = activation_forward(x, act.name, act.param)
         ctx.save_for_backward(y if act.grad_from_output else x)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (saved,) = ctx.saved_tensors
-        dx = torch.ops.tkernels.activation_backward(grad, saved, ctx.name, ctx.param, ctx.from_output)
+        dx = activation_backward(grad, saved, ctx.name, ctx.param, ctx.from_output)
         return dx, None, None, None
 
 
 def apply(input: Tensor, activation: Activation, inplace: bool = False) -> Tensor:
     check_floating(activation.name, "input", input)
-    return ActivationFunction.apply(input, activation.name, float(activation.param), bool(inplace))
+    return run_function(ActivationFunction, input, activation.name, float(activation.param), bool(inplace))

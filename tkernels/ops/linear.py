@@ -17,6 +17,7 @@ from .. import _backend
 from ..activations import ActivationLike, resolve_activation
 from ..reference import linear as ref
 from ._autocast import cast_inputs
+from ._dispatch import custom_op, run_function
 from ._common import check_floating, check_same, check_triton_dtype, from_numpy, to_numpy
 from .matmul import matmul
 from .reductions import column_sum
@@ -24,7 +25,7 @@ from .reductions import column_sum
 _EMPTY = (0,)
 
 
-@torch.library.custom_op("tkernels::linear", mutates_args=())
+@custom_op("tkernels::linear", mutates_args=())
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float,
                    save_preact: bool) -> Tuple[Tensor, Tensor]:
     """x: (M, K) -> (y (M, N), z (M, N) if save_preact else an empty tensor)."""
@@ -47,7 +48,7 @@ def _(x, weight, bias, activation, param, save_preact):
     return x.new_empty((M, N)), x.new_empty((M, N) if save_preact else _EMPTY)
 
 
-@torch.library.custom_op("tkernels::linear_backward", mutates_args=())
+@custom_op("tkernels::linear_backward", mutates_args=())
 def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Optional[Tensor],
                     activation: str, param: float, need_input: bool, need_weight: bool,
                     need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -92,7 +93,7 @@ class LinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float):
         act = resolve_activation(activation)
         save_preact = not act.grad_from_output
-        y, z = torch.ops.tkernels.linear(x, weight, bias, act.name, param, save_preact)
+        y, z = linear_forward(x, weight, bias, act.name, param, save_preact)
         ctx.activation, ctx.param, ctx.has_bias = act.name, param, bias is not None
         # Keep what torch's own ops would keep: nothing of the output for identity (so in-place
         # ops on y, such as `y += residual`, stay legal), y where torch's relu/sigmoid/tanh keep it.
@@ -104,7 +105,7 @@ class LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         x, weight, bias, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw, db = torch.ops.tkernels.linear_backward(
+        dx, dw, db = linear_backward(
             grad_y, x, weight, bias, saved, ctx.activation, ctx.param, need_x, need_w, need_b and ctx.has_bias)
         return (dx if need_x else None, dw if need_w else None, db if (need_b and ctx.has_bias) else None,
                 None, None)
@@ -131,5 +132,5 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     act = resolve_activation(activation)
     lead = input.shape[:-1]
     x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
-    y = LinearFunction.apply(x2d, weight, bias, act.name, act.param)
+    y = run_function(LinearFunction, x2d, weight, bias, act.name, act.param)
     return y if input.dim() == 2 else y.reshape(*lead, weight.shape[0])

@@ -35,6 +35,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import losses as ref
 from ._autocast import cast_inputs
+from ._dispatch import custom_op, run_function
 from ._common import KernelSpec, Tuned, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
                       plan_rows, row_coordinates, row_offsets)
@@ -299,12 +300,30 @@ def _row_count(x: Tensor) -> int:
     return x.numel() // x.shape[1] if x.shape[1] else 0
 
 
+def _target_on_host(target: Tensor) -> bool:
+    return target.device.type == "cpu"
+
+
 def _check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
-    """torch raises for a class index outside [0, C); so do we, with one host-side reduction."""
+    """torch raises for a class index outside [0, C); so do we, without stalling a GPU.
+
+    A target in host memory is checked on the host (reading it waits for nothing) and raises
+    torch's IndexError with the offending value. A target on a GPU is checked on the device with
+    torch._assert_async, as torch's own device-side assert does: the step is not held up, and a bad
+    index fails the next synchronising call (and the CUDA context) with the message below.
+    """
     if target.is_floating_point() or target.numel() == 0:
         return
     t = target.to(torch.int64) if target.dtype != torch.int64 else target
+    if _target_on_host(target):
+        low, high = torch.aminmax(t)  # one pass; the full check only when something may be wrong
+        if int(low) >= 0 and int(high) < n_classes:
+            return
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if not _target_on_host(target):
+        torch._assert_async(~bad.any(), f"cross_entropy: a target is out of bounds: expected class indices in "
+                                        f"[0, {n_classes - 1}] or ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         value = int(t[bad].flatten()[0])
         raise IndexError(f"cross_entropy: Target {value} is out of bounds: expected a class index in "
@@ -322,7 +341,7 @@ def _class_stride(t: Tensor, prob: bool) -> int:
     return t.stride(1) if prob else 0
 
 
-@torch.library.custom_op("tkernels::cross_entropy", mutates_args=())
+@custom_op("tkernels::cross_entropy", mutates_args=())
 def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
                           label_smoothing: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, lse (rows,) fp32, coef (rows,) fp32, divisor () fp32) for x (N, C, ...)."""
@@ -334,7 +353,7 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     denom = x.new_ones((), dtype=torch.float32)  # 'none' has no divisor; keep the output defined
     if _backend.resolve("cross_entropy", x) == "numpy":
         # the reference backward recomputes everything from x, so the saved statistics stay unused
-        loss = ref.cross_entropy(to_numpy(x), target.cpu().numpy() if not prob else to_numpy(target),
+        loss = ref.cross_entropy(to_numpy(x), target.numpy() if not prob else to_numpy(target),
                                  to_numpy(weight), ignore_index, reduction, label_smoothing)
         for t in stats:
             t.zero_()
@@ -373,7 +392,7 @@ def _(x, target, weight, reduction, ignore_index, label_smoothing):
             x.new_empty((rows,), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
 
 
-@torch.library.custom_op("tkernels::cross_entropy_backward", mutates_args=())
+@custom_op("tkernels::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
                            coef: Tensor, denom: Tensor, reduction: str, ignore_index: int, label_smoothing: float,
                            need_target: bool) -> Tuple[Tensor, Tensor]:
@@ -381,7 +400,7 @@ def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Opti
     prob = target.dim() == x.dim()
     if _backend.resolve("cross_entropy", x) == "numpy":
         dx, dt = ref.cross_entropy_backward(to_numpy(grad), to_numpy(x),
-                                            to_numpy(target) if prob else target.cpu().numpy(),
+                                            to_numpy(target) if prob else target.numpy(),
                                             to_numpy(weight), ignore_index, reduction, label_smoothing)
         dx_out = torch.empty_like(x)
         dx_out.copy_(from_numpy(dx, x))
@@ -440,8 +459,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
                 label_smoothing: float):
-        loss, lse, coef, denom = torch.ops.tkernels.cross_entropy(x, target, weight, reduction, ignore_index,
-                                                                  label_smoothing)
+        loss, lse, coef, denom = cross_entropy_forward(x, target, weight, reduction, ignore_index,
+                                                       label_smoothing)
         ctx.save_for_backward(x, target, weight, lse, coef, denom)
         ctx.options = (reduction, ignore_index, label_smoothing)
         return loss
@@ -450,8 +469,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, target, weight, lse, coef, denom = ctx.saved_tensors
         need_target = ctx.needs_input_grad[1]
-        dx, dt = torch.ops.tkernels.cross_entropy_backward(grad, x, target, weight, lse, coef, denom, *ctx.options,
-                                                           need_target)
+        dx, dt = cross_entropy_backward(grad, x, target, weight, lse, coef, denom, *ctx.options,
+                                        need_target)
         return (dx if ctx.needs_input_grad[0] else None), (dt if need_target else None), None, None, None, None
 
 
@@ -548,5 +567,5 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         weight = weight.contiguous()  # C values; the kernels index it densely
     x = input if batched else input.unsqueeze(0)
     t = target if batched else target.unsqueeze(0)
-    loss = CrossEntropyFunction.apply(x, t, weight, reduction, int(ignore_index), label_smoothing)
+    loss = run_function(CrossEntropyFunction, x, t, weight, reduction, int(ignore_index), label_smoothing)
     return loss.squeeze(0) if reduction == "none" and not batched else loss

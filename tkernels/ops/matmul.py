@@ -34,7 +34,7 @@ import triton.language as tl
 from ..activations import activation_grad, apply_activation
 from .matmul_tma import matmul_tma, tma_eligible
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, operand_class, register_kernel,
-                      tl_input_precision)
+                      sm_count, tl_input_precision)
 
 
 @triton.jit
@@ -191,7 +191,7 @@ def _choose_split_k(M: int, N: int, K: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     tiles = cdiv(M, 128) * cdiv(N, 128)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     if tiles >= sms or K < 4096:
         return 1
     return max(1, min(32, sms // tiles, K // 2048))
@@ -240,11 +240,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     precision = tl_input_precision(a.dtype, precision_of)
     kernel, meta = TUNED_MATMUL[operand_class(a.dtype, precision)].launcher(a.device)
     grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
+    # (one stride() tuple per tensor: stride(i) parses its argument on every call)
     kernel[grid](
         a, b, c_target, bias if bias is not None else dummy, gate_t, preact_t, row_target,
         M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        gate_t.stride(0), gate_t.stride(1), preact_t.stride(0), preact_t.stride(-1),
+        *a.stride(), *b.stride(), *out.stride(), *gate_t.stride(), preact_t.stride()[0], preact_t.stride()[-1],
         M * N, M,
         float(activation_param),
         HAS_BIAS=bias is not None, ACT=activation_code, STORE_PREACT=preact_out is not None,

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
-from ._common import KernelSpec, Tuned, cdiv, config, grouped_tile, register_kernel
+from ._common import KernelSpec, Tuned, cdiv, config, grouped_tile, register_kernel, sm_count
 
 # triton >= 3.4 has device-side tensor descriptors (3.2/3.3 only an experimental spelling); without
 # them every launch takes the cp.async kernel.
@@ -262,7 +262,7 @@ def matmul_tma(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, bias, act
     kernel, meta = TUNED_TMA[family].launcher(a.device)
     if a.device.type == "cuda":
         _ensure_scratch_allocator()
-        programs = torch.cuda.get_device_properties(a.device).multi_processor_count
+        programs = sm_count(a.device)
     else:
         programs = 4  # the interpreter runs programs one by one; a few exercise the persistent walk
     grid = lambda m: (min(programs, cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"])),)  # noqa: E731

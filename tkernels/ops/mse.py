@@ -20,6 +20,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import losses as ref
 from ._autocast import cast_inputs
+from ._dispatch import custom_op, run_function
 from ._common import KernelSpec, cdiv, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
 from .elementwise import _collapse, _strided_offsets
 from .losses import (FINISH_BLOCK, MEAN, NONE, _EMPTY, _check_device, _check_float, _promote, _reduction_code,
@@ -143,7 +144,7 @@ def _flat_layout(inputs: List[Tensor]):
     return False, sizes[1:], strides, inputs
 
 
-@torch.library.custom_op("tkernels::mse_loss", mutates_args=())
+@custom_op("tkernels::mse_loss", mutates_args=())
 def mse_forward(x: Tensor, y: Tensor, weight: Optional[Tensor], reduction: str) -> Tuple[Tensor, Tensor]:
     """(loss, divisor () fp32: numel, or sum of weights)."""
     denom = x.new_ones((), dtype=torch.float32)  # 'none' has no divisor; keep the output defined
@@ -175,7 +176,7 @@ def _(x, y, weight, reduction):
     return x.new_empty(x.shape if reduction == "none" else ()), x.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("tkernels::mse_loss_backward", mutates_args=())
+@custom_op("tkernels::mse_loss_backward", mutates_args=())
 def mse_backward(grad: Tensor, x: Tensor, y: Tensor, weight: Optional[Tensor], loss: Tensor, denom: Tensor,
                  reduction: str, need_x: bool, need_y: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dy, dweight) on the broadcast shape; the ones not asked for are empty tensors."""
@@ -212,7 +213,7 @@ def _(grad, x, y, weight, loss, denom, reduction, need_x, need_y, need_weight):
 class MSELossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, weight: Optional[Tensor], reduction: str):
-        loss, denom = torch.ops.tkernels.mse_loss(x, y, weight, reduction)
+        loss, denom = mse_forward(x, y, weight, reduction)
         ctx.save_for_backward(x, y, weight, loss if weight is not None else None, denom)
         ctx.reduction = reduction
         return loss
@@ -222,8 +223,8 @@ class MSELossFunction(torch.autograd.Function):
         x, y, weight, loss, denom = ctx.saved_tensors
         need_x, need_y, need_w = ctx.needs_input_grad[:3]
         need_w = need_w and weight is not None
-        dx, dy, dw = torch.ops.tkernels.mse_loss_backward(grad, x, y, weight, loss if loss is not None else denom,
-                                                          denom, ctx.reduction, need_x, need_y, need_w)
+        dx, dy, dw = mse_backward(grad, x, y, weight, loss if loss is not None else denom,
+                                  denom, ctx.reduction, need_x, need_y, need_w)
         return (dx if need_x else None), (dy if need_y else None), (dw if need_w else None), None
 
 
@@ -258,4 +259,4 @@ def mse_loss(input: Tensor, target: Tensor, size_average: Optional[bool] = None,
                              f"input {tuple(input.shape)}")
         weight = weight.to(input.dtype).broadcast_to(shape)
     x, y = torch.broadcast_tensors(input, target)
-    return MSELossFunction.apply(x, y, weight, reduction)
+    return run_function(MSELossFunction, x, y, weight, reduction)

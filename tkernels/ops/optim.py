@@ -50,6 +50,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import optim as ref
+from ._dispatch import custom_op
 from ._common import (KernelSpec, cdiv, check_triton_dtype, config, current_arch, from_numpy, register_kernel,
                       to_numpy)
 
@@ -562,7 +563,7 @@ def _sgd_triton(params, grads, bufs, first, lr, momentum, dampening, weight_deca
         staging.finish()
 
 
-@torch.library.custom_op("tkernels::sgd_step", mutates_args=("params", "grads", "momentum_buffers"))
+@custom_op("tkernels::sgd_step", mutates_args=("params", "grads", "momentum_buffers"))
 def sgd_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], first_step: List[bool],
              lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
              maximize: bool, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
@@ -632,8 +633,8 @@ def _adamw_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
         staging.finish()
 
 
-@torch.library.custom_op("tkernels::adamw_step",
-                         mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
+@custom_op("tkernels::adamw_step",
+           mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"))
 def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                max_exp_avg_sqs: List[Tensor], steps: List[Tensor], lr: float, beta1: float, beta2: float,
                eps: float, weight_decay: float, amsgrad: bool, maximize: bool, grad_scale: Optional[Tensor] = None,
@@ -655,10 +656,9 @@ def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
             for i in idx:
                 p, m, v, v_max, t = ref.adamw_update(
                     to_numpy(params[i]), _numpy_gradient(grads[i], grad_scale), to_numpy(exp_avgs[i]),
-                    to_numpy(exp_avg_sqs[i]), to_numpy(max_exp_avg_sqs[i]) if amsgrad else None, float(steps[i]),
-                    lr=_host_lr(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                    amsgrad=amsgrad,
-                    maximize=maximize)
+                    to_numpy(exp_avg_sqs[i]), to_numpy(max_exp_avg_sqs[i]) if amsgrad else None,
+                    float(to_numpy(steps[i])), lr=_host_lr(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
                 for tensor, value in ((params[i], p), (exp_avgs[i], m), (exp_avg_sqs[i], v)):
                     tensor.copy_(from_numpy(value, tensor))
                 if amsgrad:

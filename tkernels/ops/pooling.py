@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import pooling as ref
+from ._dispatch import custom_op, run_function
 from ._common import (ARCHS, KernelSpec, Tuned, cdiv, check_floating, check_triton_dtype, config, from_numpy,
                       register_kernel, suggests_channels_last, to_numpy)
 
@@ -322,7 +323,7 @@ def _max_out_shape(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> L
             pooling_output_size(W, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)]
 
 
-@torch.library.custom_op("tkernels::max_pool2d", mutates_args=())
+@custom_op("tkernels::max_pool2d", mutates_args=())
 def max_pool2d_forward(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
                        dilation: List[int], ceil_mode: bool, channels_last: bool,
                        need_indices: bool) -> Tuple[Tensor, Tensor]:
@@ -353,12 +354,12 @@ def _(x, kernel_size, stride, padding, dilation, ceil_mode, channels_last, need_
     return new_pooled(x, shape, channels_last), indices
 
 
-@torch.library.custom_op("tkernels::max_pool2d_backward", mutates_args=())
+@custom_op("tkernels::max_pool2d_backward", mutates_args=())
 def max_pool2d_backward(grad_y: Tensor, indices: Tensor, input_size: List[int], kernel_size: List[int],
                         stride: List[int], padding: List[int], dilation: List[int], channels_last: bool) -> Tensor:
     dx = new_pooled(grad_y, input_size, channels_last)
     if _backend.resolve("max_pool2d", grad_y) == "numpy":
-        return copy_into(dx, ref.max_pool2d_backward(to_numpy(grad_y), indices.cpu().numpy(), input_size,
+        return copy_into(dx, ref.max_pool2d_backward(to_numpy(grad_y), indices.numpy(), input_size,
                                                      kernel_size, stride, padding, dilation))
     N, C, H, W = input_size
     OH, OW = grad_y.shape[2:]
@@ -379,8 +380,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair,
                 ceil_mode: bool, channels_last: bool, return_indices: bool):
         need_indices = return_indices or ctx.needs_input_grad[0]
-        y, indices = torch.ops.tkernels.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode,
-                                                   channels_last, need_indices)
+        y, indices = max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode,
+                                        channels_last, need_indices)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
         ctx.args = (list(x.shape), kernel_size, stride, padding, dilation, channels_last)
@@ -389,7 +390,7 @@ class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor, grad_indices: Optional[Tensor]):
         (indices,) = ctx.saved_tensors
-        dx = torch.ops.tkernels.max_pool2d_backward(grad_y, indices, *ctx.args)
+        dx = max_pool2d_backward(grad_y, indices, *ctx.args)
         return dx, None, None, None, None, None, None, None
 
 
@@ -407,8 +408,8 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     pooled_shape(op, input, kernel, stride_, padding_, dilation_, ceil_mode)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    y, indices = MaxPool2dFunction.apply(x, kernel, stride_, padding_, dilation_, bool(ceil_mode),
-                                         suggests_channels_last(input), bool(return_indices))
+    y, indices = run_function(MaxPool2dFunction, x, kernel, stride_, padding_, dilation_, bool(ceil_mode),
+                              suggests_channels_last(input), bool(return_indices))
     if unbatched:
         y = y.squeeze(0)
         indices = indices.squeeze(0) if return_indices else indices

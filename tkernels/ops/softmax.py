@@ -17,6 +17,7 @@ fused cross-entropy in :mod:`tkernels.ops.losses`.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -29,6 +30,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import softmax as ref
 from ._autocast import output_dtype
+from ._dispatch import custom_op, run_function
 from ._common import (TRITON_DTYPES, KernelSpec, Tuned, cdiv, check_triton_dtype, config, from_numpy,
                       register_kernel, to_numpy)
 from .elementwise import _collapse
@@ -45,7 +47,7 @@ MAX_BLOCK_R = 32
 # ---------------------------------------------------------------------------------------------
 # Row layout shared by softmax and cross-entropy
 # ---------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class RowPlan:
     """How a row-reduction kernel is launched: collapsed batch dims, tile and grid."""
 
@@ -87,7 +89,14 @@ def batch_strides(t: Tensor, dim: int) -> List[int]:
 def plan_rows(batch_shape: Sequence[int], C: int, class_stride: int,
               *strides: Sequence[int]) -> Optional[RowPlan]:
     """Plan for rows of length C over `batch_shape`; `strides` are each tensor's batch strides.
-    None when the batch dims do not collapse to three (the caller then makes inputs contiguous)."""
+    None when the batch dims do not collapse to three (the caller then makes inputs contiguous).
+    The plan is shared between calls with the same layout: never change it."""
+    return _plan_rows(tuple(batch_shape), C, class_stride, *(tuple(s) for s in strides))
+
+
+@functools.lru_cache(maxsize=1024)  # a training loop asks for the same few layouts every step
+def _plan_rows(batch_shape: Tuple[int, ...], C: int, class_stride: int,
+               *strides: Tuple[int, ...]) -> Optional[RowPlan]:
     try:
         sizes, collapsed = _collapse(tuple(batch_shape), *strides)
     except NotImplementedError:
@@ -314,7 +323,7 @@ def _launch(tuned: Tuned, tensors: List[Tensor], dim: int, log: bool) -> bool:
     return True
 
 
-@torch.library.custom_op("tkernels::softmax", mutates_args=())
+@custom_op("tkernels::softmax", mutates_args=())
 def softmax_forward(x: Tensor, dim: int, log: bool, dtype: torch.dtype) -> Tensor:
     """softmax (log=False) or log_softmax (log=True) of x along dim, computed in fp32, output in dtype."""
     op = "log_softmax" if log else "softmax"
@@ -337,7 +346,7 @@ def _(x, dim, log, dtype):
     return torch.empty_like(x, dtype=dtype)
 
 
-@torch.library.custom_op("tkernels::softmax_backward", mutates_args=())
+@custom_op("tkernels::softmax_backward", mutates_args=())
 def softmax_backward(grad_y: Tensor, y: Tensor, dim: int, log: bool, input_dtype: torch.dtype) -> Tensor:
     """Gradient with respect to the input of softmax/log_softmax, from the saved output y."""
     op = "log_softmax" if log else "softmax"
@@ -362,7 +371,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, log: bool, dtype: torch.dtype):
-        y = torch.ops.tkernels.softmax(x, dim, log, dtype)
+        y = softmax_forward(x, dim, log, dtype)
         ctx.dim, ctx.log, ctx.input_dtype = dim, log, x.dtype
         ctx.save_for_backward(y)
         return y
@@ -370,7 +379,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         (y,) = ctx.saved_tensors
-        dx = torch.ops.tkernels.softmax_backward(grad_y, y, ctx.dim, ctx.log, ctx.input_dtype)
+        dx = softmax_backward(grad_y, y, ctx.dim, ctx.log, ctx.input_dtype)
         return dx, None, None, None
 
 
@@ -412,7 +421,7 @@ def _apply(op: str, input: Tensor, dim: Optional[int], stacklevel: int, dtype: O
     if not input.dtype.is_floating_point:
         input = input.to(out_dtype)  # torch casts integer input to dtype first; it has no gradient anyway
     dim = _normalized_dim(op, dim, input.dim())
-    return SoftmaxFunction.apply(input, dim, log, out_dtype)
+    return run_function(SoftmaxFunction, input, dim, log, out_dtype)
 
 
 def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,

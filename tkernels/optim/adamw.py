@@ -7,6 +7,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..ops import optim as optim_ops
 from ..ops.optim import validate
 from ._common import check_lr, lr_arguments, scalar
 
@@ -69,7 +70,7 @@ class AdamW(torch.optim.AdamW):
                 continue
             beta1, beta2 = (scalar(b) for b in group["betas"])
             lr, lr_tensor = lr_arguments(group["lr"])
-            torch.ops.tkernels.adamw_step(
+            optim_ops.adamw_step(
                 params, grads, lists["exp_avg"], lists["exp_avg_sq"], lists["max_exp_avg_sq"], steps, lr, beta1,
                 beta2, scalar(group["eps"]), scalar(group["weight_decay"]), bool(group["amsgrad"]),
                 bool(group["maximize"]), grad_scale, found_inf, lr_tensor)

@@ -7,6 +7,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from ..ops import optim as optim_ops
 from ..ops.optim import validate
 from ._common import check_lr, lr_arguments, scalar
 
@@ -68,10 +69,10 @@ class SGD(torch.optim.SGD):
             if not params:
                 continue
             lr, lr_tensor = lr_arguments(group["lr"])
-            torch.ops.tkernels.sgd_step(params, grads, buffers, first, lr, scalar(group["momentum"]),
-                                        scalar(group["dampening"]), scalar(group["weight_decay"]),
-                                        bool(group["nesterov"]), bool(group["maximize"]), grad_scale, found_inf,
-                                        lr_tensor)
+            optim_ops.sgd_step(params, grads, buffers, first, lr, scalar(group["momentum"]),
+                               scalar(group["dampening"]), scalar(group["weight_decay"]),
+                               bool(group["nesterov"]), bool(group["maximize"]), grad_scale, found_inf,
+                               lr_tensor)
             for p, buffer in zip(params, buffers):
                 self.state[p]["momentum_buffer"] = buffer
         return loss

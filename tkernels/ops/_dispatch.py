@@ -1,0 +1,140 @@
+"""How an op call reaches its implementation: straight in eager mode, through torch.library otherwise.
+
+Every op is a ``torch.library.custom_op`` so that torch.compile, export, fake tensors, opcheck and
+autocast see an opaque operator with a fake (meta) function. In plain eager mode that machinery is
+pure cost: a call through the dispatcher and the custom-op wrappers takes tens of microseconds,
+several times what torch spends on a small layer. So:
+
+* :func:`custom_op` registers the op as usual and returns a callable that runs the Python
+  implementation directly when the call is plain eager, and the registered op otherwise;
+* :func:`run_function` runs an ``autograd.Function``: through ``Function.apply`` when a gradient may be
+  needed, and as a direct call of ``forward`` (with a context that drops what forward saves) when
+  none can be, e.g. under ``torch.no_grad()`` or for inputs that do not require grad.
+
+"Plain eager" (:func:`plain_eager`) means: not tracing for torch.compile/export, no
+``TorchDispatchMode`` active (fake tensors, make_fx, FlopCounter...), no functorch transform, and a
+first tensor argument that is an ordinary CPU or CUDA tensor (not a subclass, not on the meta
+device). Everything else keeps the exact torch.library behaviour. Autocast needs no exception: the
+public functions cast their inputs before any op runs (ops/_autocast.py), and the custom ops have no
+Autocast kernel.
+
+The direct path keeps one thing the dispatcher did: arguments the op declares as mutated get their
+version counter bumped (a Triton kernel writing in place does not), so autograd still detects an
+in-place change to a tensor saved for backward.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_EAGER_DEVICES = ("cpu", "cuda")
+
+
+def _first_tensor(args: Sequence[Any]):
+    for a in args:
+        if isinstance(a, Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor):
+            return a[0]
+    return None
+
+
+def eager_device(args: Sequence[Any]) -> Optional[str]:
+    """'cpu' or 'cuda' when a call with these arguments may skip torch.library's dispatch (see the
+    module docstring), with the device type its first tensor is on; None when it must dispatch."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return None
+    t = _first_tensor(args)
+    if t is None:
+        return "cpu"
+    if type(t) not in _PLAIN_TYPES:
+        return None
+    device = t.device.type
+    return device if device in _EAGER_DEVICES else None
+
+
+def plain_eager(args: Sequence[Any]) -> bool:
+    return eager_device(args) is not None
+
+
+def _mutated_arguments(fn: Callable, mutates_args: Sequence[str]) -> Tuple[Tuple[int, str], ...]:
+    """(position, name) of each mutated argument."""
+    names = list(fn.__code__.co_varnames[:fn.__code__.co_argcount])
+    return tuple((names.index(name), name) for name in mutates_args)
+
+
+class EagerCustomOp:
+    """A registered custom op (``.op``) that runs its implementation directly in plain eager mode.
+
+    Attribute access (``register_fake``, ``register_autocast``, ...) goes to the registered op.
+    """
+
+    def __init__(self, qualname: str, op, impl: Callable, mutated: Tuple[Tuple[int, str], ...]):
+        self.qualname = qualname
+        self.op = op
+        self.impl = impl
+        self.cuda_impl = impl  # ops/_common.guard_custom_ops puts the device guard here
+        self.mutated = mutated
+        namespace, name = qualname.split("::")
+        self.packet = getattr(getattr(torch.ops, namespace), name)  # what tracing sees, as before
+
+    def __call__(self, *args, **kwargs):
+        device = eager_device(args)
+        if device is None:
+            return self.packet(*args, **kwargs)
+        result = (self.cuda_impl if device == "cuda" else self.impl)(*args, **kwargs)
+        for i, name in self.mutated:
+            value = args[i] if i < len(args) else kwargs.get(name)
+            for t in (value if isinstance(value, (list, tuple)) else (value,)):
+                if t is not None:
+                    torch.autograd.graph.increment_version(t)
+        return result
+
+    def __getattr__(self, name: str):
+        return getattr(self.op, name)
+
+
+def custom_op(qualname: str, *, mutates_args: Sequence[str]):
+    """``torch.library.custom_op(qualname, mutates_args=...)`` with the eager fast path."""
+    def register(fn: Callable) -> EagerCustomOp:
+        op = torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(fn)
+        return EagerCustomOp(qualname, op, fn, _mutated_arguments(fn, mutates_args))
+    return register
+
+
+class _NoGradContext:
+    """Stands in for autograd's ctx when no gradient can be needed: what forward saves is dropped."""
+
+    def __init__(self, n_inputs: int):
+        self.needs_input_grad = (False,) * n_inputs
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
+
+    def mark_dirty(self, *tensors) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+
+# autograd.Function.apply's C++ half. The Python half only binds default arguments for functions
+# with a separate setup_context (ours have none) and handles functorch transforms (excluded by
+# plain_eager); calling the C++ half directly saves several microseconds per op.
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
+
+
+def run_function(function: type, *args):
+    """``function.apply(*args)``, or ``function.forward`` called directly when no gradient can be needed."""
+    if not plain_eager(args):
+        return function.apply(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return _C_APPLY.__get__(None, function)(*args)
+    return function.forward(_NoGradContext(len(args)), *args)
