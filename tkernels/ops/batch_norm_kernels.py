@@ -146,12 +146,13 @@ def _finish_stats(stats_ptr, rm_ptr, rv_ptr, offs64, mask, C, count, ref, mean, 
                   HAS_RUNNING: tl.constexpr):
     """Write the (5, C) stats of merged per-channel (count, pivot, mean - pivot, M2), update the
     running stats in place (unbiased variance; untouched where the count is 0); returns invstd."""
-    invstd = 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
+    var = m2 / tl.maximum(count, 1.0)
     out = stats_ptr + offs64
     tl.store(out, count, mask=mask)
     tl.store(out + C, ref, mask=mask)
     tl.store(out + 2 * C, mean, mask=mask)
     tl.store(out + 3 * C, m2, mask=mask)
+    invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(out + 4 * C, invstd, mask=mask)
     if HAS_RUNNING:
         seen = mask & (count > 0.0)
