@@ -98,7 +98,17 @@ def test_dtypes(backend, dtype, name, kwargs):
     y.backward(torch.ones_like(y))
     xd = x.detach().double().requires_grad_()
     _torch_fn(name)(xd, **kwargs).sum().backward()
-    assert_close(x.grad, xd.grad, dtype=dtype)
+    saved = y.detach().double()
+    from_output = {"sigmoid": saved * (1 - saved), "tanh": 1 - saved * saved}
+    if name in from_output:
+        # the backward's input is the stored output y, rounded to dtype: its exact derivative at
+        # that y is the reference (the 1% check). From x, 1 - y (y near 1) has lost up to one
+        # ulp of y absolutely (2^-8 in bf16, truncated), 4 units of roundoff relative to
+        # max|dy/dx| = 1/4 (sigmoid): 16 times the normwise A, a sanity bound only.
+        assert_close(x.grad, from_output[name], dtype=dtype)
+        assert_close(x.grad, xd.grad, dtype=dtype, scale=16.0)
+    else:
+        assert_close(x.grad, xd.grad, dtype=dtype)
 
 
 @pytest.mark.parametrize("name,kwargs", [f for f in FUNCS if f[0] in ("relu", "leaky_relu", "silu")])

@@ -425,3 +425,10 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     (eager_dx,) = torch.autograd.grad(eager, x)
     assert_close(loss, eager, reduction=42)
     assert_close(dx, eager_dx, reduction=42)
+    # the independent reference: the NumPy backend in float64, with the same dropout mask
+    x64 = x.detach().cpu().double().requires_grad_()
+    with tkernels.use_backend("numpy"):
+        expected = loss_fn(x64, x64 * scale.cpu().double(), t.cpu(), q.cpu().double())
+        (expected_dx,) = torch.autograd.grad(expected, x64)
+    assert_close(loss, expected, dtype=torch.float32, reduction=42)
+    assert_close(dx, expected_dx, dtype=torch.float32, reduction=42)

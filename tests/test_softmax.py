@@ -44,10 +44,16 @@ def _check(log, x, dim, dtype=None):
     assert_close(y, _torch(log)(x.detach().double(), dim), dtype=dtype, reduction=C)
     g = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, g)
-    assert_close(dx, _reference_grad(log, g, y64, dim), dtype=dtype, reduction=C)
+    # the backward kernel's input is the stored y, rounded to dtype: the reference at that y sees
+    # the kernel's own error (the 1% check). From x, y's rounding (up to a whole ulp per element
+    # where the interpreter truncates bf16, all of one sign) enters sum(g*y): a normwise error
+    # of ~2 ulp of max|y|, 8 times the normwise A in fp16/bf16, a sanity bound only.
+    assert_close(dx, _reference_grad(log, g, y, dim), dtype=dtype, reduction=C)
+    end_to_end = 1.0 if dtype in (torch.float32, torch.float64) else 8.0
+    assert_close(dx, _reference_grad(log, g, y64, dim), dtype=dtype, reduction=C, scale=end_to_end)
     xd = x.detach().double().requires_grad_()
     (dx_t,) = torch.autograd.grad(_torch(log)(xd, dim), xd, g.double())
-    assert_close(dx, dx_t, dtype=dtype, reduction=C)
+    assert_close(dx, dx_t, dtype=dtype, reduction=C, scale=end_to_end)
     return y, dx
 
 
