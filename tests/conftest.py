@@ -67,6 +67,7 @@ def launches(monkeypatch, request):
     """The Triton kernels this test launched (tests/launches.py); every test gets a fresh record."""
     record = Launches().install(monkeypatch)
     helpers.COMPARISONS[0] = 0
+    helpers.LAUNCHES[0] = record
     yield record
     if LAUNCH_LOG:
         with open(LAUNCH_LOG, "a") as log:

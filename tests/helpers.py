@@ -43,8 +43,22 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A CUDA run thus passes for the right reasons: a 1% error still exceeds every widened tolerance.
 
 # Comparisons made by the running test (tests/conftest.py checks that a Triton-backend test that
-# compared results also launched its family's kernels).
+# compared results also launched its family's kernels), and its launch record (tests/launches.py).
 COMPARISONS = [0]
+LAUNCHES = [None]
+
+
+def on_triton() -> bool:
+    """Whether ops called now run the Triton kernels (backend forced, or auto on the test device)."""
+    backend = tkernels.get_backend()
+    return backend == "triton" or (backend == "auto" and (DEVICE.type == "cuda" or ON_INTERPRETER))
+
+
+def expect_kernels(*names: str) -> None:
+    """On the Triton backend, assert that each named kernel launched in this test so far: a kernel
+    quietly replaced by torch code (right values, no launch) then fails."""
+    if on_triton():
+        LAUNCHES[0].assert_ran(*names)
 
 
 def tolerance(dtype, expected_max: float, reduction: int = 1, scale: float = 1.0, matmul: bool = False):

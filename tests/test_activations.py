@@ -6,7 +6,7 @@ import tkernels
 import tkernels.functional as F
 from tkernels.activations import Activation, resolve_activation, REGISTRY
 from tkernels.reference import activations as ref
-from helpers import assert_close, canary, device_for, skip_unsupported, to_numpy64
+from helpers import expect_kernels, assert_close, canary, device_for, skip_unsupported, to_numpy64
 
 # (tkernels function, torch function, kwargs) with torch's own signatures
 FUNCS = [
@@ -84,6 +84,7 @@ def test_forward_backward_layouts(backend, name, kwargs, layout):
     rname, param = _ref_name(name, kwargs)
     assert_close(y, ref.activation_forward(rname, to_numpy64(x), param))
     assert_close(dx, ref.activation_backward(rname, to_numpy64(grad), to_numpy64(x), param))
+    expect_kernels("activation_kernel", "activation_backward_kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -9,7 +9,7 @@ import tkernels
 import tkernels.functional as F
 from tkernels.activations import REGISTRY, Activation
 from tkernels.reference import linear as ref
-from helpers import (Canary, assert_close, assert_not_mutated, canary, device_for, skip_unsupported,
+from helpers import (expect_kernels, Canary, assert_close, assert_not_mutated, canary, device_for, skip_unsupported,
                      to_numpy64)
 
 ACTIVATIONS = [Activation(name, 0.2 if name == "leaky_relu" else 0.0) for name in REGISTRY]
@@ -36,6 +36,7 @@ def _check_linear(backend, M, K, N, dtype=torch.float32, act=Activation("identit
     snapshot = [t.detach().clone() for t in (x, w) + ((b,) if bias else ())]
 
     y = F.linear(x, w, b, activation=act)
+    expect_kernels("matmul_kernel")
     assert y.dtype == dtype and y.shape == (*lead, M, N)
     grad = torch.randn_like(y)
     grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], grad)

@@ -11,7 +11,7 @@ import tkernels
 import tkernels.optim
 from tkernels.ops import optim as optim_ops
 from tkernels.reference import optim as ref
-from helpers import Canary, assert_close, device_for, skip_unsupported, to_numpy64
+from helpers import expect_kernels, Canary, assert_close, device_for, skip_unsupported, to_numpy64
 
 # (0, 3) is empty, (41, 25) has 1025 elements: more than one block and (on the interpreter) one chunk.
 SHAPES = [(1,), (3,), (17,), (41, 25), (0, 3)]
@@ -114,6 +114,7 @@ def _check_against_torch_and_reference(kind, backend, options, dtype=torch.float
 
     params = _params(initial)
     ours = _train(ours_cls(params, **options), params, gradients, backend)
+    expect_kernels(*(("sgd_kernel",) if kind == "sgd" else ("adamw_prologue_kernel", "adamw_kernel")))
     assert params[NEVER].grad is None and torch.equal(params[NEVER], initial[NEVER])
     assert params[NEVER] not in ours.state
 
