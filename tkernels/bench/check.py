@@ -10,8 +10,9 @@ input's size over the tensor's size for the others (a loss sums everything, batc
 gradient N*H*W). ``err`` is the worst element's error over its tolerance (pass: ``err <= tol
 = 1``); torch's own error in the same dtype is reported the same way for comparison. Dropout
 is random, so its keep-rate is checked statistically and its kept values and gradient
-elementwise; optimizers by the update of three steps (each element also allowed the rounding
-of the parameter it is stored in, once per step).
+elementwise; optimizers by the update of three steps, against a float64 run that rounds the
+parameters and state to the dtype after each step as the kernels store them (each element also
+allowed the rounding of the parameter it is stored in, once per step).
 """
 from __future__ import annotations
 
@@ -140,8 +141,11 @@ def _check_dropout(case: Case, dtype: torch.dtype) -> CheckResult:
     return _verdict(err, torch_err, f"dropped {dropped:.4f} for p={p} (z={z:.1f})", z <= DROPOUT_MAX_Z)
 
 
-def _optimizer_run(factory, params: List[torch.Tensor], dtype: Optional[torch.dtype]):
-    """(update of each parameter over OPTIMIZER_STEPS steps, final parameters)."""
+def _optimizer_run(factory, params: List[torch.Tensor], dtype: Optional[torch.dtype],
+                   storage: Optional[torch.dtype] = None):
+    """(update of each parameter over OPTIMIZER_STEPS steps, final parameters). With `storage`,
+    parameters and state are rounded to that dtype after each step, as a kernel storing them in
+    the parameter's dtype does (fp16 AdamW state underflows; the reference must too)."""
     copies = []
     for p in params:
         c = p.detach().clone().to(dtype or p.dtype).requires_grad_(True)
@@ -151,6 +155,13 @@ def _optimizer_run(factory, params: List[torch.Tensor], dtype: Optional[torch.dt
     optimizer = factory(copies)
     for _ in range(OPTIMIZER_STEPS):
         optimizer.step()
+        if storage is not None and storage != dtype:
+            with torch.no_grad():
+                for c in copies:
+                    c.copy_(c.to(storage))
+                    for value in optimizer.state[c].values():
+                        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
+                            value.copy_(value.to(storage))
     return [c.detach().double() - b.double() for c, b in zip(copies, before)], [c.detach() for c in copies]
 
 
@@ -164,7 +175,7 @@ def _check_optimizer(case: Case, dtype: torch.dtype) -> CheckResult:
     (params,) = case.make_inputs(True)
     tk, _ = _optimizer_run(case.tkernels, params, None)
     th, _ = _optimizer_run(case.torch, params, None)
-    ref, final = _optimizer_run(case.torch, params, torch.float64)
+    ref, final = _optimizer_run(case.torch, params, torch.float64, storage=dtype)
     err, where = _worst_update(tk, ref, final, dtype)
     torch_err, _ = _worst_update(th, ref, final, dtype)
     return _verdict(err, torch_err, f"worst: {where} after {OPTIMIZER_STEPS} steps")
