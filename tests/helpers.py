@@ -42,6 +42,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # output rounding, which the GPU does exactly like the interpreter) are not widened at all.
 # A CUDA run thus passes for the right reasons: a 1% error still exceeds every widened tolerance.
 
+TOLERANCES = _model.TOLERANCES  # (R, A) per dtype key; see tkernels/testing.py
+
 # Comparisons made by the running test (tests/conftest.py checks that a Triton-backend test that
 # compared results also launched its family's kernels), and its launch record (tests/launches.py).
 COMPARISONS = [0]
