@@ -20,7 +20,8 @@ from tkernels.ops import conv as conv_ops
 from tkernels.ops import conv_backward
 from tkernels.reference import conv as ref
 
-from helpers import Canary, DEVICE, assert_close, assert_not_mutated, device_for, randn, skip_unsupported, to_numpy64
+from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, device_for, expect_kernels, randn,
+                     skip_unsupported, to_numpy64)
 
 CL = torch.channels_last
 
@@ -199,10 +200,15 @@ def test_conv2d_cases(backend, name, launched):
             assert FAST_KERNELS <= set(launched), f"FAST kernels not all used: {launched}"
         elif name.startswith("depthwise"):
             assert {"TUNED_DW_FWD", "TUNED_DW_DGRAD", "TUNED_WGRAD"} <= set(launched), launched
+            expect_kernels("conv2d_depthwise_fwd_kernel", "conv2d_depthwise_dgrad_kernel", "conv2d_wgrad_kernel")
         elif name == "1x1_cl_gelu":  # the GEMM fast path: no conv kernel at all
             assert launched == [], launched
         else:
             assert not FAST_KERNELS & set(launched), launched
+        if name.startswith("1x1_cl"):  # channels_last 1x1 convs are one GEMM
+            expect_kernels("matmul_kernel")
+        elif not name.startswith("depthwise"):
+            expect_kernels("conv2d_fwd_kernel", "conv2d_dgrad_kernel", "conv2d_wgrad_kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
