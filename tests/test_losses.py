@@ -59,7 +59,8 @@ def _check_ce(x, target, dtype=None, **kw):
         assert_close(grads[1], _t(ref_dt), dtype=dtype, reduction=C)
         assert_close(grads[1], torch_grads[1], dtype=dtype, reduction=C)
     if x.numel():
-        expect_kernels("cross_entropy_forward_kernel", "cross_entropy_backward_kernel")
+        expect_kernels("cross_entropy_forward_kernel", "cross_entropy_backward_kernel",
+                       *(("loss_finish_kernel",) if reduction != "none" else ()))
     return loss, grads
 
 
@@ -305,7 +306,7 @@ def _check_mse(x, y, dtype=None, weight=None, reduction="mean"):
         for got, want in zip(grads, torch.autograd.grad(twin, doubles, g.double())):
             assert_close(got, want, dtype=dtype, reduction=n)
     if x.numel():
-        expect_kernels("mse_forward_kernel", "mse_backward_kernel")
+        expect_kernels("mse_forward_kernel", "mse_backward_kernel", *(("loss_finish_kernel",) if reduction != "none" else ()))
     return loss
 
 
