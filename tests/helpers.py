@@ -1,8 +1,8 @@
 """Declared once, used by every test family: tolerances, devices, canaries and shape lists."""
 from __future__ import annotations
 
-import math
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -63,16 +63,18 @@ def expect_kernels(*names: str) -> None:
         LAUNCHES[0].assert_ran(*names)
 
 
-def tolerance(dtype, expected_max: float, reduction: int = 1, scale: float = 1.0, matmul: bool = False):
-    return _model.tolerance(_model.dtype_key(dtype, DEVICE, matmul), expected_max, reduction, scale, DEVICE)
+def tolerance(dtype, expected_max: float, reduction: int = 1, scale: float = 1.0, product: str = "any"):
+    return _model.tolerance(_model.dtype_key(dtype, DEVICE, product), expected_max, reduction, scale, DEVICE)
 
 
 def assert_close(actual: torch.Tensor, expected, *, dtype=None, reduction: int = 1, scale: float = 1.0,
-                 matmul: bool = False, magnitude: float = 0.0, msg: str = "") -> None:
+                 product: str = "any", magnitude: float = 0.0, msg: str = "") -> None:
     """Compare elementwise under the shared tolerance model (tkernels/testing.py) for `dtype`
     (default: actual's), with sums of `reduction` terms. `expected` may be a NumPy float64 array
-    (the reference) or a tensor (torch itself); the comparison is done in float64. `matmul`: the
-    result comes from tl.dot (tf32 on CUDA when allowed). `scale` widens; callers say why.
+    (the reference) or a tensor (torch itself); the comparison is done in float64. `product`: which
+    tl.dot products went into the result, "matmul", "conv", "none" or (default) "any": fp32 on
+    CUDA takes the tf32 entry where torch's flags for those products allow TF32 (conv: by
+    default). `scale` widens; callers say why.
     `magnitude`: the size of the terms a result is summed from when they cancel to much less (a
     gradient that is analytically zero): atol then follows it instead of max|expected|."""
     COMPARISONS[0] += actual.numel() > 0
@@ -84,7 +86,7 @@ def assert_close(actual: torch.Tensor, expected, *, dtype=None, reduction: int =
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)} {msg}"
     finite = expected[expected.isfinite()]
     expected_max = max(float(finite.abs().max()) if finite.numel() else 0.0, magnitude)
-    tol = tolerance(dtype, expected_max, reduction, scale, matmul)
+    tol = tolerance(dtype, expected_max, reduction, scale, product)
     torch.testing.assert_close(actual, expected, rtol=tol.rtol, atol=tol.atol, equal_nan=False,
                                msg=lambda m: f"{m}\n(max|expected| {expected_max:.3g}, rtol {tol.rtol:.3g}, "
                                              f"atol {tol.atol:.3g}, {dtype}, reduction {reduction}) {msg}")
@@ -163,3 +165,63 @@ def assert_not_mutated(before: Sequence[torch.Tensor], after: Sequence[torch.Ten
     for b, a in zip(before, after):
         assert torch.equal(b, a) or (torch.isnan(b) == torch.isnan(a)).all() and torch.equal(
             b.nan_to_num(), a.nan_to_num()), "an input was mutated"
+
+
+# ---------------------------------------------------------------------------------------------
+# Host syncs and host-built tensors: what makes a GPU wait for Python, or Python for the GPU.
+# ---------------------------------------------------------------------------------------------
+class HostSyncCounter:
+    """Records, inside its ``with`` block, every call that makes the host wait for the device
+    (``.item()``, ``.tolist()``, ``bool(t)``, ``float(t)``, ``int(t)``, ``.cpu()``, ``.numpy()``)
+    and every tensor built from host data (``torch.tensor``, ``torch.as_tensor``,
+    ``torch.from_numpy``), with the file and line that made it. On CPU tensors none of these waits,
+    so tests count the calls themselves: each is a sync or an upload once the tensors live on a GPU.
+
+    Calls made by Triton's interpreter are left out (on a GPU it does not exist: it stands in for the
+    device). Calls reached through C++ only (not through these Python entry points) are not seen.
+
+        with HostSyncCounter() as counter:
+            optimizer.step()
+        assert counter.calls == [], counter.report()
+    """
+
+    SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+    HOST_BUILT = ("tensor", "as_tensor", "from_numpy")
+
+    def __init__(self):
+        import triton
+        self.calls: list = []
+        self._ignored_dir = os.path.dirname(triton.__file__)
+        self._restore: list = []
+
+    def _wrap(self, owner, name: str, kind: str) -> None:
+        original = owner.__dict__.get(name)
+        bound = getattr(owner, name)
+        counter = self
+
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1)
+            if not caller.f_code.co_filename.startswith(counter._ignored_dir):
+                counter.calls.append(f"{kind} {name} at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return bound(*args, **kwargs)
+
+        setattr(owner, name, counted)
+        self._restore.append((owner, name, original))
+
+    def __enter__(self) -> "HostSyncCounter":
+        for name in self.SYNCS:
+            self._wrap(torch.Tensor, name, "sync")
+        for name in self.HOST_BUILT:
+            self._wrap(torch, name, "host-built tensor")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._restore):
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        self._restore.clear()
+
+    def report(self) -> str:
+        return "\n".join(self.calls)

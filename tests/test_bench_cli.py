@@ -60,7 +60,7 @@ def test_to_argv_round_trips():
     parser = build_parser()
     argv = ["bench", "linear", "--suite", "smoke", "--dtype", "fp32", "--mode", "fwd", "--shapes", "4x5x6",
             "--baselines", "eager,compile", "--json", "x.json", "--plot", "p.png", "--warmup", "1.5", "--rep", "3",
-            "--device", "cpu", "--interpreter", "--check", "--no-progress"]
+            "--device", "cpu", "--threads", "3", "--interpreter", "--check", "--no-progress"]
     args = parser.parse_args(argv)
     again = parser.parse_args(["bench", *bench_cli.to_argv(args)])
     assert {k: v for k, v in vars(again).items() if k != "_run"} == {k: v for k, v in vars(args).items()

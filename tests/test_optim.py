@@ -11,7 +11,7 @@ import tkernels
 import tkernels.optim
 from tkernels.ops import optim as optim_ops
 from tkernels.reference import optim as ref
-from helpers import expect_kernels, Canary, assert_close, device_for, skip_unsupported, to_numpy64
+from helpers import expect_kernels, Canary, HostSyncCounter, assert_close, device_for, skip_unsupported, to_numpy64
 
 # (0, 3) is empty, (41, 25) has 1025 elements: more than one block and (on the interpreter) one chunk.
 SHAPES = [(1,), (3,), (17,), (41, 25), (0, 3)]
@@ -167,14 +167,23 @@ def test_low_and_double_precision(backend, kind, options, dtype):
 
 
 def test_tensor_lr(backend):
+    """A tensor lr (read by the kernels on the triton backend), changed in place between steps as a
+    scheduler changes it."""
     dev = device_for(backend)
     initial = [torch.randn(s, device=dev) for s in SHAPES[:3]]
     gradients = _gradients(4, torch.float32, dev, SHAPES[:3])
     for ours_cls, torch_cls, extra in ((tkernels.optim.SGD, torch.optim.SGD, dict(momentum=0.9)),
-                                       (tkernels.optim.AdamW, torch.optim.AdamW, {})):
+                                       (tkernels.optim.AdamW, torch.optim.AdamW, dict(weight_decay=0.5))):
         a, b = _params(initial), _params(initial)
-        _train(ours_cls(a, lr=torch.tensor(0.05), **extra), a, gradients, backend)
-        _train(torch_cls(b, lr=torch.tensor(0.05), foreach=False, **extra), b, gradients)
+        ours_lr, their_lr = torch.tensor(0.05, device=dev), torch.tensor(0.05, device=dev)
+        ours = ours_cls(a, lr=ours_lr, **extra)
+        theirs = torch_cls(b, lr=their_lr, foreach=False, **extra)
+        for k, grads in enumerate(gradients):
+            if k == 2:
+                ours_lr.fill_(0.02)
+                their_lr.fill_(0.02)
+            _train(ours, a, [grads], backend)
+            _train(theirs, b, [grads])
         for p, q in zip(a, b):
             assert_close(p, q)
 
@@ -243,11 +252,12 @@ def test_state_dict_layout_is_torchs():
 # ---------------------------------------------------------------------------------------------
 # Layouts, canaries and launch counts on the triton backend
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad-scale"])
 @pytest.mark.parametrize("kind,options", CASES, ids=[c[0] for c in CASES])
-def test_strided_params_and_grads_with_canaries(kind, options):
+def test_strided_params_and_grads_with_canaries(kind, options, scaled):
     """Params and grads inside NaN margins: dense ones (contiguous, or transposed like their param) go
     through the kernel's flat path, non-dense ones through staged copies. Results match torch and no
-    margin is written."""
+    margin is written. With a GradScaler's scale, every layout's grad is left unscaled in place."""
     dev = device_for("triton")
     shapes = [(17,), (5, 7), (6, 4), (32, 48)]  # the last: whole blocks only, over two chunks
     initial = [torch.randn(s, device=dev) for s in shapes]
@@ -258,15 +268,21 @@ def test_strided_params_and_grads_with_canaries(kind, options):
               torch.nn.Parameter(canaries[2].view.t()), torch.nn.Parameter(canaries[3].view)]
     assert params[2].stride() == (1, 6) and not params[1].is_contiguous()
     opt = (tkernels.optim.SGD if kind == "sgd" else tkernels.optim.AdamW)(params, **options)
+    scale = 8.0 if scaled else 1.0
+    if scaled:
+        opt.grad_scale, opt.found_inf = torch.tensor(scale, device=dev), torch.tensor(0.0, device=dev)
     with tkernels.use_backend("triton"):
         for grads in gradients:
-            grad_canaries = [Canary(grads[0], pad=0), Canary(grads[1]), Canary(grads[2].t(), pad=0),
-                             Canary(grads[3], pad=0)]
+            scaled_grads = [g * scale for g in grads]
+            grad_canaries = [Canary(scaled_grads[0], pad=0), Canary(scaled_grads[1]),
+                             Canary(scaled_grads[2].t(), pad=0), Canary(scaled_grads[3], pad=0)]
             params[0].grad, params[1].grad = grad_canaries[0].view, grad_canaries[1].view
             params[2].grad, params[3].grad = grad_canaries[2].view.t(), grad_canaries[3].view
             opt.step()
             for c in grad_canaries:
                 c.assert_untouched_outside()
+            for i, (p, g) in enumerate(zip(params, grads)):
+                assert torch.equal(p.grad, g), f"grad {i} is not left unscaled"
     twins = _params(initial)
     _train((torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(twins, **options), twins, gradients)
     for i, (p, q) in enumerate(zip(params, twins)):
@@ -305,6 +321,200 @@ def test_one_launch_per_group_and_dtype(monkeypatch):
     assert len(counters["adamw_prologue_kernel"].launches) == 2
     assert len(counters["adamw_kernel"].launches) == 2
     assert counters["sgd_kernel"].launches[0] == (6,)  # one program per chunk: six small tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.amp.GradScaler: unscale and skip inside the kernel, as torch's fused optimizers do
+# ---------------------------------------------------------------------------------------------
+SCALER_SHAPES = [(3,), (41, 25), (17,)]
+SCALER_CASES = [("sgd", dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
+                ("sgd", dict(lr=0.05, momentum=0.8, dampening=0.2)),
+                ("adamw", dict(lr=0.01, amsgrad=True))]
+
+
+def _scaled_training(cls, backend, options, initial, inf_step, unscale_first, counters=None):
+    """Five GradScaler steps (growth every 2 good steps); at ``inf_step`` one gradient element of
+    param 1 is inf. Returns per step (scale after update, params, grads) and the optimizer."""
+    params = _params(initial)
+    opt = cls(params, **options)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+    torch.manual_seed(1)
+    history = []
+    for k in range(5):
+        scaler.scale(torch.ones(()))  # as scaler.scale(loss) would: the scale exists from here
+        for p in params:
+            p.grad = torch.randn_like(p) * scaler.get_scale()
+        if k == inf_step:
+            params[1].grad[3, 4] = float("inf")
+        before = [p.detach().clone() for p in params]
+        steps_before = {i: float(s["step"]) for i, s in enumerate(opt.state[p] for p in params) if "step" in s}
+        if unscale_first:
+            scaler.unscale_(opt)  # as for gradient clipping: the step then gets found_inf but no scale
+        with tkernels.use_backend(backend) if backend else contextlib.nullcontext():
+            scaler.step(opt)
+        scaler.update()
+        if k == inf_step:
+            assert all(torch.equal(a, b) for a, b in zip(before, params)), "a step with an inf grad moved a param"
+            for i, p in enumerate(params):
+                if "step" in opt.state[p]:
+                    assert float(opt.state[p]["step"]) == steps_before.get(i, 0.0), "a skipped step counted"
+        history.append((scaler.get_scale(), [p.detach().clone() for p in params],
+                        [p.grad.detach().clone() for p in params]))
+    return history, opt
+
+
+SCALER_SCHEDULES = {"inf-later": (2, False), "inf-first-step": (0, False), "unscaled-first": (3, True)}
+# (a skipped first step with dampening is not torch's: see test_sgd_buffer_born_on_a_skipped_step)
+SCALER_RUNS = [(case, schedule) for case in SCALER_CASES for schedule in SCALER_SCHEDULES
+               if not (schedule == "inf-first-step" and case[1].get("dampening"))]
+
+
+@pytest.mark.parametrize("kind,options,schedule", [(k, o, s) for (k, o), s in SCALER_RUNS],
+                         ids=[f"{k}{'-dampening' if o.get('dampening') else ''}-{s}" for (k, o), s in SCALER_RUNS])
+def test_grad_scaler_steps_match_torch(backend, monkeypatch, kind, options, schedule):
+    """Against torch's optimizers under the same GradScaler: for-loop and (when it is defined)
+    fused. Scales, params and the unscaled grads left in p.grad agree step by step; the inf step
+    changes no param and no step counter and halves the scale."""
+    inf_step, unscale_first = SCALER_SCHEDULES[schedule]
+    ours_cls, torch_cls = ((tkernels.optim.SGD, torch.optim.SGD) if kind == "sgd"
+                           else (tkernels.optim.AdamW, torch.optim.AdamW))
+    assert ours_cls._step_supports_amp_scaling
+    counters = {name: _LaunchCounter(getattr(optim_ops, name)) for name in ("sgd_kernel", "adamw_kernel")}
+    for name, counter in counters.items():
+        monkeypatch.setattr(optim_ops, name, counter)
+    initial = [torch.randn(s, device=device_for(backend)) for s in SCALER_SHAPES]
+    ours, opt = _scaled_training(ours_cls, backend, options, initial, inf_step, unscale_first)
+    if backend == "triton":
+        assert len(counters[f"{kind}_kernel"].launches) == 5
+    references = {"for-loop": dict(foreach=False)}
+    if inf_step != 0:  # torch's fused SGD steps on from an uninitialised buffer after a skipped first step
+        references["fused"] = dict(fused=True)
+    for name, extra in references.items():
+        theirs, _ = _scaled_training(torch_cls, None, dict(options, **extra), initial, inf_step, unscale_first)
+        for k, ((scale, params, grads), (t_scale, t_params, t_grads)) in enumerate(zip(ours, theirs)):
+            assert scale == t_scale, f"step {k}: scale {scale} != torch {name} {t_scale}"
+            for i in range(len(params)):
+                assert_close(params[i], t_params[i], msg=f"step {k} param {i} vs torch {name}")
+                if k != inf_step:  # torch leaves the grads of a skipped step scaled, or half unscaled
+                    assert_close(grads[i], t_grads[i], msg=f"step {k} grad {i} vs torch {name}")
+    assert ours[inf_step][0] == ours[inf_step - 1][0] / 2 if inf_step else ours[0][0] == 2.0 ** 9
+
+
+def test_sgd_buffer_born_on_a_skipped_step(backend):
+    """torch's fused SGD leaves such a buffer uninitialised and its for-loop SGD makes none (the step
+    is skipped on the host). Ours is zeros, so the next step's buffer is (1 - dampening) * d: d itself
+    without dampening (what test_grad_scaler_steps_match_torch checks against torch), as here."""
+    dev = device_for(backend)
+    p = torch.nn.Parameter(torch.randn(5, device=dev))
+    opt = tkernels.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.25)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=dev), torch.tensor(1.0, device=dev)
+    p.grad = torch.full_like(p, float("inf"))
+    before = p.detach().clone()
+    opt.step()
+    assert torch.equal(p, before) and torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p))
+    opt.found_inf = torch.tensor(0.0, device=dev)
+    d = torch.randn_like(p)
+    p.grad = d * 4.0
+    opt.step()
+    assert_close(opt.state[p]["momentum_buffer"], to_numpy64(d) * 0.75)
+    assert_close(p, to_numpy64(before) - 0.1 * to_numpy64(d) * 0.75)
+
+
+def test_grad_scaler_tensors_are_checked(backend):
+    dev = device_for(backend)
+    params = _params([torch.randn(3, device=dev)])
+    params[0].grad = torch.randn(3, device=dev)
+    opt = tkernels.optim.AdamW(params)
+    opt.grad_scale = torch.ones(2, device=dev)
+    before = params[0].detach().clone()
+    with pytest.raises(RuntimeError, match="grad_scale must be a one-element floating-point tensor"):
+        opt.step()
+    assert torch.equal(params[0], before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steady state: the address table is built once per set of tensors; no sync, no host tensor
+# ---------------------------------------------------------------------------------------------
+# a LeNet-like parameter set, smaller (the interpreter runs every element)
+NET_SHAPES = [(6, 1, 5, 5), (6,), (16, 6, 3, 3), (16,), (48, 64), (48,), (10, 48), (10,)]
+
+
+class _BuildCounter:
+    def __init__(self, build):
+        self.build, self.count = build, 0
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        return self.build(*args, **kwargs)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad-scaler"])
+@pytest.mark.parametrize("cls,options", [("SGD", dict(lr=0.01, momentum=0.9)), ("AdamW", dict(lr=1e-3))])
+def test_steady_state_step_reuses_its_table_and_never_syncs(monkeypatch, cls, options, scaler, tensor_lr):
+    """A LeNet-like parameter set: after the steps that create state, a step builds no table, makes no
+    host tensor and no host sync (counted in our code, the custom op's and torch.optim's). A
+    changed set (a param moved to new storage) gets exactly one new table.
+
+    The table holds the gradients' addresses too, so the steady state assumes each step's gradients
+    sit where the last step's did: backward accumulating into kept .grad tensors, or CUDA's caching
+    allocator handing a steady training loop the same blocks again (new storage costs one table)."""
+    builds = _BuildCounter(optim_ops._build_table)
+    monkeypatch.setattr(optim_ops, "_build_table", builds)
+    monkeypatch.setattr(optim_ops, "_TABLES", optim_ops.OrderedDict())
+    dev = device_for("triton")
+    params = _params([torch.randn(s, device=dev) * 0.1 for s in NET_SHAPES])
+    if tensor_lr:  # on the params' device, as torch's fused optimizers take it
+        options = dict(options, lr=torch.tensor(options["lr"], device=dev))
+    opt = getattr(tkernels.optim, cls)(params, **options)
+    if scaler:  # what GradScaler.step hands the optimizer: device tensors
+        opt.grad_scale = torch.full((), 256.0, device=dev)
+        opt.found_inf = torch.zeros((), device=dev)
+
+    def step():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.randn_like(p)
+            else:
+                p.grad.normal_()
+        opt.step()
+
+    with tkernels.use_backend("triton"):
+        step()
+        step()  # SGD's first-step flags are gone from here on
+        warm = builds.count
+        with HostSyncCounter() as counter:
+            step()
+            step()
+        assert counter.calls == [], "steady-state step:\n" + counter.report()
+        assert builds.count == warm, "the table was rebuilt for an unchanged parameter set"
+        params[4].data = params[4].data.clone()  # new storage: a new address in the table
+        step()
+        assert builds.count == warm + 1
+        step()
+        assert builds.count == warm + 1
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_table_follows_a_param_moved_to_new_storage():
+    """Cached tables never point at stale storage: a param replaced between steps is updated in its
+    new storage, like torch's, and the old storage is left alone."""
+    dev = device_for("triton")
+    initial = [torch.randn(s, device=dev) for s in ((5,), (3, 4))]
+    gradients = _gradients(4, torch.float32, dev, [(5,), (3, 4)])
+    ours, twins = _params(initial), _params(initial)
+    opt, ref_opt = tkernels.optim.AdamW(ours, lr=0.01), torch.optim.AdamW(twins, lr=0.01)
+    for k, grads in enumerate(gradients):
+        if k == 2:
+            old = ours[1].data
+            kept = old.clone()
+            ours[1].data = old.clone()
+            twins[1].data = twins[1].data.clone()
+        _train(opt, ours, [grads], "triton")
+        _train(ref_opt, twins, [grads])
+    assert torch.equal(old, kept), "a stale table wrote into a param's old storage"
+    for p, q in zip(ours, twins):
+        assert_close(p, q)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +614,16 @@ def test_opcheck(backend):
         steps = [torch.tensor(3.0, device=dev), torch.tensor(1.0, device=dev)]
         torch.library.opcheck(torch.ops.tkernels.adamw_step.default,
                               (params, grads, *states, steps, 0.01, 0.9, 0.999, 1e-8, 0.01, True, False))
+        # under a GradScaler (one step taken, one skipped) and with a tensor lr
+        scale, lr = torch.tensor(8.0, device=dev), torch.tensor(0.05, device=dev)
+        for found in (0.0, 1.0):
+            found_inf = torch.tensor(found, device=dev)
+            torch.library.opcheck(torch.ops.tkernels.sgd_step.default,
+                                  (params, grads, bufs, [False, True], 0.0, 0.9, 0.1, 0.01, False, True, scale,
+                                   found_inf, lr))
+            torch.library.opcheck(torch.ops.tkernels.adamw_step.default,
+                                  (params, grads, *states, steps, 0.0, 0.9, 0.999, 1e-8, 0.01, True, False, scale,
+                                   found_inf, lr))
 
 
 @pytest.mark.slow
@@ -417,10 +637,11 @@ def test_torch_compile_fullgraph(backend):
             params, twins = _params(initial), _params(initial)
             kwargs = dict(momentum=0.9) if torch_cls is torch.optim.SGD else {}
             opt = ours_cls(params, lr=0.05, **kwargs)
+            opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=dev), torch.tensor(0.0, device=dev)
             step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
             for grads in gradients:
                 for p, g in zip(params, grads):
-                    p.grad = g.clone()
+                    p.grad = g.clone() * 4.0  # as GradScaler scales it; the step unscales
                 step()
             _train(torch_cls(twins, lr=0.05, **kwargs), twins, gradients)
             for p, q in zip(params, twins):

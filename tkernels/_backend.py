@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch is not imported here: `import tkernels` stays cheap (see tkernels/__init__.py)
+    import torch
 
 BACKENDS = ("auto", "triton", "numpy")
 
@@ -24,8 +25,24 @@ def _interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-# Read once: triton reads TRITON_INTERPRET when @triton.jit runs, which is at import.
+# Read once, at `import tkernels`. Triton reads it again as each @triton.jit kernel is defined, which
+# happens when the kernels load (on first use); interpret_as_read holds it to this value meanwhile.
 INTERPRET: bool = _interpreter_enabled()
+
+
+@contextlib.contextmanager
+def interpret_as_read() -> Iterator[None]:
+    """While the kernels are defined, TRITON_INTERPRET says what INTERPRET read at import, so that
+    they run where INTERPRET sends them even if the variable changed since."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
 
 
 def _validated(name: str) -> str:

@@ -83,14 +83,19 @@ def growth(reduction: int) -> float:
     return max(1.0, math.sqrt(max(1, reduction) / ACCUMULATION_FREE_TERMS))
 
 
-def dtype_key(dtype: torch.dtype, device: Union[str, torch.device] = "cpu", matmul: bool = False) -> DtypeKey:
-    """The TOLERANCES entry: fp32 matmuls on CUDA with TF32 allowed use the tf32 entry; bf16 off
-    CUDA the truncating-cast entry (the interpreter's)."""
-    if dtype == torch.bfloat16 and torch.device(device).type != "cuda":
+def dtype_key(dtype: torch.dtype, device: Union[str, torch.device] = "cpu", product: str = "none") -> DtypeKey:
+    """The TOLERANCES entry. fp32 on CUDA takes the tf32 entry where torch's flags let the tl.dot
+    `product` behind the result ("matmul", "conv", "any" of them, or "none") run in TF32 (see
+    tl_input_precision: matmuls off by default, convolutions on). bf16 off CUDA takes the
+    truncating-cast entry (the interpreter's)."""
+    cuda = torch.device(device).type == "cuda"
+    if dtype == torch.bfloat16 and not cuda:
         return "bfloat16-truncating"
-    if dtype == torch.float32 and matmul and torch.device(device).type == "cuda" \
-            and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
+    if dtype == torch.float32 and cuda and product != "none":
+        from .ops._common import tl_input_precision
+        products = ("matmul", "conv") if product == "any" else (product,)
+        if any(tl_input_precision(dtype, p) == "tf32" for p in products):
+            return "tf32"
     return dtype
 
 

@@ -39,7 +39,7 @@ class CheckResult:
 
 
 def violation(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, reduction: int = 1,
-              matmul: bool = False, stored_in: Optional[torch.Tensor] = None) -> float:
+              product: str = "none", stored_in: Optional[torch.Tensor] = None) -> float:
     """Worst |actual - expected| / tolerance over the elements (<= 1 passes; inf for NaN). An
     update of OPTIMIZER_STEPS steps `stored_in` a parameter is also allowed the parameter's
     rounding at each step (relative to the parameter, not to the much smaller update)."""
@@ -49,7 +49,7 @@ def violation(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, 
     actual = actual.detach().double().to(expected.device)
     finite = expected[expected.isfinite()]
     expected_max = float(finite.abs().max()) if finite.numel() else 0.0
-    key = testing.dtype_key(dtype, expected.device, matmul)
+    key = testing.dtype_key(dtype, expected.device, product)
     tol = testing.tolerance(key, expected_max, reduction, device=expected.device)
     extra = (None if stored_in is None else
              OPTIMIZER_STEPS * testing.UNIT_ROUNDOFF[dtype] * stored_in.detach().double().abs().to(expected.device))
@@ -93,8 +93,8 @@ def _reduction(case: Case, inputs: Sequence, tensor: torch.Tensor) -> int:
 
 
 def _worst(case: Case, inputs, tensors, reference, dtype) -> Tuple[float, str]:
-    matmul = bool(case.flops.get("fwd"))
-    errors = [(violation(a, r, dtype, _reduction(case, inputs, r), matmul), name)
+    product = "any" if case.flops.get("fwd") else "none"  # GEMM-like: linear (matmul) or conv
+    errors = [(violation(a, r, dtype, _reduction(case, inputs, r), product), name)
               for (name, a), (_, r) in zip(tensors, reference)]
     return max(errors) if errors else (0.0, "")
 

@@ -42,6 +42,7 @@ class Config:
     markdown: Optional[str] = None
     progress: bool = True
     interpreter: bool = False
+    threads: int = 1  # torch and BLAS threads during the run; 0: the libraries' defaults
 
 
 @dataclass
@@ -91,7 +92,7 @@ def resolve_device(name: str) -> torch.device:
 
 def make_config(*, ops=(), suite=(), dtype=(), mode=(), shapes=(), baselines=None, device="auto",
                 cuda_graphs=False, warmup=25.0, rep=100.0, check=False, json=None, csv=None, plot=None,
-                markdown=None, progress=True, interpreter=False) -> Config:
+                markdown=None, progress=True, interpreter=False, threads=1) -> Config:
     """Validate the CLI's values; every problem is a BenchError (exit code 2)."""
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
@@ -112,10 +113,15 @@ def make_config(*, ops=(), suite=(), dtype=(), mode=(), shapes=(), baselines=Non
         raise BenchError("--interpreter runs the Triton kernels on CPU tensors; it cannot be used with a CUDA device")
     if warmup < 0 or rep <= 0:
         raise BenchError(f"--warmup must be >= 0 and --rep > 0 (ms), but got {warmup} and {rep}")
+    if threads < 0:
+        raise BenchError(f"--threads must be >= 0 (0: the libraries' defaults), but got {threads}")
+    if json == csv == report.STDOUT:
+        raise BenchError("--json - and --csv - cannot both write to standard output; give one of them a file")
     if plot:
         report.require_matplotlib()
     return Config(ops, suites, list(dict.fromkeys(DTYPES[d] for d in dtypes)), modes, list(shapes or []), base,
-                  dev, cuda_graphs, float(warmup), float(rep), check, json, csv, plot, markdown, progress, interpreter)
+                  dev, cuda_graphs, float(warmup), float(rep), check, json, csv, plot, markdown, progress, interpreter,
+                  int(threads))
 
 
 def plan(cfg: Config, notes=None) -> List[Task]:

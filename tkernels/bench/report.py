@@ -1,7 +1,9 @@
 """Reports: the terminal table, JSON, CSV, Markdown, plots, the progress bar and run metadata.
 
-Every row carries the run's metadata (device, versions, git commit, and whether it is a CPU
-figure), so a JSON or CSV file read on its own still says where its numbers come from.
+Every row carries the run's metadata (device, versions, git commit, the torch and BLAS thread
+counts, and whether it is a CPU figure), so a JSON or CSV file read on its own still says where its
+numbers come from. A ratio whose providers' p20-p80 spreads are wider than the gap between their
+medians is marked as within noise (``noisy_<baseline>``, and ``?`` after the ratio in tables).
 """
 from __future__ import annotations
 
@@ -17,10 +19,14 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import BenchError
 
-META_ROW_KEYS = ("device", "device_kind", "cpu_figure", "torch", "triton", "tkernels", "git_commit")
+META_ROW_KEYS = ("device", "device_kind", "cpu_figure", "torch", "triton", "tkernels", "git_commit",
+                 "torch_threads", "blas_threads")
 ROW_FIELDS = ("suite", "op", "case", "shape", "dtype", "mode", "provider", "backend", "ms", "ms_p20", "ms_p80",
-              "tflops", "gbps", "roofline_pct", "speedup", "speedup_eager", "speedup_compile", "flops", "bytes",
-              "buffers", "peak_gbps", "peak_tflops") + META_ROW_KEYS + ("error",)
+              "tflops", "gbps", "roofline_pct", "speedup", "speedup_eager", "speedup_compile", "noisy_eager",
+              "noisy_compile", "flops", "bytes", "buffers", "peak_gbps", "peak_tflops") + META_ROW_KEYS + ("error",)
+STDOUT = "-"  # --json - / --csv -: the file is standard output (and the table goes to stderr)
+NOISE_NOTE = ("within noise: the p20-p80 spread of the repeats is wider than the difference between the "
+              "providers; rerun with a longer --rep, or on a quieter machine")
 CHECK_FIELDS = ("suite", "op", "case", "shape", "dtype", "mode", "provider", "backend", "check", "err",
                 "torch_err", "tol", "detail") + META_ROW_KEYS + ("error",)
 
@@ -58,10 +64,12 @@ def git_commit() -> str:
 
 
 def collect_metadata(device, interpreter: bool) -> Dict[str, object]:
+    """Where the figures come from; call it inside the run's thread limits (it records them)."""
     import torch
     import triton
 
     import tkernels
+    from .._threads import thread_counts
 
     on_gpu = device.type == "cuda"
     meta = {
@@ -77,6 +85,7 @@ def collect_metadata(device, interpreter: bool) -> Dict[str, object]:
         "interpreter": interpreter,
         "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        **thread_counts(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if on_gpu:
@@ -96,7 +105,8 @@ def cpu_banner(meta: Dict[str, object], stars: bool = True) -> str:
 def header_lines(meta: Dict[str, object], peaks: Dict[str, Optional[float]]) -> List[str]:
     lines = [cpu_banner(meta)] if meta.get("cpu_figure") else []
     lines.append(f"tkernels bench on {meta['device']} ({meta['device_kind'].upper()}) | torch {meta['torch']} | "
-                 f"triton {meta['triton']} | tkernels {meta['tkernels']} | commit {meta['git_commit']}")
+                 f"triton {meta['triton']} | tkernels {meta['tkernels']} | commit {meta['git_commit']} | "
+                 f"threads: torch {meta.get('torch_threads') or '?'}, BLAS {meta.get('blas_threads') or '?'}")
     measured = []
     for key, value in peaks.items():
         if value and key == "peak_copy_gbps":
@@ -115,8 +125,22 @@ def _num(v, spec: str = ".4g") -> str:
     return "" if v is None else format(v, spec)
 
 
-def _speedup(v) -> str:
-    return "" if v is None else f"{v:.2f}x"
+def _speedup(row: dict, baseline: str) -> str:
+    v = row.get(f"speedup_{baseline}")
+    return "" if v is None else f"{v:.2f}x" + ("?" if row.get(f"noisy_{baseline}") else "")
+
+
+def spread_exceeds_difference(a: dict, b: dict) -> bool:
+    """Whether either provider's p20-p80 spread is wider than the gap between the two medians:
+    then the ratio of the two is not resolved by this measurement."""
+    spread = max(a["ms_p80"] - a["ms_p20"], b["ms_p80"] - b["ms_p20"])
+    return spread > abs(a["ms"] - b["ms"])
+
+
+def notes(rows: Sequence[dict]) -> List[str]:
+    """Lines to print under a table of these rows."""
+    noisy = sum(bool(r.get("noisy_eager") or r.get("noisy_compile")) for r in rows)
+    return [f'"?" after a ratio ({noisy} of {len(rows)} rows): {NOISE_NOTE}'] if noisy else []
 
 
 def _failure(row: dict) -> str:
@@ -140,8 +164,8 @@ BENCH_COLUMNS: List[Tuple[str, Callable[[dict], str]]] = [
     ("TFLOP/s", lambda r: _num(r.get("tflops"), ".3g")),
     ("GB/s", lambda r: _num(r.get("gbps"), ".4g")),
     ("%roof", lambda r: _num(r.get("roofline_pct"), ".1f")),
-    ("vs eager", lambda r: _speedup(r.get("speedup_eager"))),
-    ("vs compile", lambda r: _speedup(r.get("speedup_compile"))),
+    ("vs eager", lambda r: _speedup(r, "eager")),
+    ("vs compile", lambda r: _speedup(r, "compile")),
     ("on", lambda r: "CPU" if r.get("cpu_figure") else "GPU"),
     ("note", lambda r: _short(r.get("error"), 70)),
 ]
@@ -161,23 +185,54 @@ CHECK_COLUMNS: List[Tuple[str, Callable[[dict], str]]] = [
 ]
 
 
+RIGHT_ALIGNED = {"ms", "p20-p80 ms", "TFLOP/s", "GB/s", "%roof", "vs eager", "vs compile", "error", "torch error",
+                 "tolerance"}
+# Widths of the number columns when rows are printed as they complete (before all are known).
+STREAM_WIDTHS = {"ms": 9, "p20-p80 ms": 19, "TFLOP/s": 8, "GB/s": 9, "%roof": 6, "vs eager": 9, "vs compile": 10,
+                 "check": 7, "error": 9, "torch error": 11, "tolerance": 9}
+
+
+class Table:
+    """Aligned columns: ``widths`` maps the header of each column shown to its width."""
+
+    def __init__(self, columns: Sequence[Tuple[str, Callable[[dict], str]]], widths: Dict[str, int]):
+        self.columns = [(h, fmt) for h, fmt in columns if h in widths]
+        self.widths = [max(len(h), widths[h]) for h, _ in self.columns]
+
+    def _line(self, values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if h in RIGHT_ALIGNED else v.ljust(w)
+                         for v, w, (h, _) in zip(values, self.widths, self.columns)).rstrip()
+
+    def header(self) -> str:
+        return "\n".join([self._line([h for h, _ in self.columns]), self._line(["-" * w for w in self.widths])])
+
+    def row(self, row: dict) -> str:
+        return self._line([fmt(row) for _, fmt in self.columns])
+
+
+def columns_for(rows_are_checks: bool):
+    return CHECK_COLUMNS if rows_are_checks else BENCH_COLUMNS
+
+
+def stream_table(rows_are_checks: bool, planned: Sequence[dict], hidden: Iterable[str] = ()) -> Table:
+    """A table for rows not measured yet: text columns as wide as their values in ``planned`` (the
+    rows' names, before measuring), number columns fixed, ``hidden`` left out."""
+    widths = {}
+    for header, fmt in columns_for(rows_are_checks):
+        if header not in hidden:
+            widths[header] = STREAM_WIDTHS.get(header) or max((len(fmt(r)) for r in planned), default=0)
+    return Table(columns_for(rows_are_checks), widths)
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """Aligned columns; columns empty in every row are left out."""
     if not rows:
         return "(no results)"
-    columns = CHECK_COLUMNS if "check" in rows[0] else BENCH_COLUMNS
+    columns = columns_for("check" in rows[0])
     cells = [[fmt(r) for _, fmt in columns] for r in rows]
-    keep = [i for i, _ in enumerate(columns) if any(c[i] for c in cells)]
-    headers = [columns[i][0] for i in keep]
-    cells = [[c[i] for i in keep] for c in cells]
-    widths = [max(len(h), *(len(c[j]) for c in cells)) for j, h in enumerate(headers)]
-    right = {"ms", "p20-p80 ms", "TFLOP/s", "GB/s", "%roof", "vs eager", "vs compile", "error", "torch error",
-             "tolerance"}
-
-    def line(values):
-        return "  ".join(v.rjust(w) if h in right else v.ljust(w)
-                         for v, w, h in zip(values, widths, headers)).rstrip()
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
+    widths = {h: max(len(c[i]) for c in cells) for i, (h, _) in enumerate(columns) if any(c[i] for c in cells)}
+    table = Table(columns, widths)
+    return "\n".join([table.header()] + [table.row(r) for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +244,12 @@ def _parent(path: str) -> None:
 
 def write_json(path: str, rows: Sequence[dict]) -> None:
     """A list of rows. Written to a temporary file and renamed, so a run killed mid-write
-    leaves the previous complete file."""
+    leaves the previous complete file; ``-`` is standard output."""
+    if path == STDOUT:
+        json.dump(list(rows), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return
     _parent(path)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -199,8 +259,15 @@ def write_json(path: str, rows: Sequence[dict]) -> None:
 
 
 def write_csv(path: str, rows: Sequence[dict]) -> None:
-    _parent(path)
+    """Like write_json: renamed into place, ``-`` is standard output."""
     fields = CHECK_FIELDS if rows and "check" in rows[0] else ROW_FIELDS
+    if path == STDOUT:
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        sys.stdout.flush()
+        return
+    _parent(path)
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -320,9 +387,10 @@ def write_markdown(path: str, rows: Sequence[dict], plots: Optional[Dict[str, st
             ms = _num(r.get("ms")) if r.get("ms") is not None else f"{_failure(r)}: {_short(r.get('error'), 60)}"
             out.append(f"| {r['op']} | {r.get('case') or ''} | `{r['shape']}` | {r['dtype']} | {r['mode']} | "
                        f"{r['provider']} | {ms} | {_num(r.get('tflops'), '.3g')} | {_num(r.get('gbps'), '.4g')} | "
-                       f"{_num(r.get('roofline_pct'), '.1f')} | {_speedup(r.get('speedup_eager'))} | "
-                       f"{_speedup(r.get('speedup_compile'))} |")
-        out.append("")
+                       f"{_num(r.get('roofline_pct'), '.1f')} | {_speedup(r, 'eager')} | "
+                       f"{_speedup(r, 'compile')} |")
+        suite_notes = notes(suite_rows)
+        out += [""] + suite_notes + ([""] if suite_notes else [])
     _parent(path)
     Path(path).write_text("\n".join(out))
 
@@ -331,11 +399,14 @@ def write_markdown(path: str, rows: Sequence[dict], plots: Optional[Dict[str, st
 # Progress bar (stderr): redrawn in place on a terminal, one line per step in a log file
 # ---------------------------------------------------------------------------------------------
 class Progress:
+    """The bar stays on the last line of a terminal; ``print`` writes finished rows above it."""
+
     def __init__(self, total: int, enabled: bool = True, stream=None, width: int = 30):
         self.total, self.done, self.enabled = max(total, 1), 0, enabled
         self.stream = stream or sys.stderr
         self.width = width
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._bar = ""
 
     def step(self, label: str) -> None:
         """Announce the step about to run (so a hang shows where it is)."""
@@ -345,11 +416,23 @@ class Progress:
         bar = "#" * filled + "." * (self.width - filled)
         text = f"[{bar}] {self.done}/{self.total} {label}"
         if self.tty:
-            self.stream.write("\r" + text[:150].ljust(150))
+            self._bar = "\r" + text[:150].ljust(150)
+            self.stream.write(self._bar)
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
         self.done += 1
+
+    def print(self, text: str, out) -> None:
+        """Print ``text`` to ``out`` now (flushed), above the bar when the bar is on a terminal."""
+        redraw = self.enabled and self.tty and self._bar
+        if redraw:
+            self.stream.write("\r" + " " * 150 + "\r")
+            self.stream.flush()
+        print(text, file=out, flush=True)
+        if redraw:
+            self.stream.write(self._bar)
+            self.stream.flush()
 
     def close(self) -> None:
         if self.enabled:

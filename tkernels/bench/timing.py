@@ -1,5 +1,9 @@
 """Timing: CUDA events through ``triton.testing.do_bench`` on a GPU, perf_counter on the CPU.
 
+On the CPU the providers of one case are timed side by side (:func:`time_cpu_interleaved`): rounds in
+which each is called once, so that a change in the machine's load falls on all of them alike and
+their ratios move much less from run to run than their absolute times.
+
 The timed callable rotates among several input sets whose total size exceeds the L2 cache,
 so a kernel cannot look fast by finding its inputs in L2 from the previous call (do_bench
 also flushes L2 between calls, but CUDA-graph replays do not). Every callable is called once
@@ -7,11 +11,12 @@ before timing (compilation, autotuning) and then warmed up for ``warmup_ms``.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, List, Optional, Sequence
 
 import torch
 
@@ -71,22 +76,56 @@ def time_callables(fns: Sequence[Callable[[], object]], device: torch.device, wa
 
 
 def time_cpu(call: Callable[[], object], warmup_ms: float, rep_ms: float, min_reps: int = 3) -> Timing:
-    """perf_counter around each call: warm up for ``warmup_ms``, then sample for ``rep_ms``
-    (at least ``min_reps`` samples, or one if a single call already outlasts ``rep_ms``)."""
-    def timed() -> float:
-        t0 = time.perf_counter()
-        call()
-        return (time.perf_counter() - t0) * 1e3
+    """perf_counter around each call of one callable (see time_cpu_interleaved)."""
+    return time_cpu_interleaved([call], warmup_ms, rep_ms, min_reps=min_reps)[0]
 
-    fastest = timed()  # may include lazy initialisation, so only the fastest call sets the pace
-    deadline = time.perf_counter() + warmup_ms / 1e3
+
+class CallFailed(Exception):
+    """``calls[index]`` raised (the original exception is the cause)."""
+
+    def __init__(self, index: int):
+        super().__init__(f"call {index} failed")
+        self.index = index
+
+
+def time_cpu_interleaved(calls: Sequence[Callable[[], object]], warmup_ms: float, rep_ms: float,
+                         contexts: Optional[Sequence[Callable[[], ContextManager]]] = None,
+                         min_reps: int = 3) -> List[Timing]:
+    """Median and 20/80 quantiles, in ms, of each callable, timed in rounds that call each once
+    (in alternating order, so none always runs after the same other one). Warm-up lasts
+    ``warmup_ms`` per callable, sampling ``rep_ms`` per callable and at least ``min_reps`` rounds
+    (one if a single round already outlasts the sampling time). ``contexts[i]()`` is entered
+    around each call of ``calls[i]``, outside the timed region (e.g. the tkernels backend).
+    A callable that raises ends the measurement with CallFailed."""
+    contexts = contexts or [contextlib.nullcontext] * len(calls)
+    order = list(range(len(calls)))
+
+    def timed(i: int) -> float:
+        with contexts[i]():
+            start = time.perf_counter()
+            try:
+                calls[i]()
+            except Exception as exc:
+                raise CallFailed(i) from exc
+            return (time.perf_counter() - start) * 1e3
+
+    def one_round(k: int) -> List[float]:
+        ms = [0.0] * len(calls)
+        for i in (order if k % 2 == 0 else order[::-1]):
+            ms[i] = timed(i)
+        return ms
+
+    rounds = itertools.count()
+    fastest = sum(one_round(next(rounds)))  # may include lazy initialisation, so only the fastest sets the pace
+    deadline = time.perf_counter() + warmup_ms * len(calls) / 1e3
     while time.perf_counter() < deadline:
-        fastest = min(fastest, timed())
-    needed = 1 if fastest >= rep_ms else min_reps
+        fastest = min(fastest, sum(one_round(next(rounds))))
+    budget_ms = rep_ms * len(calls)
+    needed = 1 if fastest >= budget_ms else min_reps
     samples = []
-    deadline = time.perf_counter() + rep_ms / 1e3
+    deadline = time.perf_counter() + budget_ms / 1e3
     while len(samples) < needed or time.perf_counter() < deadline:
-        samples.append(timed())
-    ordered = torch.tensor(samples, dtype=torch.float64)
-    q = torch.quantile(ordered, torch.tensor(QUANTILES, dtype=torch.float64))
-    return Timing(*(float(v) for v in q))
+        samples.append(one_round(next(rounds)))
+    quantiles = torch.tensor(QUANTILES, dtype=torch.float64)
+    q = torch.quantile(torch.tensor(samples, dtype=torch.float64), quantiles, dim=0)  # quantile x callable
+    return [Timing(*(float(v) for v in q[:, i])) for i in order]

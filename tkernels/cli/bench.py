@@ -23,6 +23,7 @@ EPILOG = """examples:
   tkernels bench --suite resnet50-conv,resnet50-bn --baselines eager --csv resnet.csv
   tkernels bench linear --shapes 4096x4096x4096:activation=relu 64x1024x784
   tkernels bench --suite linear --check          # correctness at benchmark sizes vs torch
+  tkernels bench relu --device cpu --json - | jq .   # rows to stdout, table to stderr
   tkernels bench --load a.json b.json --markdown README.md --plot plot.png
 exit codes: 0 ok, 1 a measurement or check failed, 2 usage error (unknown op, dtype, suite...)"""
 
@@ -45,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", metavar="eager,compile",
                         help="torch baselines: eager, compile or none "
                              "(default: eager,compile on CUDA, eager on the CPU)")
-    parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
-    parser.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write the rows as a JSON list ('-': standard output, and the table goes to stderr)")
+    parser.add_argument("--csv", metavar="FILE",
+                        help="write the rows as CSV ('-': standard output, and the table goes to stderr)")
     parser.add_argument("--plot", metavar="FILE",
                         help="write charts (needs matplotlib); with several suites, FILE-<suite>.png per suite")
     parser.add_argument("--markdown", metavar="FILE", help="write a Markdown report (metadata, plots, tables)")
@@ -54,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=25.0, metavar="MS", help="warm-up time per measurement (ms)")
     parser.add_argument("--rep", type=float, default=100.0, metavar="MS", help="measuring time per measurement (ms)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch and NumPy/BLAS threads during the run, recorded in every row (default: 1, "
+                             "so that CPU figures repeat; 0: the libraries' defaults)")
     parser.add_argument("--interpreter", action="store_true",
                         help="on the CPU, also run the Triton kernels through Triton's interpreter (slow)")
     parser.add_argument("--check", action="store_true",
@@ -75,7 +81,8 @@ def to_argv(args: argparse.Namespace) -> List[str]:
     for flag in ("baselines", "json", "csv", "plot", "markdown"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", getattr(args, flag)]
-    argv += ["--warmup", repr(args.warmup), "--rep", repr(args.rep), "--device", args.device]
+    argv += ["--warmup", repr(args.warmup), "--rep", repr(args.rep), "--device", args.device,
+             "--threads", str(args.threads)]
     for flag in ("cuda_graphs", "interpreter", "check", "list", "no_progress"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
@@ -114,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             ops=args.ops, suite=args.suite, dtype=args.dtype, mode=args.mode, shapes=args.shapes,
             baselines=args.baselines, device=args.device, cuda_graphs=args.cuda_graphs, warmup=args.warmup,
             rep=args.rep, check=args.check, json=args.json, csv=args.csv, plot=args.plot, markdown=args.markdown,
-            progress=not args.no_progress, interpreter=args.interpreter)
+            progress=not args.no_progress, interpreter=args.interpreter, threads=args.threads)
         return runner.execute(cfg)
     except BenchError as exc:
         print(f"tkernels bench: error: {exc}", file=sys.stderr)

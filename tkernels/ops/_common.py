@@ -2,8 +2,10 @@
 input checks and the bridge to the NumPy reference backend."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -172,11 +174,82 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + ((pid % width) % group_rows), (pid % width) // group_rows
 
 
-def tl_input_precision(dtype: torch.dtype) -> str:
-    """fp32 matmuls follow torch's switch: exact ('ieee') unless TF32 is allowed."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _tf32_allowed(holders, legacy_flag: Callable[[], bool]) -> bool:
+    """Whether torch allows TF32 for an op family. torch >= 2.9 has ``fp32_precision`` at each level
+    (op, backend, generic): the first that is not "none" decides; reading the legacy ``allow_tf32``
+    there raises once a program mixed the two APIs. Older torch has only the legacy flag."""
+    for holder in holders:
+        precision = getattr(holder, "fp32_precision", None)
+        if precision is None:
+            return legacy_flag()
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def tl_input_precision(dtype: torch.dtype, op: str = "matmul") -> str:
+    """``tl.dot``'s input_precision for an fp32 op, the one torch would use: matmuls (linear) follow
+    ``torch.backends.cuda.matmul`` / ``torch.set_float32_matmul_precision`` (default: exact, 'ieee');
+    convolutions follow cuDNN's flag ``torch.backends.cudnn.allow_tf32`` (default: 'tf32'). Half
+    precisions always take 'ieee' (their products are exact in the fp32 accumulator)."""
+    if dtype != torch.float32:
+        return "ieee"
+    backends = torch.backends
+    if op == "conv":
+        allowed = _tf32_allowed((getattr(backends.cudnn, "conv", None), backends.cudnn, backends),
+                                lambda: backends.cudnn.allow_tf32)
+    else:
+        allowed = _tf32_allowed((backends.cuda.matmul, backends), lambda: backends.cuda.matmul.allow_tf32)
+    return "tf32" if allowed else "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# Device guard: a Triton launch runs on the *current* CUDA device, so every op's CUDA kernel runs
+# under a guard for its tensors' device (a tensor on cuda:1 while cuda:0 is current would otherwise
+# be read through the wrong context: wrong results or an illegal address). The guard is entered
+# only when the device differs from the current one, so the common case costs one comparison.
+# ---------------------------------------------------------------------------------------------
+def _first_tensor_device(args) -> Optional[torch.device]:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return arg[0].device
+    return None
+
+
+def on_tensor_device(fn: Callable) -> Callable:
+    """``fn`` run with the device of its first tensor argument current, when that is a CUDA device
+    other than the current one. (Tensors on different devices are refused before this, with the
+    argument names, by each op's checks; see :func:`check_same`.)"""
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        device = _first_tensor_device(args)
+        if device is not None and device.type == "cuda" and device.index is not None \
+                and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device.index):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    guarded.device_guarded = True
+    return guarded
+
+
+# op name -> the guarded implementation registered for CUDA
+GUARDED_OPS: Dict[str, Callable] = {}
+
+
+def guard_custom_ops(module: ModuleType) -> None:
+    """Register, for CUDA, each ``tkernels::`` custom op of ``module`` as its own implementation run
+    under :func:`on_tensor_device`; CPU calls (NumPy reference, interpreter) do not pass through it."""
+    from torch._library.custom_ops import CustomOpDef
+
+    for value in vars(module).values():
+        name = f"tkernels::{getattr(value, '_name', '')}"
+        if isinstance(value, CustomOpDef) and value._namespace == "tkernels" and name not in GUARDED_OPS:
+            GUARDED_OPS[name] = on_tensor_device(value._init_fn)
+            value.register_kernel("cuda")(GUARDED_OPS[name])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,17 +75,26 @@ def _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c, mask_c, C, 
         invstd = tl.load(stats_ptr + 4 * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     else:
         pivot = tl.load(rm_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        mean = pivot * 0.0
+        mean = tl.zeros_like(pivot)  # (not pivot * 0: that is NaN for an infinite running mean)
         invstd = 1.0 / tl.sqrt(tl.load(rv_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32) + eps)
     if HAS_WEIGHT:
         gamma = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     else:
-        gamma = pivot * 0.0 + 1.0
+        gamma = tl.full(pivot.shape, 1.0, tl.float32)
     if HAS_BIAS:
         beta = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     else:
-        beta = pivot * 0.0
+        beta = tl.zeros_like(pivot)
     return pivot, mean, invstd, gamma, beta
+
+
+@triton.jit
+def _mean_update(mean, value, weight):
+    """A Welford / Chan mean step written as mean (1 - w) + value w rather than mean + (value - mean) w:
+    the same for finite values, and once an Inf is in, inf - inf = NaN is never formed, so the mean
+    stays +-Inf as torch's plain sum does (and becomes NaN for inf + -inf or a NaN). (w = 1 only for
+    a first value, where mean is still 0.) No extra select per element."""
+    return mean * (1.0 - weight) + value * weight
 
 
 @triton.jit
@@ -124,6 +133,7 @@ def bn_stats_partial_kernel(x_ptr, part_ptr, C, S, O, O1, O2, sx0, sx1, sx2, sxc
     end = tl.minimum(start + per, total)
     # launched only for non-empty inputs, so every channel has a first value
     pivot = tl.load(x_ptr + offs_c64 * sxc, mask=mask_c, other=0.0).to(tl.float32)
+    pivot = tl.where(tl.abs(pivot) < float("inf"), pivot, 0.0)  # an Inf/NaN pivot would poison every x - p
     lane_count = tl.zeros([BLOCK_S], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
@@ -137,14 +147,17 @@ def bn_stats_partial_kernel(x_ptr, part_ptr, C, S, O, O1, O2, sx0, sx1, sx2, sxc
         lane_count += valid.to(tl.float32)
         step = tl.where(valid, 1.0 / tl.maximum(lane_count, 1.0), 0.0)
         delta = d - mean
-        mean += delta * step[None, :]
+        mean = _mean_update(mean, d, step[None, :])
         m2 += tl.where(mask, delta * (d - mean), 0.0)
     count = tl.sum(lane_count, axis=0)
     chan_mean = tl.sum(mean * lane_count[None, :], axis=1) / tl.maximum(count, 1.0)
     spread = mean - chan_mean[:, None]
     chan_m2 = tl.sum(m2 + spread * spread * lane_count[None, :], axis=1)
     row = part_ptr + split.to(tl.int64) * (4 * C) + offs_c64
-    tl.store(row, chan_mean * 0.0 + count, mask=mask_c)
+    # count broadcast to the channels with zeros_like, not `chan_mean * 0 + count`: a NaN or Inf in
+    # the batch makes chan_mean non-finite, and a NaN count would drop the partial (and so leave
+    # the running stats untouched instead of NaN/Inf like torch's)
+    tl.store(row, tl.zeros_like(chan_mean) + count, mask=mask_c)
     tl.store(row + C, pivot, mask=mask_c)
     tl.store(row + 2 * C, chan_mean, mask=mask_c)
     tl.store(row + 3 * C, chan_m2, mask=mask_c)
@@ -179,7 +192,7 @@ def bn_stats_combine_kernel(part_ptr, stats_ptr, rm_ptr, rv_ptr, C, G, part_stri
         merged = count + n_b
         w = tl.where(has, n_b / tl.maximum(merged, 1.0), 0.0)
         delta = tl.where(has, (p_b - ref) + m_b - mean, 0.0)
-        mean += delta * w
+        mean = tl.where(has, _mean_update(mean, (p_b - ref) + m_b, w), mean)
         m2 += tl.where(has, q_b + delta * delta * count * w, 0.0)
         count = merged
     var = m2 / tl.maximum(count, 1.0)

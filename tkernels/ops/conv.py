@@ -38,6 +38,7 @@ import triton.language as tl
 from .. import _backend
 from ..activations import Activation, ActivationLike, apply_activation, resolve_activation
 from ..reference import conv as ref
+from ._autocast import cast_inputs
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
                       from_numpy, register_kernel, suggests_channels_last, tl_input_precision, to_numpy)
 from . import conv_backward as bwd
@@ -265,7 +266,7 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
         z2d = rows_view(z) if z is not None else None
         if x2d is not None and y2d is not None and (z is None or z2d is not None):
             matmul(x2d, weight[:, :, 0, 0].t(), y2d, bias=bias, activation_code=act.code,
-                   activation_param=act.param, preact_out=z2d)
+                   activation_param=act.param, preact_out=z2d, precision_of="conv")
             return
     dummy = y
     z_t = z if z is not None else dummy
@@ -290,7 +291,7 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), groups)  # noqa: E731
     kernel[grid](x, w_t, bias_t, y, z_t, h, w, c_in_g, c_out_g, oh, ow, kh, kw, m, *geometry,
                  *x.stride(), *w_strides, *y.stride(), float(act.param),
-                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype), **meta)
+                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype, "conv"), **meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +327,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, param, sav
 
 
 @torch.library.custom_op("tkernels::conv2d_backward", mutates_args=())
-def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Tensor,
+def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Optional[Tensor],
                     stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str,
                     param: float, need_input: bool, need_weight: bool, need_bias: bool,
                     channels_last: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -369,10 +370,12 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
                 activation: str, param: float, channels_last: bool):
-        save_preact = not resolve_activation(Activation(activation, param)).grad_from_output
+        act = resolve_activation(Activation(activation, param))
+        save_preact = not act.grad_from_output
         y, z = torch.ops.tkernels.conv2d(x, weight, bias, stride, padding, dilation, groups, activation, param,
                                          save_preact, channels_last)
-        ctx.save_for_backward(x, weight, bias, z if save_preact else y)
+        # as for linear: no output kept for identity, so `out += identity` on y stays legal
+        ctx.save_for_backward(x, weight, bias, z if save_preact else (None if act.is_identity else y))
         ctx.geometry = (stride, padding, dilation, groups)
         ctx.activation, ctx.param, ctx.channels_last = activation, param, channels_last
         ctx.has_bias = bias is not None
@@ -424,6 +427,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     Output has the input's dtype and memory format (channels_last in, channels_last out).
     """
     op = "conv2d"
+    input, weight, bias = cast_inputs(op, input, weight, bias)
     check_floating(op, "input", input)
     check_floating(op, "weight", weight)
     if bias is not None:

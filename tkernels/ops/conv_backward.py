@@ -473,7 +473,7 @@ def _weight_grad(dz: Tensor, x: Tensor, dw: Tensor, geometry, groups: int) -> No
     grid = lambda cfg: (cdiv(c_out_g, cfg["BLOCK_M"]) * cdiv(j, cfg["BLOCK_N"]), groups * taps, split)  # noqa: E731
     kernel[grid](dz, x, target, h, w, c_in_g, c_out_g, oh, ow, kh, kw, p, j, *geometry,
                  *dz.stride(), *x.stride(), *strides, dw.numel(),
-                 SPLIT=split, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype), **meta)
+                 SPLIT=split, FAST=fast, INPUT_PRECISION=tl_input_precision(x.dtype, "conv"), **meta)
     if split > 1:
         summed = torch.empty(result_shape, device=x.device, dtype=dw.dtype) if fast else dw
         _reduce_partials(target, summed)
@@ -507,7 +507,7 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_in_g, cfg["BLOCK_N"]), groups * sh * sw)  # noqa: E731
     kernel[grid](dz, w_t, dx, h, w, c_in_g, c_out_g, oh, ow, kh, kw, hq, wq, m, *geometry,
                  *dz.stride(), *w_strides, *dx.stride(),
-                 FAST=fast, INPUT_PRECISION=tl_input_precision(dx.dtype), **meta)
+                 FAST=fast, INPUT_PRECISION=tl_input_precision(dx.dtype, "conv"), **meta)
 
 
 # Pixel indices are int32 in the kernels (offsets are int64): N*H*W must stay clear of 2**31.
@@ -552,10 +552,11 @@ def _pointwise_backward(dy: Tensor, gate: Optional[Tensor], x: Tensor, weight: T
     g2d = rows_view(gate) if gate is not None else None
     w2d = weight[:, :, 0, 0]
     if dx is not None:  # dX = dZ @ W
-        matmul(dy2d, w2d, rows_view(dx), gate=g2d, gate_activation_code=act.code, activation_param=act.param)
+        matmul(dy2d, w2d, rows_view(dx), gate=g2d, gate_activation_code=act.code, activation_param=act.param,
+               precision_of="conv")
     if dw is not None:  # dW = dZ^T @ X, db its row sums
         matmul(dy2d.t(), x2d, dw[:, :, 0, 0], gate=None if g2d is None else g2d.t(), gate_activation_code=act.code,
-               activation_param=act.param, rowsum_out=db)
+               activation_param=act.param, rowsum_out=db, precision_of="conv")
     elif db is not None:
         _grad_z(dy, gate, act, None, db)
     return True

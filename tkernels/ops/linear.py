@@ -3,7 +3,8 @@
 Forward is one matmul launch with bias and activation in the epilogue. Backward fuses
 dZ = dY * act'(.) into the loads of the two gradient GEMMs and gets the bias gradient as
 a by-product of the weight-gradient GEMM (its row sums). What backward keeps: nothing for
-identity, the output y for relu/sigmoid/tanh, the pre-activation z otherwise.
+identity (x and W only, as torch's linear), the output y for relu/sigmoid/tanh (as torch's
+separate activation would), the pre-activation z otherwise.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor
 from .. import _backend
 from ..activations import ActivationLike, resolve_activation
 from ..reference import linear as ref
+from ._autocast import cast_inputs
 from ._common import check_floating, check_same, check_triton_dtype, from_numpy, to_numpy
 from .matmul import matmul
 from .reductions import column_sum
@@ -46,7 +48,7 @@ def _(x, weight, bias, activation, param, save_preact):
 
 
 @torch.library.custom_op("tkernels::linear_backward", mutates_args=())
-def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Tensor,
+def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], saved: Optional[Tensor],
                     activation: str, param: float, need_input: bool, need_weight: bool,
                     need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dx, dW, db); the ones not asked for come back as empty tensors."""
@@ -92,7 +94,9 @@ class LinearFunction(torch.autograd.Function):
         save_preact = not act.grad_from_output
         y, z = torch.ops.tkernels.linear(x, weight, bias, act.name, param, save_preact)
         ctx.activation, ctx.param, ctx.has_bias = act.name, param, bias is not None
-        saved = z if save_preact else y
+        # Keep what torch's own ops would keep: nothing of the output for identity (so in-place
+        # ops on y, such as `y += residual`, stay legal), y where torch's relu/sigmoid/tanh keep it.
+        saved = z if save_preact else (None if act.is_identity else y)
         ctx.save_for_backward(x, weight, bias, saved)
         return y
 
@@ -110,6 +114,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
            activation: ActivationLike = None) -> Tensor:
     """``torch.nn.functional.linear`` with an optional fused activation: act(input @ weight.T + bias)."""
     op = "linear"
+    input, weight, bias = cast_inputs(op, input, weight, bias)
     check_floating(op, "input", input)
     check_floating(op, "weight", weight)
     check_same(op, "input", input, weight=weight, bias=bias)

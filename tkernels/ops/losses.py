@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import losses as ref
+from ._autocast import cast_inputs
 from ._common import KernelSpec, Tuned, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
                       plan_rows, row_coordinates, row_offsets)
@@ -206,7 +207,7 @@ def loss_finish_kernel(part_ptr, den_part_ptr, out_ptr, denom_ptr, n_parts, coun
     if HAS_DEN:
         denom = tl.sum(dacc, axis=0)
     else:
-        denom = count + 0.0 * total
+        denom = tl.zeros_like(total) + count  # (not count + 0 * total: NaN for a NaN/Inf loss)
     if MEAN:
         total = total / denom
     tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
@@ -499,6 +500,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     IndexError, checked on the host.
     """
     op = "cross_entropy"
+    input, target, weight = cast_inputs(op, input, target, weight)
     reduction = _resolve_reduction(op, size_average, reduce, reduction)
     _check_float(op, "input", input)
     _check_tensor(op, "target", target)

@@ -185,10 +185,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
            preact_out: Optional[torch.Tensor] = None,
            gate: Optional[torch.Tensor] = None, gate_activation_code: int = 0,
            rowsum_out: Optional[torch.Tensor] = None,
-           split_k: Optional[int] = None) -> torch.Tensor:
+           split_k: Optional[int] = None, precision_of: str = "matmul") -> torch.Tensor:
     """Launch C = act(gate(A) @ B + bias) into ``out``. A, B, C and gate may have any strides.
 
-    a: (M, K), b: (K, N), out: (M, N), gate: like a, rowsum_out: (M,).
+    a: (M, K), b: (K, N), out: (M, N), gate: like a, rowsum_out: (M,). ``precision_of``: whose
+    torch precision flag an fp32 product follows ("matmul", or "conv" for a 1x1 convolution).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -223,7 +224,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
         float(activation_param),
         HAS_BIAS=bias is not None, ACT=activation_code, STORE_PREACT=preact_out is not None,
         HAS_GATE=gate is not None, GATE_ACT=gate_activation_code, ROWSUM=rowsum_out is not None,
-        SPLIT_K=split, INPUT_PRECISION=tl_input_precision(a.dtype),
+        SPLIT_K=split, INPUT_PRECISION=tl_input_precision(a.dtype, precision_of),
         **meta,
     )
     if split > 1:

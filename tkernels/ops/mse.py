@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import losses as ref
+from ._autocast import cast_inputs
 from ._common import KernelSpec, cdiv, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
 from .elementwise import _collapse, _strided_offsets
 from .losses import (FINISH_BLOCK, MEAN, NONE, _EMPTY, _check_device, _check_float, _promote, _reduction_code,
@@ -234,6 +235,7 @@ def mse_loss(input: Tensor, target: Tensor, size_average: Optional[bool] = None,
     """``torch.nn.functional.mse_loss``: mean/sum/none of (input - target)^2, optionally times ``weight``
     (torch >= 2.6; 'mean' then divides by sum(weight)). Shapes broadcast with torch's warning."""
     op = "mse_loss"
+    input, target, weight = cast_inputs(op, input, target, weight)
     _check_float(op, "input", input)
     _check_float(op, "target", target)
     _check_device(op, input, target=target, weight=weight)

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import softmax as ref
+from ._autocast import output_dtype
 from ._common import (TRITON_DTYPES, KernelSpec, Tuned, cdiv, check_triton_dtype, config, from_numpy,
                       register_kernel, to_numpy)
 from .elementwise import _collapse
@@ -400,6 +401,7 @@ def _apply(op: str, input: Tensor, dim: Optional[int], stacklevel: int, dtype: O
         raise TypeError(f"{op}: input must be a Tensor, not {type(input).__name__}")
     if dim is None:
         dim = _implicit_dim(op, input.dim(), stacklevel + 1)
+    dtype = output_dtype(op, input, dtype)
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"{op}: dtype must be a torch.dtype or None, but got {dtype!r}")
     out_dtype = dtype or input.dtype

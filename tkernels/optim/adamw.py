@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..ops.optim import validate
-from ._common import check_lr, scalar
+from ._common import check_lr, lr_arguments, scalar
 
 
 class AdamW(torch.optim.AdamW):
@@ -19,7 +19,13 @@ class AdamW(torch.optim.AdamW):
     CUDA torch's ``fused=True`` layout (so the counter never leaves the GPU). A step loaded from
     elsewhere (a CPU or float64 counter) is moved there on the next step. Params without a gradient
     are skipped; float16/bfloat16 params keep float16/bfloat16 state, as torch's do.
+
+    Works with ``torch.amp.GradScaler`` as torch's ``fused=True`` AdamW does: the kernel unscales the
+    gradients by the scaler's scale and, on inf/NaN, skips the update and leaves ``step`` as it was
+    (the state of a first step is created either way), with no wait for the device.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False):
@@ -43,6 +49,8 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # GradScaler sets these two attributes for the duration of the step
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         # Pass 1 gathers, creates missing state (not yet stored) and checks every group, so a bad
         # group raises before any param or state moves.
         plans = []
@@ -60,10 +68,11 @@ class AdamW(torch.optim.AdamW):
             if not params:
                 continue
             beta1, beta2 = (scalar(b) for b in group["betas"])
+            lr, lr_tensor = lr_arguments(group["lr"])
             torch.ops.tkernels.adamw_step(
-                params, grads, lists["exp_avg"], lists["exp_avg_sq"], lists["max_exp_avg_sq"], steps,
-                scalar(group["lr"]), beta1, beta2, scalar(group["eps"]), scalar(group["weight_decay"]),
-                bool(group["amsgrad"]), bool(group["maximize"]))
+                params, grads, lists["exp_avg"], lists["exp_avg_sq"], lists["max_exp_avg_sq"], steps, lr, beta1,
+                beta2, scalar(group["eps"]), scalar(group["weight_decay"]), bool(group["amsgrad"]),
+                bool(group["maximize"]), grad_scale, found_inf, lr_tensor)
             for p, state in zip(params, states):
                 if self.state.get(p) is not state:
                     self.state[p].update(state)

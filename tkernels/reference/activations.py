@@ -22,7 +22,8 @@ def relu(z, param=0.0):
 
 
 def relu_grad_from_output(y, param=0.0):
-    return (y > 0).astype(y.dtype)
+    # torch's threshold_backward: zero where y <= 0, so a NaN output passes the gradient
+    return (~(y <= 0)).astype(y.dtype)
 
 
 def leaky_relu(z, negative_slope=0.01):
@@ -91,7 +92,7 @@ def tanh_grad_from_output(y, param=0.0):
 
 
 def relu_grad(z, param=0.0):
-    return (z > 0).astype(z.dtype)
+    return (~(z <= 0)).astype(z.dtype)
 
 
 def sigmoid_grad(z, param=0.0):

@@ -62,3 +62,8 @@ def adamw_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_a
     v_hat = second / (1.0 - beta2 ** t)
     new_p = p - lr * weight_decay * p - lr * m_hat / (np.sqrt(v_hat) + eps)
     return new_p, m, v, v_max, t
+
+
+def unscale(grad: np.ndarray, grad_scale: float) -> np.ndarray:
+    """A gradient of a loss that torch.amp.GradScaler multiplied by ``grad_scale``, unscaled: g / scale."""
+    return np.asarray(grad, dtype=np.float64) / float(grad_scale)
