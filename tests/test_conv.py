@@ -294,6 +294,7 @@ def test_split_weight_and_bias_reduction(monkeypatch):
             y = conv2d(x, w, b, padding=1, activation="gelu")
             grads.append(torch.autograd.grad(y, (w, b), torch.ones_like(y)))
         assert all(torch.equal(a, c) for a, c in zip(*grads)), "split reduction is not deterministic"
+        expect_kernels("sum_partials_kernel", "conv2d_grad_z_kernel")
 
 
 def test_bias_grad_without_weight_grad(backend):
