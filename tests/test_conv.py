@@ -184,7 +184,9 @@ def launched(monkeypatch):
             for (fast, _), tuned in family:
                 label = name + ("_FAST" if fast else "")
                 original = tuned.launcher
-                monkeypatch.setattr(tuned, "launcher",
+                # in the instance's dict, so that undoing it deletes the entry: setattr's undo would
+                # leave the bound method there, hiding later class-level patches (test_precision_flags)
+                monkeypatch.setitem(vars(tuned), "launcher",
                                     lambda device, _o=original, _n=label: (log.append(_n), _o(device))[1])
     return log
 

@@ -14,7 +14,7 @@ from torch import nn
 import tkernels
 import tkernels.nn as tnn
 from tkernels.nn.convert import ConversionReport
-from helpers import assert_close
+from helpers import assert_close, noise_magnitude
 
 
 # tiny tensors: thread hand-offs cost more than they save on 2 shared CI cores (fixture in conftest)
@@ -99,14 +99,6 @@ def _run(model, x, grad_out):
     return out.detach(), x.grad, grads
 
 
-def _noise_magnitude(grads, name):
-    """A bias ahead of a training-mode batch norm has an analytically zero gradient (a sum of
-    batch-centred terms): its value is rounding noise at the scale of the backward pass, so it is
-    compared at that scale (the largest gradient) instead of its own."""
-    largest = max(float(g.abs().max()) for g in grads.values())
-    return largest if float(grads[name].abs().max()) < 1e-6 * largest else 0.0
-
-
 def _assert_same_step(ours, theirs, x, dtype, reduction=200, scale=1.0):
     """One training-mode step then one eval-mode step: outputs, all gradients and all buffers agree."""
     with torch.no_grad():
@@ -123,7 +115,7 @@ def _assert_same_step(ours, theirs, x, dtype, reduction=200, scale=1.0):
         assert grads.keys() == grads_t.keys()
         for name in grads:
             assert_close(grads[name], grads_t[name], dtype=dtype, reduction=reduction, scale=scale,
-                         magnitude=_noise_magnitude(grads_t, name), msg=f"{mode} gradient of {name}")
+                         magnitude=noise_magnitude(grads_t, name), msg=f"{mode} gradient of {name}")
         buffers_t = dict(theirs.named_buffers())
         for name, buf in ours.named_buffers():
             if buf.is_floating_point():
@@ -350,7 +342,7 @@ def test_converted_model_on_triton_interpreter(name, launches):
             assert got[2].keys() == expected[2].keys()
             for key in got[2]:
                 assert_close(got[2][key], expected[2][key], dtype=torch.float32, reduction=50,
-                             magnitude=_noise_magnitude(expected[2], key), msg=f"{mode} gradient of {key} vs {other}")
+                             magnitude=noise_magnitude(expected[2], key), msg=f"{mode} gradient of {key} vs {other}")
             for key, buf in got[3].items():
                 if buf.is_floating_point():
                     assert_close(buf, expected[3][key], dtype=torch.float32, reduction=50,
