@@ -225,9 +225,10 @@ def activation_grad(saved, ACT: tl.constexpr, param):
         return cdf + saved * pdf
     elif ACT == 4:  # gelu_tanh: (1 + t)/2 + z/2 (1 - t^2) inner', with (1 - t^2)/4 = (1 + t)/2 (1 - t)/2
         inner = 0.7978845608028654 * (saved + 0.044715 * saved * saved * saved)
-        p, m = _half_one_plus_minus_tanh(inner)
+        e = tl.exp(-2.0 * tl.abs(inner))  # (1 + t)/2 = r or e r, and (1 - t^2)/4 = e r^2 for either sign
+        r = 1.0 / (1.0 + e)
         dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * saved * saved)
-        return p + 2.0 * saved * (p * m) * dinner
+        return tl.where(inner >= 0.0, r, e * r) + 2.0 * saved * (e * r * r) * dinner
     elif ACT == 5:  # silu: s * (1 + z * (1 - s))
         s = tl.sigmoid(saved)
         return s * (1.0 + saved * (1.0 - s))
