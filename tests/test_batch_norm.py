@@ -11,13 +11,42 @@ from tkernels import nn as tnn
 from tkernels.ops import batch_norm_kernels as K
 from tkernels.reference import batch_norm as ref
 
-from helpers import expect_kernels, assert_close, canary, device_for, skip_unsupported, to_numpy64
+from helpers import LAUNCHES, expect_kernels, assert_close, canary, device_for, skip_unsupported, to_numpy64
 
 TORCH_ACT = {
     "identity": lambda z: z, "relu": TF.relu, "leaky_relu": lambda z: TF.leaky_relu(z, 0.2), "gelu": TF.gelu,
     "gelu_tanh": lambda z: TF.gelu(z, approximate="tanh"), "silu": TF.silu, "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
 }
+
+
+SINGLE = ["bn_train_single_kernel"]
+SPLIT = ["bn_stats_partial_kernel", "bn_stats_combine_kernel", "bn_apply_kernel"]
+
+
+@pytest.fixture
+def launched():
+    """Names of the kernels launched so far in the test (conftest's record, tests/launches.py)."""
+    return LAUNCHES[0].names
+
+
+def _forward_kernels(log):
+    """The distinct training-forward kernels in a launch log, in first-launch order (backward
+    kernels left out; on CUDA an autotuner launches a kernel more than once)."""
+    return list(dict.fromkeys(name for name in log if name in SINGLE + SPLIT))
+
+
+@pytest.fixture(params=["single", "split"])
+def path(request, monkeypatch):
+    """Training forward through the single-launch kernel or (threshold forced to 0) the split path."""
+    if request.param == "split":
+        monkeypatch.setattr(K, "SINGLE_LAUNCH_MAX_POSITIONS", 0)
+    return request.param
+
+
+def _assert_path(backend, launched, path):
+    if backend == "triton":
+        assert _forward_kernels(launched) == (SINGLE if path == "single" else SPLIT), launched
 
 
 def _act(name):
@@ -52,9 +81,9 @@ def _check_against_reference_and_torch(x, weight, bias, rm, rv, training, act, y
                                         momentum=0.1, scale=1.0):
     dtype = x.dtype
     if x.numel():
-        expect_kernels("bn_apply_kernel", "bn_backward_partial_kernel", "bn_backward_combine_kernel",
-                       "bn_backward_input_kernel", *(("bn_stats_partial_kernel", "bn_stats_combine_kernel")
-                                                     if training else ()))
+        forward = (SINGLE if K.single_launch_fits(x.shape) else SPLIT) if training else ["bn_apply_kernel"]
+        expect_kernels(*forward, "bn_backward_partial_kernel", "bn_backward_combine_kernel",
+                       "bn_backward_input_kernel")
     M = x.numel() // x.shape[1]
     y_ref, rm_ref, rv_ref = ref.batch_norm_forward(to_numpy64(x), to_numpy64(rm), to_numpy64(rv), to_numpy64(weight),
                                                    to_numpy64(bias), training, momentum, 1e-5, act, _act(act).param)
@@ -103,7 +132,7 @@ TRAINING_CASES = [
 
 
 @pytest.mark.parametrize("shape, layout, act, affine, running", TRAINING_CASES)
-def test_training(backend, shape, layout, act, affine, running):
+def test_training(backend, path, launched, shape, layout, act, affine, running):
     C = shape[1]
     x = _values(shape, torch.float32)
     weight = _per_channel(C, torch.float32) if affine[0] else None
@@ -111,6 +140,7 @@ def test_training(backend, shape, layout, act, affine, running):
     rm = _per_channel(C, torch.float32) if running else None
     rv = _per_channel(C, torch.float32, positive=True) if running else None
     y, g, grads, rmt, rvt = _run(backend, x, weight, bias, rm, rv, True, act, momentum=0.3, layout=layout)
+    _assert_path(backend, launched, path)
     if layout is not None:
         assert y.is_contiguous(memory_format=layout), "output should keep the input's memory format"
     _check_against_reference_and_torch(x, weight, bias, rm, rv, True, act, y, g, grads, rmt, rvt, momentum=0.3)
@@ -128,13 +158,16 @@ def test_training_dtypes(backend, dtype):
     _check_against_reference_and_torch(x, weight, bias, rm, rv, True, "identity", y, g, grads, rmt, rvt, scale=2.0)
 
 
-def test_half_input_with_float32_parameters(backend):
-    """Mixed precision (autocast-style): fp16 activations, fp32 weight/bias/running stats."""
-    x = _values((6, 3, 4, 3), torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_with_float32_parameters(backend, path, launched, dtype):
+    """Mixed precision (autocast-style): fp16/bf16 activations, fp32 weight/bias/running stats."""
+    skip_unsupported(backend, dtype)
+    x = _values((6, 3, 4, 3), dtype)
     weight, bias = _per_channel(3, torch.float32), _per_channel(3, torch.float32)
     rm, rv = _per_channel(3, torch.float32), _per_channel(3, torch.float32, positive=True)
     y, g, grads, rmt, rvt = _run(backend, x, weight, bias, rm, rv, True, "relu")
-    assert y.dtype == torch.float16 and grads[1].dtype == torch.float32 and rmt.dtype == torch.float32
+    _assert_path(backend, launched, path)
+    assert y.dtype == dtype and grads[1].dtype == torch.float32 and rmt.dtype == torch.float32
     _check_against_reference_and_torch(x, weight, bias, rm, rv, True, "relu", y, g, grads, rmt, rvt, scale=2.0)
 
 
@@ -168,8 +201,10 @@ def test_stability_large_mean_small_std(backend):
     torch.testing.assert_close(rv.double().cpu(), torch.from_numpy(rv_ref), rtol=1e-5, atol=0)
 
 
-def test_small_channels_large_batch_splits_the_reduction(backend):
-    """C=2 with N*H*W = 1024: the statistics and the weight gradients come from several partials."""
+def test_small_channels_large_batch_splits_the_reduction(backend, monkeypatch, launched):
+    """C=2 with N*H*W = 1024, split path forced: the statistics and the weight gradients come from
+    several partials."""
+    monkeypatch.setattr(K, "SINGLE_LAUNCH_MAX_POSITIONS", 0)
     shape = (16, 2, 8, 8)
     x = _values(shape, torch.float32)
     weight, bias = _per_channel(2, torch.float32), _per_channel(2, torch.float32)
@@ -177,7 +212,101 @@ def test_small_channels_large_batch_splits_the_reduction(backend):
     geom = K.plan(shape, x.stride(), x.stride())
     assert K._num_splits(geom, torch.device(device_for(backend))) > 1
     y, g, grads, rmt, rvt = _run(backend, x, weight, bias, rm, rv, True, "identity")
+    _assert_path(backend, launched, "split")
     _check_against_reference_and_torch(x, weight, bias, rm, rv, True, "identity", y, g, grads, rmt, rvt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The single-launch training forward
+# ---------------------------------------------------------------------------------------------
+# (shape, layout): C in (1, 3, 17) x N*H*W in (3, 33, 129), as (N, C), (N, C, L), NCHW, channels_last
+SINGLE_SHAPES = [pytest.param((3, C), None, id=f"2d-C{C}-M3") for C in (1, 3, 17)] + [
+    pytest.param((3, C, 11), None, id=f"3d-C{C}-M33") for C in (1, 3, 17)] + [
+    pytest.param((3, C, 1, 43), None, id=f"nchw-C{C}-M129") for C in (1, 3, 17)] + [
+    pytest.param((3, C, 11, 1), torch.channels_last, id=f"channels_last-C{C}-M33") for C in (3, 17)] + [
+    pytest.param((1, 17, 3, 43), torch.channels_last, id="channels_last-C17-M129")]
+
+
+@pytest.mark.parametrize("shape, layout", SINGLE_SHAPES)
+def test_single_launch_odd_shapes(backend, launched, shape, layout):
+    C = shape[1]
+    x = _values(shape, torch.float32)
+    weight, bias = _per_channel(C, torch.float32), _per_channel(C, torch.float32)
+    rm, rv = _per_channel(C, torch.float32), _per_channel(C, torch.float32, positive=True)
+    y, g, grads, rmt, rvt = _run(backend, x, weight, bias, rm, rv, True, "silu", momentum=0.3, layout=layout)
+    _assert_path(backend, launched, "single")
+    if layout is not None:
+        assert y.is_contiguous(memory_format=layout), "output should keep the input's memory format"
+    _check_against_reference_and_torch(x, weight, bias, rm, rv, True, "silu", y, g, grads, rmt, rvt, momentum=0.3)
+
+
+def _both_paths(x, weight, bias, rm, rv, momentum=0.2):
+    """Forward outputs (y, stats, running_mean, running_var) of the single-launch op and of the
+    split ops (batch_norm_stats + batch_norm_apply) on the same inputs."""
+    ops = torch.ops.tkernels
+    r1, r2 = (None, None) if rm is None else (rm.clone(), rv.clone())
+    y1, s1 = ops.batch_norm_train(x, weight, bias, r1, r2, momentum, 1e-5, "relu", 0.0)
+    q1, q2 = (None, None) if rm is None else (rm.clone(), rv.clone())
+    s2 = ops.batch_norm_stats(x, q1, q2, momentum, 1e-5)
+    y2 = ops.batch_norm_apply(x, s2, weight, bias, None, None, True, 1e-5, "relu", 0.0)
+    return (y1, s1, r1, r2), (y2, s2, q1, q2)
+
+
+@pytest.mark.parametrize("values", ["finite", "nan", "inf", "inf-and-neg-inf", "one-value"])
+def test_single_launch_matches_split_path(backend, launched, values):
+    """Same stats tensor (backward's input), running stats and y as the split path, NaN and Inf
+    propagating as torch's do (the one-value case is SyncBatchNorm's, running_var becomes NaN)."""
+    device = device_for(backend)
+    shape = (1, 5, 1, 1) if values == "one-value" else (4, 5, 3, 3)
+    x = _values(shape, torch.float32)
+    if values == "nan":
+        x[1, 2, 0, 1] = float("nan")
+    elif values == "inf":
+        x[0, 1, 2, 2] = float("inf")  # also the pivot position of no channel: the mean stays +Inf
+    elif values == "inf-and-neg-inf":
+        x[0, 3, 0, 0], x[2, 3, 1, 1] = float("inf"), -float("inf")  # the pivot itself is Inf
+    x = x.to(device)
+    w, b = _per_channel(5, torch.float32).to(device), _per_channel(5, torch.float32).to(device)
+    rm, rv = _per_channel(5, torch.float32).to(device), _per_channel(5, torch.float32, positive=True).to(device)
+    single, split = _both_paths(x, w, b, rm, rv)
+    if backend == "triton":
+        assert _forward_kernels(launched) == SINGLE + SPLIT, launched
+    for a, e, name in zip(single, split, ("y", "stats", "running_mean", "running_var")):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    if values != "finite":
+        assert torch.isnan(single[3]).any() or torch.isinf(single[2]).any(), "non-finite input must reach the stats"
+    # and both agree with torch's running statistics
+    rm_t, rv_t = rm.clone().cpu(), rv.clone().cpu()
+    if values != "one-value":
+        TF.batch_norm(x.cpu(), rm_t, rv_t, w.cpu(), b.cpu(), training=True, momentum=0.2)
+        torch.testing.assert_close(single[2].cpu(), rm_t, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(single[3].cpu(), rv_t, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_single_launch_threshold(backend, monkeypatch, launched):
+    """The path follows the per-channel size: at the threshold one launch, one value above it the split path."""
+    assert K.single_launch_fits((64, 16, 8, 8)), "LeNet's 64x16x8x8 should take one launch"
+    assert K.single_launch_fits((1, 3, K.SINGLE_LAUNCH_MAX_POSITIONS))
+    assert not K.single_launch_fits((1, 3, K.SINGLE_LAUNCH_MAX_POSITIONS + 1))
+    assert not K.single_launch_fits((512, 1024, 4, 4)), "8192 per channel but 2^23 elements in all"
+    assert not K.single_launch_fits((0, 3, 4))
+    monkeypatch.setattr(K, "SINGLE_LAUNCH_MAX_POSITIONS", 33)
+    device = device_for(backend)
+    for n, expected in ((11, SINGLE), (12, SPLIT)):  # 3 * 11 = 33 positions per channel, 3 * 12 = 36
+        start = len(launched)
+        x = _values((3, 2, n), torch.float32).to(device)
+        y = F.batch_norm(x, None, None, training=True)
+        assert_close(y, ref.batch_norm_forward(to_numpy64(x), None, None, training=True)[0], msg=f"N*L={3 * n}")
+        if backend == "triton":
+            assert _forward_kernels(launched[start:]) == expected, (n, launched[start:])
+
+
+def test_single_launch_kernel_refuses_an_empty_batch():
+    """The dispatcher never sends an empty batch there (test_empty_batch); called directly, the
+    Triton backend refuses it (the NumPy backend computes it like batch_norm_stats)."""
+    x = torch.randn(0, 3, 4, device=device_for("triton"))
+    with tkernels.use_backend("triton"), pytest.raises(ValueError, match="non-empty"):
+        torch.ops.tkernels.batch_norm_train(x, None, None, None, None, 0.1, 1e-5, "identity", 0.0)
 
 
 @pytest.mark.parametrize("layout", ["permuted", "sliced-6d"])
@@ -233,7 +362,7 @@ def test_deterministic(backend):
         assert torch.equal(a, b)
 
 
-def test_empty_batch(backend):
+def test_empty_batch(backend, launched):
     device = device_for(backend)
     rm, rv = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
     rm0, rv0 = rm.clone(), rv.clone()
@@ -244,6 +373,8 @@ def test_empty_batch(backend):
     assert y.shape == (0, 3, 4) and x.grad.shape == (0, 3, 4)
     assert torch.equal(w.grad, torch.zeros(3, device=device))
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "torch leaves running stats alone for an empty batch"
+    if backend == "triton":
+        assert _forward_kernels(launched) == ["bn_stats_combine_kernel"], launched  # no partials, nothing to apply
     assert F.batch_norm(x.detach(), rm, rv).shape == (0, 3, 4)
 
 
@@ -380,6 +511,9 @@ def _opcheck_samples(device):
         (torch.ops.tkernels.batch_norm_stats.default, (x, rm, rv, 0.1, 1e-5)),
         (torch.ops.tkernels.batch_norm_stats.default, (x, None, None, 0.1, 1e-5)),
         (torch.ops.tkernels.batch_norm_gather_stats.default, (torch.stack([stats, stats]), rm, rv, 0.1, 1e-5)),
+        (torch.ops.tkernels.batch_norm_train.default, (x, p[0], p[1], rm, rv, 0.1, 1e-5, "gelu", 0.0)),
+        (torch.ops.tkernels.batch_norm_train.default,
+         (x.to(memory_format=torch.channels_last), None, None, None, None, 0.1, 1e-5, "identity", 0.0)),
         (torch.ops.tkernels.batch_norm_apply.default, (x, stats, p[0], p[1], None, None, True, 1e-5, "relu", 0.0)),
         (torch.ops.tkernels.batch_norm_apply.default, (x, None, None, p[1], rm, rv, False, 1e-5, "identity", 0.0)),
         (torch.ops.tkernels.batch_norm_backward_reduce.default,
@@ -397,7 +531,7 @@ def test_opcheck(backend):
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, launched):
     device = device_for(backend)
     torch._dynamo.reset()
     model = tnn.BatchNorm2d(3, activation="relu").to(device)
@@ -418,6 +552,8 @@ def test_torch_compile_fullgraph(backend):
         assert_close(model.weight.grad, expected.weight.grad, dtype=torch.float32, reduction=36)
         assert_close(model.running_var, expected.running_var, dtype=torch.float32)
     assert int(model.num_batches_tracked) == 1
+    if backend == "triton":
+        assert _forward_kernels(launched) == SINGLE, launched  # compiled and eager alike
     model.eval()
     reference.eval()
     numpy64.eval()

@@ -3,12 +3,15 @@
     training: y = act(gamma * (x - mean_B) / sqrt(var_B + eps) + beta), running stats updated
     eval:     y = act(gamma * (x - running_mean) / sqrt(running_var + eps) + beta)
 
-Training forward is two custom ops: ``batch_norm_stats`` (split reduction + stable combine,
-running-stat update in place) and ``batch_norm_apply`` (one elementwise pass); eval is
-``batch_norm_apply`` alone. Backward is ``batch_norm_backward_reduce`` (two-stage deterministic
-sums of dz and dz * x_hat, which are dbeta and dgamma) and ``batch_norm_backward_input`` (one
-pass for dx). SyncBatchNorm (:mod:`tkernels.nn.batchnorm`) calls the same ops with collectives
-in between, plus ``batch_norm_gather_stats`` to merge per-process statistics.
+Training forward of small inputs (``K.single_launch_fits``: at most 8192 values per channel and
+2^22 in all) is one custom op, ``batch_norm_train`` (one kernel: statistics, running-stat update
+and y); larger inputs take two: ``batch_norm_stats`` (split reduction + stable combine,
+running-stat update in place) and ``batch_norm_apply`` (one elementwise pass). Both write the same
+(5, C) statistics for backward. Eval is ``batch_norm_apply`` alone. Backward is
+``batch_norm_backward_reduce`` (two-stage deterministic sums of dz and dz * x_hat, which are dbeta
+and dgamma) and ``batch_norm_backward_input`` (one pass for dx). SyncBatchNorm
+(:mod:`tkernels.nn.batchnorm`) calls the split ops with collectives in between, plus
+``batch_norm_gather_stats`` to merge per-process statistics.
 
 What backward keeps: x, the (5, C) statistics, and the parameters; the pre-activation z is
 recomputed from them. Keeping y instead (possible for relu) would not save any traffic: dx needs
@@ -118,14 +121,24 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------------------------
+def _numpy_batch_stats(input: Tensor, running_mean, running_var, momentum: float, eps: float) -> Tensor:
+    count, mean, m2 = ref.channel_stats(to_numpy(input))
+    _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
+    return _numpy_stats_tensor(count, mean, m2, eps, input)
+
+
+def _numpy_apply_training(input: Tensor, stats: Tensor, weight, bias, activation: str, param: float) -> Tensor:
+    mean, invstd = _numpy_mean_invstd(stats, None, None, True, 0.0)
+    y = ref.normalize(to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias), activation, param)
+    return _like_input(y, input)
+
+
 @custom_op("tkernels::batch_norm_stats", mutates_args=("running_mean", "running_var"))
 def batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                      eps: float) -> Tensor:
     """Batch statistics (5, C) of input; running stats (if given) updated in place."""
     if _use_numpy(input):
-        count, mean, m2 = ref.channel_stats(to_numpy(input))
-        _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-        return _numpy_stats_tensor(count, mean, m2, eps, input)
+        return _numpy_batch_stats(input, running_mean, running_var, momentum, eps)
     check_triton_dtype(OP, input)
     (x,), geom = _geometry(input)
     return _run_with_running(lambda rm, rv: K.launch_stats(x, geom, rm, rv, momentum, eps), running_mean, running_var)
@@ -163,11 +176,9 @@ def batch_norm_apply(input: Tensor, stats: Optional[Tensor], weight: Optional[Te
     """y = act(normalise(x) * gamma + beta), from batch stats (training) or running stats (eval)."""
     if _use_numpy(input):
         if training:
-            mean, invstd = _numpy_mean_invstd(stats, None, None, True, eps)
-            y = ref.normalize(to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias), activation, param)
-        else:
-            y = ref.batch_norm_forward(to_numpy(input), to_numpy(running_mean), to_numpy(running_var),
-                                       to_numpy(weight), to_numpy(bias), False, 0.0, eps, activation, param)[0]
+            return _numpy_apply_training(input, stats, weight, bias, activation, param)
+        y = ref.batch_norm_forward(to_numpy(input), to_numpy(running_mean), to_numpy(running_var),
+                                   to_numpy(weight), to_numpy(bias), False, 0.0, eps, activation, param)[0]
         return _like_input(y, input)
     check_triton_dtype(OP, input)
     params = (stats, _contig(running_mean), _contig(running_var), _contig(weight), _contig(bias))
@@ -178,6 +189,35 @@ def batch_norm_apply(input: Tensor, stats: Optional[Tensor], weight: Optional[Te
 @batch_norm_apply.register_fake
 def _(input, stats, weight, bias, running_mean, running_var, training, eps, activation, param):
     return K.empty_like_dense(input)
+
+
+@custom_op("tkernels::batch_norm_train", mutates_args=("running_mean", "running_var"))
+def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], momentum: float, eps: float, activation: str,
+                     param: float) -> Tuple[Tensor, Tensor]:
+    """Training forward in one launch: (y, stats (5, C)); running stats (if given) updated in place.
+    For non-empty inputs that ``K.single_launch_fits``; the result equals batch_norm_stats + apply."""
+    if _use_numpy(input):
+        stats = _numpy_batch_stats(input, running_mean, running_var, momentum, eps)
+        return _numpy_apply_training(input, stats, weight, bias, activation, param), stats
+    check_triton_dtype(OP, input)
+    if not input.numel():
+        raise ValueError(f"{OP}: the single-launch training forward needs a non-empty input, got shape "
+                         f"{tuple(input.shape)}")
+    out = K.empty_like_dense(input)
+    (x, y), geom = _geometry(input, out)
+    code = resolve_activation(activation).code
+    stats = _run_with_running(
+        lambda rm, rv: K.launch_train_single(x, y, geom, rm, rv, _contig(weight), _contig(bias), momentum, eps, code,
+                                             param), running_mean, running_var)
+    if y is not out:
+        out.copy_(y)
+    return out, stats
+
+
+@batch_norm_train.register_fake
+def _(input, weight, bias, running_mean, running_var, momentum, eps, activation, param):
+    return K.empty_like_dense(input), input.new_empty((K.STATS_ROWS, input.shape[1]), dtype=_stats_dtype(input))
 
 
 @custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())
@@ -268,11 +308,16 @@ class BatchNormFunction(torch.autograd.Function):
                 running_var: Optional[Tensor], training: bool, momentum: float, eps: float, activation: str,
                 param: float):
         stats = None
+        if training and K.single_launch_fits(input.shape):
+            y, stats = batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, activation,
+                                        param)
+        else:
+            if training:
+                stats = batch_norm_stats(input, running_mean, running_var, momentum, eps)
+            y = batch_norm_apply(input, stats, weight, bias, running_mean, running_var, training, eps, activation,
+                                 param)
         if training:
-            stats = batch_norm_stats(input, running_mean, running_var, momentum, eps)
-            running_mean = running_var = None  # normalisation uses the batch stats; nothing else to keep
-        y = batch_norm_apply(input, stats, weight, bias, running_mean, running_var, training, eps,
-                             activation, param)
+            running_mean = running_var = None  # normalisation used the batch stats; nothing else to keep
         ctx.save_for_backward(input, weight, bias, stats, running_mean, running_var)
         ctx.bn_config = (training, eps, activation, param)
         return y

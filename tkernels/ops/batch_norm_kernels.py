@@ -77,15 +77,22 @@ def _channel_params(stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, offs_c, mask_c, C, 
         pivot = tl.load(rm_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         mean = tl.zeros_like(pivot)  # (not pivot * 0: that is NaN for an infinite running mean)
         invstd = 1.0 / tl.sqrt(tl.load(rv_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32) + eps)
+    gamma, beta = _affine(w_ptr, b_ptr, offs_c, mask_c, pivot, HAS_WEIGHT, HAS_BIAS)
+    return pivot, mean, invstd, gamma, beta
+
+
+@triton.jit
+def _affine(w_ptr, b_ptr, offs_c, mask_c, like, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel fp32 (gamma, beta), shaped like `like`: 1 and 0 where absent."""
     if HAS_WEIGHT:
         gamma = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     else:
-        gamma = tl.full(pivot.shape, 1.0, tl.float32)
+        gamma = tl.full(like.shape, 1.0, tl.float32)
     if HAS_BIAS:
         beta = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     else:
-        beta = tl.zeros_like(pivot)
-    return pivot, mean, invstd, gamma, beta
+        beta = tl.zeros_like(like)
+    return gamma, beta
 
 
 @triton.jit
@@ -95,6 +102,78 @@ def _mean_update(mean, value, weight):
     stays +-Inf as torch's plain sum does (and becomes NaN for inf + -inf or a NaN). (w = 1 only for
     a first value, where mean is still 0.) No extra select per element."""
     return mean * (1.0 - weight) + value * weight
+
+
+@triton.jit
+def _load_pivot(x_ptr, offs_c64, mask_c, sxc):
+    """Each channel's first value as fp32 (kernels run only on non-empty inputs, so it exists);
+    an Inf/NaN pivot would poison every x - p, so it is replaced by 0."""
+    pivot = tl.load(x_ptr + offs_c64 * sxc, mask=mask_c, other=0.0).to(tl.float32)
+    return tl.where(tl.abs(pivot) < float("inf"), pivot, 0.0)
+
+
+@triton.jit
+def _welford_items(x_ptr, pivot, offs_c64, mask_c, start, end, nsb, S, O1, O2, sx0, sx1, sx2, sxc, sxs,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-channel (count, mean - pivot, M2) of work items [start, end). Each of the
+    BLOCK_C x BLOCK_S lanes runs Welford's update on x - pivot (no cross-lane traffic inside the
+    loop); at the end the lanes are merged with the exact K-group formula
+    mean = sum(n_s mean_s) / n, M2 = sum(M2_s + n_s (mean_s - mean)^2)."""
+    lane_count = tl.zeros([BLOCK_S], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for item in range(start, end):
+        o0, o1, o2, s0 = _split_item(item, nsb, O1, O2, BLOCK_S)
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        valid = offs_s < S
+        mask = mask_c[:, None] & valid[None, :]
+        ptrs = x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + offs_c64[:, None] * sxc + offs_s[None, :] * sxs
+        d = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - pivot[:, None]
+        lane_count += valid.to(tl.float32)
+        step = tl.where(valid, 1.0 / tl.maximum(lane_count, 1.0), 0.0)
+        delta = d - mean
+        mean = _mean_update(mean, d, step[None, :])
+        m2 += tl.where(mask, delta * (d - mean), 0.0)
+    count = tl.sum(lane_count, axis=0)
+    chan_mean = tl.sum(mean * lane_count[None, :], axis=1) / tl.maximum(count, 1.0)
+    spread = mean - chan_mean[:, None]
+    chan_m2 = tl.sum(m2 + spread * spread * lane_count[None, :], axis=1)
+    return count, chan_mean, chan_m2
+
+
+@triton.jit
+def _finish_stats(stats_ptr, rm_ptr, rv_ptr, offs64, mask, C, count, ref, mean, m2, momentum, eps,
+                  HAS_RUNNING: tl.constexpr):
+    """Write the (5, C) stats of merged per-channel (count, pivot, mean - pivot, M2), update the
+    running stats in place (unbiased variance; untouched where the count is 0); returns invstd."""
+    var = m2 / tl.maximum(count, 1.0)
+    out = stats_ptr + offs64
+    tl.store(out, count, mask=mask)
+    tl.store(out + C, ref, mask=mask)
+    tl.store(out + 2 * C, mean, mask=mask)
+    tl.store(out + 3 * C, m2, mask=mask)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(out + 4 * C, invstd, mask=mask)
+    if HAS_RUNNING:
+        seen = mask & (count > 0.0)
+        rm = tl.load(rm_ptr + offs64, mask=seen, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + offs64, mask=seen, other=0.0).to(tl.float32)
+        rm = (1.0 - momentum) * rm + momentum * (ref + mean)
+        rv = (1.0 - momentum) * rv + momentum * (m2 / (count - 1.0))
+        tl.store(rm_ptr + offs64, rm.to(rm_ptr.dtype.element_ty), mask=seen)
+        tl.store(rv_ptr + offs64, rv.to(rv_ptr.dtype.element_ty), mask=seen)
+    return invstd
+
+
+@triton.jit
+def _normalise_tile(x_ptr, y_ptr, x_base, y_base, offs_c64, offs_s, mask, pivot, scale, shift,
+                    sxc, sxs, syc, sys, ACT: tl.constexpr, act_param):
+    """y = act((x - pivot) * scale + shift) on one BLOCK_C x BLOCK_S tile."""
+    x = tl.load(x_ptr + x_base + offs_c64[:, None] * sxc + offs_s[None, :] * sxs, mask=mask, other=0.0)
+    z = (x.to(tl.float32) - pivot[:, None]) * scale[:, None] + shift[:, None]
+    y = apply_activation(z, ACT, act_param)
+    tl.store(y_ptr + y_base + offs_c64[:, None] * syc + offs_s[None, :] * sys, y.to(y_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -116,9 +195,7 @@ def bn_stats_partial_kernel(x_ptr, part_ptr, C, S, O, O1, O2, sx0, sx1, sx2, sxc
 
     Grid (cdiv(C, BLOCK_C), G): program (i, g) takes channels [i*BLOCK_C, ...) and the g-th of G
     equal ranges of the O*cdiv(S, BLOCK_S) work items, so small-C / large-N*H*W inputs still
-    spread over G*cdiv(C, BLOCK_C) programs. Each of the BLOCK_C x BLOCK_S lanes runs Welford's
-    update on x - pivot (no cross-lane traffic inside the loop); at the end the lanes are merged
-    with the exact K-group formula mean = sum(n_s mean_s) / n, M2 = sum(M2_s + n_s (mean_s - mean)^2).
+    spread over G*cdiv(C, BLOCK_C) programs (lane-wise Welford, see _welford_items).
     Writes part[g] (4 rows x C fp32). Reads x once (N*C*S elements): memory-bound.
     """
     pid_c = tl.program_id(0)
@@ -131,28 +208,9 @@ def bn_stats_partial_kernel(x_ptr, part_ptr, C, S, O, O1, O2, sx0, sx1, sx2, sxc
     per = (total + tl.num_programs(1) - 1) // tl.num_programs(1)
     start = split * per
     end = tl.minimum(start + per, total)
-    # launched only for non-empty inputs, so every channel has a first value
-    pivot = tl.load(x_ptr + offs_c64 * sxc, mask=mask_c, other=0.0).to(tl.float32)
-    pivot = tl.where(tl.abs(pivot) < float("inf"), pivot, 0.0)  # an Inf/NaN pivot would poison every x - p
-    lane_count = tl.zeros([BLOCK_S], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for item in range(start, end):
-        o0, o1, o2, s0 = _split_item(item, nsb, O1, O2, BLOCK_S)
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        valid = offs_s < S
-        mask = mask_c[:, None] & valid[None, :]
-        ptrs = x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + offs_c64[:, None] * sxc + offs_s[None, :] * sxs
-        d = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - pivot[:, None]
-        lane_count += valid.to(tl.float32)
-        step = tl.where(valid, 1.0 / tl.maximum(lane_count, 1.0), 0.0)
-        delta = d - mean
-        mean = _mean_update(mean, d, step[None, :])
-        m2 += tl.where(mask, delta * (d - mean), 0.0)
-    count = tl.sum(lane_count, axis=0)
-    chan_mean = tl.sum(mean * lane_count[None, :], axis=1) / tl.maximum(count, 1.0)
-    spread = mean - chan_mean[:, None]
-    chan_m2 = tl.sum(m2 + spread * spread * lane_count[None, :], axis=1)
+    pivot = _load_pivot(x_ptr, offs_c64, mask_c, sxc)
+    count, chan_mean, chan_m2 = _welford_items(x_ptr, pivot, offs_c64, mask_c, start, end, nsb, S, O1, O2,
+                                               sx0, sx1, sx2, sxc, sxs, BLOCK_C, BLOCK_S)
     row = part_ptr + split.to(tl.int64) * (4 * C) + offs_c64
     # count broadcast to the channels with zeros_like, not `chan_mean * 0 + count`: a NaN or Inf in
     # the batch makes chan_mean non-finite, and a NaN count would drop the partial (and so leave
@@ -195,21 +253,7 @@ def bn_stats_combine_kernel(part_ptr, stats_ptr, rm_ptr, rv_ptr, C, G, part_stri
         mean = tl.where(has, _mean_update(mean, (p_b - ref) + m_b, w), mean)
         m2 += tl.where(has, q_b + delta * delta * count * w, 0.0)
         count = merged
-    var = m2 / tl.maximum(count, 1.0)
-    out = stats_ptr + offs64
-    tl.store(out, count, mask=mask)
-    tl.store(out + C, ref, mask=mask)
-    tl.store(out + 2 * C, mean, mask=mask)
-    tl.store(out + 3 * C, m2, mask=mask)
-    tl.store(out + 4 * C, 1.0 / tl.sqrt(var + eps), mask=mask)
-    if HAS_RUNNING:
-        seen = mask & (count > 0.0)
-        rm = tl.load(rm_ptr + offs64, mask=seen, other=0.0).to(tl.float32)
-        rv = tl.load(rv_ptr + offs64, mask=seen, other=0.0).to(tl.float32)
-        rm = (1.0 - momentum) * rm + momentum * (ref + mean)
-        rv = (1.0 - momentum) * rv + momentum * (m2 / (count - 1.0))
-        tl.store(rm_ptr + offs64, rm.to(rm_ptr.dtype.element_ty), mask=seen)
-        tl.store(rv_ptr + offs64, rv.to(rv_ptr.dtype.element_ty), mask=seen)
+    _finish_stats(stats_ptr, rm_ptr, rv_ptr, offs64, mask, C, count, ref, mean, m2, momentum, eps, HAS_RUNNING)
 
 
 @triton.jit
@@ -230,12 +274,44 @@ def bn_apply_kernel(x_ptr, y_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, C, S,
                                                        C, eps, TRAINING, HAS_WEIGHT, HAS_BIAS)
     scale = gamma * invstd
     shift = beta - mean * scale
-    x_ptrs = x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + offs_c64[:, None] * sxc + offs_s[None, :] * sxs
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    z = (x - pivot[:, None]) * scale[:, None] + shift[:, None]
-    y = apply_activation(z, ACT, act_param)
-    y_ptrs = y_ptr + (o0 * sy0 + o1 * sy1 + o2 * sy2) + offs_c64[:, None] * syc + offs_s[None, :] * sys
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    _normalise_tile(x_ptr, y_ptr, o0 * sx0 + o1 * sx1 + o2 * sx2, o0 * sy0 + o1 * sy1 + o2 * sy2, offs_c64, offs_s,
+                    mask, pivot, scale, shift, sxc, sxs, syc, sys, ACT, act_param)
+
+
+@triton.jit
+def bn_train_single_kernel(x_ptr, y_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, C, S, O, O1, O2,
+                           sx0, sx1, sx2, sxc, sxs, sy0, sy1, sy2, syc, sys, momentum, eps, act_param,
+                           HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Training forward of small inputs in one launch: the statistics, the running-stat update and
+    y = act(gamma * x_hat + beta) for one block of channels per program.
+
+    Grid (cdiv(C, BLOCK_C),). Pass 1 is the partial kernel's shifted Welford over *all* work items
+    of the channel block; as the only partial, it is already the combined result (pivot = first
+    value), so the stats and running stats are finished exactly as the combine kernel does. Pass 2
+    re-reads the same x (L1/L2 resident at the sizes this path is chosen for) and writes y.
+    Traffic: x twice (the second mostly from cache), y once; no partials buffer, no second launch.
+    """
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_c64 = offs_c.to(tl.int64)
+    nsb = (S + BLOCK_S - 1) // BLOCK_S
+    total = O * nsb
+    pivot = _load_pivot(x_ptr, offs_c64, mask_c, sxc)
+    count, mean, m2 = _welford_items(x_ptr, pivot, offs_c64, mask_c, 0, total, nsb, S, O1, O2,
+                                     sx0, sx1, sx2, sxc, sxs, BLOCK_C, BLOCK_S)
+    count = tl.zeros_like(mean) + count  # per channel (zeros_like, not mean * 0: mean may be NaN/Inf)
+    invstd = _finish_stats(stats_ptr, rm_ptr, rv_ptr, offs_c64, mask_c, C, count, pivot, mean, m2, momentum, eps,
+                           HAS_RUNNING)
+    gamma, beta = _affine(w_ptr, b_ptr, offs_c64, mask_c, pivot, HAS_WEIGHT, HAS_BIAS)
+    scale = gamma * invstd
+    shift = beta - mean * scale
+    for item in range(0, total):
+        o0, o1, o2, s0 = _split_item(item, nsb, O1, O2, BLOCK_S)
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (offs_s < S)[None, :]
+        _normalise_tile(x_ptr, y_ptr, o0 * sx0 + o1 * sx1 + o2 * sx2, o0 * sy0 + o1 * sy1 + o2 * sy2, offs_c64,
+                        offs_s, mask, pivot, scale, shift, sxc, sxs, syc, sys, ACT, act_param)
 
 
 @triton.jit
@@ -372,6 +448,15 @@ def _two_accumulators(configs):
     return out
 
 
+# The single-launch training forward: one program per channel block loops over all N*H*W
+# positions, so the tiles are narrow in C (many programs even for small C) and carry the same
+# two Welford accumulator tiles as the partial kernel (<= 8 elements each per thread).
+_SINGLE = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
+                   config(BLOCK_C=2, BLOCK_S=512, num_warps=4, num_stages=2),
+                   config(BLOCK_C=1, BLOCK_S=2048, num_warps=8, num_stages=2)],
+           True: [config(BLOCK_C=16, BLOCK_S=64, num_warps=4, num_stages=2),
+                  config(BLOCK_C=32, BLOCK_S=32, num_warps=4, num_stages=2),
+                  config(BLOCK_C=64, BLOCK_S=16, num_warps=4, num_stages=2)]}
 _SMALL = [config(BLOCK=128, num_warps=1, num_stages=1), config(BLOCK=256, num_warps=2, num_stages=1),
           config(BLOCK=1024, num_warps=4, num_stages=1)]
 # Under the interpreter (one config, per-program overhead dominates): big tiles, still masked on odd shapes.
@@ -391,6 +476,12 @@ TUNED_STATS = _tuned_pair(bn_stats_partial_kernel, ["C", "S", "O", "O1", "O2"])
 TUNED_APPLY = _tuned_pair(bn_apply_kernel, _TILE_KEY)
 TUNED_BWD_PARTIAL = _tuned_pair(bn_backward_partial_kernel, ["O"] + _TILE_KEY, adjust=_two_accumulators)
 TUNED_BWD_INPUT = _tuned_pair(bn_backward_input_kernel, _TILE_KEY)
+# Kernels that update running_mean/var in place restore them while configs are timed.
+TUNED_TRAIN_SINGLE = {channels_inner: Tuned(bn_train_single_kernel, {a: list(_SINGLE[channels_inner]) for a in ARCHS},
+                                            interpreter=_INTERP[channels_inner],
+                                            key=["C", "S", "O", "O1", "O2", "HAS_RUNNING", "ACT"],
+                                            restore_value=["rm_ptr", "rv_ptr"])
+                      for channels_inner in (False, True)}
 # The combine kernel updates running_mean/var in place: restore them while configs are timed.
 TUNED_COMBINE = Tuned(bn_stats_combine_kernel, {a: list(_SMALL) for a in ARCHS}, interpreter=config(BLOCK=128),
                       key=["C", "G", "HAS_RUNNING"], restore_value=["rm_ptr", "rv_ptr"])
@@ -437,6 +528,14 @@ register_kernel(KernelSpec(
     signature={"x_ptr": "*{dtype}", "y_ptr": "*{dtype}", **_PARAMS_SIG, **_GEOM_SIG, **_strides_sig("sx"),
                **_strides_sig("sy"), "eps": "fp32", "act_param": "fp32"},
     configs_by_arch=_BOTH, variants=_HEAVY))
+register_kernel(KernelSpec(
+    name="batch_norm_train_single", kernel=bn_train_single_kernel,
+    signature={"x_ptr": "*{dtype}", "y_ptr": "*{dtype}", "stats_ptr": "*fp32", "rm_ptr": "*{dtype}",
+               "rv_ptr": "*{dtype}", "w_ptr": "*{dtype}", "b_ptr": "*{dtype}", "C": "i32", "S": "i32", "O": "i32",
+               "O1": "i32", "O2": "i32", **_strides_sig("sx"), **_strides_sig("sy"), "momentum": "fp32",
+               "eps": "fp32", "act_param": "fp32"},
+    configs_by_arch={a: _SINGLE[False] + _SINGLE[True] for a in ARCHS},
+    variants=[dict(HAS_RUNNING=True, HAS_WEIGHT=True, HAS_BIAS=True, ACT=4)]))
 register_kernel(KernelSpec(
     name="batch_norm_backward_partial", kernel=bn_backward_partial_kernel,
     signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", **_PARAMS_SIG, "part_ptr": "*fp32", "C": "i32",
@@ -541,6 +640,45 @@ def launch_stats(x: torch.Tensor, geom: Geometry, running_mean, running_var, mom
         kernel[lambda m: (cdiv(C, m["BLOCK_C"]), G)](
             x, partials, C, geom.S, geom.O, geom.outer[1], geom.outer[2], *_geom_args(geom, 0), **meta)
     return launch_combine(partials, G, PARTIAL_ROWS * C, running_mean, running_var, momentum, eps)
+
+
+# Single-launch thresholds (see launch_train_single).
+SINGLE_LAUNCH_MAX_POSITIONS = 8192
+SINGLE_LAUNCH_MAX_ELEMENTS = 1 << 22
+
+
+def single_launch_fits(shape: Sequence[int]) -> bool:
+    """Whether training forward of an input of this shape takes the single-launch kernel."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    return 0 < numel <= SINGLE_LAUNCH_MAX_ELEMENTS and numel // shape[1] <= SINGLE_LAUNCH_MAX_POSITIONS
+
+
+def launch_train_single(x, y, geom: Geometry, running_mean, running_var, weight, bias, momentum: float, eps: float,
+                        act_code: int, act_param: float) -> torch.Tensor:
+    """Statistics, running-stat update and y in one launch; returns the (5, C) stats.
+
+    Chosen (single_launch_fits) when the per-channel reduction is at most
+    SINGLE_LAUNCH_MAX_POSITIONS = 8192 values and the whole input at most 2^22 elements. The split
+    path costs three launches (partials, combine, apply: ~5 us each plus host time) whatever the
+    size; one program streaming 8192 values of one channel twice (32 KiB fp32 per pass, the second
+    from L1/L2) takes about as long as one launch, so below that the single launch wins, and above
+    it a channel block's serial loop outgrows what the split grid spreads over every SM. The total
+    cap (16 MiB fp32) keeps the second pass L2-resident on A100/H100/H200 (40-60 MiB of L2) even
+    when all programs' first passes run before any second pass. (LeNet's 64x16x8x8: 4096 per channel.)
+    """
+    C = geom.C
+    stats = torch.empty((STATS_ROWS, C), device=x.device, dtype=torch.float32)
+    has_running = running_mean is not None
+    kernel, meta = TUNED_TRAIN_SINGLE[geom.channels_inner].launcher(x.device)
+    fallback = stats
+    kernel[lambda m: (cdiv(C, m["BLOCK_C"]),)](
+        x, y, stats, *[t if t is not None else fallback for t in (running_mean, running_var, weight, bias)],
+        C, geom.S, geom.O, geom.outer[1], geom.outer[2], *_geom_args(geom, 0), *_geom_args(geom, 1),
+        float(momentum), float(eps), float(act_param), HAS_RUNNING=has_running, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, ACT=act_code, **meta)
+    return stats
 
 
 def launch_combine(partials: torch.Tensor, G: int, part_stride: int, running_mean, running_var, momentum: float,
