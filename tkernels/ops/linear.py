@@ -64,14 +64,14 @@ def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     act = resolve_activation(activation)
     gate = None if act.is_identity else saved
     gate_t = None if gate is None else gate.t()
-    dx, dw, db = x.new_empty(_EMPTY), x.new_empty(_EMPTY), x.new_empty(_EMPTY)
+    # (each gradient tensor allocated once: the ones not asked for as empty tensors)
+    device = x.device
+    dx = torch.empty((M, K) if need_input else _EMPTY, device=device, dtype=x.dtype)
+    dw = torch.empty((N, K) if need_weight else _EMPTY, device=device, dtype=weight.dtype if need_weight else x.dtype)
+    db = torch.empty((N,) if need_bias else _EMPTY, device=device, dtype=weight.dtype if need_bias else x.dtype)
     if need_input:  # dX = dZ @ W
-        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
         matmul(grad_y, weight, dx, gate=gate, gate_activation_code=act.code, activation_param=param)
-    if need_bias:
-        db = torch.empty((N,), device=x.device, dtype=weight.dtype)
     if need_weight:  # dW = dZ^T @ X, and db = row sums of dZ^T
-        dw = torch.empty((N, K), device=x.device, dtype=weight.dtype)
         matmul(grad_y.t(), x, dw, gate=gate_t, gate_activation_code=act.code, activation_param=param,
                rowsum_out=db if need_bias else None)
     elif need_bias:

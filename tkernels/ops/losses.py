@@ -366,7 +366,7 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     prob = target.dim() == x.dim()
     _check_target_range(target, C, ignore_index)
     loss_shape = target.shape if not prob else x.shape[:1] + x.shape[2:]
-    stats = [x.new_empty((rows,), dtype=torch.float32) for _ in range(2)]
+    stats = (x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
     denom = x.new_ones((), dtype=torch.float32)  # 'none' has no divisor; keep the output defined
     if _backend.resolve("cross_entropy", x) == "numpy":
         # the reference backward recomputes everything from x, so the saved statistics stay unused
@@ -386,7 +386,8 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
         plan = _ce_plan(x, target)
     grid = plan.grid
     n_parts = grid[0]
-    parts = [x.new_empty((n_parts,), dtype=torch.float32) for _ in range(2)] if reduce else [loss, loss]
+    parts = ((x.new_empty((n_parts,), dtype=torch.float32), x.new_empty((n_parts,), dtype=torch.float32))
+             if reduce else (loss, loss))
     eps = max(float(label_smoothing), 0.0)
     kernel, meta = _CE_FORWARD.launcher(x.device)
     if rows:
@@ -565,11 +566,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             raise RuntimeError(f"{op}: class-index targets must be int64 (Long) or uint8 (Byte), but got "
                                f"{target.dtype} (class probabilities need target.shape == input.shape "
                                f"{tuple(input.shape)}, got {tuple(target.shape)})")
-        expected = (input.shape[0],) + tuple(input.shape[2:]) if batched else ()
         if batched and (target.dim() == 0 or target.shape[0] != input.shape[0]):
             raise ValueError(f"{op}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
                              f"({target.shape[0] if target.dim() else 'none: target is 0-d'})")
-        if tuple(target.shape) != expected:
+        if target.shape != (input.shape[:1] + input.shape[2:] if batched else ()):
+            expected = (input.shape[0],) + tuple(input.shape[2:]) if batched else ()
             raise RuntimeError(f"{op}: size mismatch: input {tuple(input.shape)} needs class-index target of shape "
                                f"{expected}, but got {tuple(target.shape)}")
     if weight is not None:
