@@ -6,7 +6,7 @@ import tkernels
 import tkernels.functional as F
 from tkernels.activations import Activation, resolve_activation, REGISTRY
 from tkernels.reference import activations as ref
-from helpers import assert_close, canary, device_for, skip_unsupported, to_numpy64
+from helpers import expect_kernels, assert_close, canary, device_for, skip_unsupported, to_numpy64
 
 # (tkernels function, torch function, kwargs) with torch's own signatures
 FUNCS = [
@@ -84,6 +84,7 @@ def test_forward_backward_layouts(backend, name, kwargs, layout):
     rname, param = _ref_name(name, kwargs)
     assert_close(y, ref.activation_forward(rname, to_numpy64(x), param))
     assert_close(dx, ref.activation_backward(rname, to_numpy64(grad), to_numpy64(x), param))
+    expect_kernels("activation_kernel", "activation_backward_kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -98,7 +99,17 @@ def test_dtypes(backend, dtype, name, kwargs):
     y.backward(torch.ones_like(y))
     xd = x.detach().double().requires_grad_()
     _torch_fn(name)(xd, **kwargs).sum().backward()
-    assert_close(x.grad, xd.grad, dtype=dtype)
+    saved = y.detach().double()
+    from_output = {"sigmoid": saved * (1 - saved), "tanh": 1 - saved * saved}
+    if name in from_output:
+        # the backward's input is the stored output y, rounded to dtype: its exact derivative at
+        # that y is the reference (the 1% check). From x, 1 - y (y near 1) has lost up to one
+        # ulp of y absolutely (2^-8 in bf16, truncated), 4 units of roundoff relative to
+        # max|dy/dx| = 1/4 (sigmoid): 16 times the normwise A, a sanity bound only.
+        assert_close(x.grad, from_output[name], dtype=dtype)
+        assert_close(x.grad, xd.grad, dtype=dtype, scale=16.0)
+    else:
+        assert_close(x.grad, xd.grad, dtype=dtype)
 
 
 @pytest.mark.parametrize("name,kwargs", [f for f in FUNCS if f[0] in ("relu", "leaky_relu", "silu")])

@@ -10,7 +10,7 @@ from torch import nn
 import torch.nn.functional as TF
 
 import tkernels
-from helpers import assert_close, device_for
+from helpers import assert_close, device_for, noise_magnitude
 
 
 def conv_bn_act(c_in, c_out, kernel_size=3, stride=1, groups=1, act=nn.ReLU):
@@ -303,7 +303,8 @@ def test_family_matches_torch(backend, family, training, models):
     for name, g in dparams_t.items():
         assert (dparams_k[name] is None) == (g is None), name
         if g is not None:
-            assert_close(dparams_k[name], g, reduction=reduction, msg=f"{family} gradient of {name}")
+            assert_close(dparams_k[name], g, reduction=reduction, magnitude=noise_magnitude(dparams_t, name),
+                         msg=f"{family} gradient of {name}")
     buffers_t = dict(theirs.named_buffers())
     for name, value in ours.named_buffers():
         if value.is_floating_point():

@@ -151,8 +151,12 @@ def test_op_follows_torch_autocast(backend, case, dtype, start):
     for name, leaf in our_leaves.items():
         twin = their_leaves[name]
         assert leaf.grad.dtype == twin.grad.dtype == leaf.dtype, f"{case.name}: grad of {name} is {leaf.grad.dtype}"
-        assert_close(leaf.grad, twin.grad, dtype=ours.dtype if ours.dtype != torch.float32 else leaf.dtype,
-                     reduction=case.reduction, scale=2.0, msg=f"{case.name} grad of {name}")
+        # torch's gradient is itself computed in the low precision from its own rounded output:
+        # the two differ by the rounding of both saved outputs, up to ~2 ulp of the largest
+        # gradient (see test_softmax._check), 8x the normwise A; fp32 grads of fp32 leaves: 2x
+        low = ours.dtype != torch.float32
+        assert_close(leaf.grad, twin.grad, dtype=ours.dtype if low else leaf.dtype,
+                     reduction=case.reduction, scale=8.0 if low else 2.0, msg=f"{case.name} grad of {name}")
     for name, buffer in our_buffers.items():
         assert buffer.dtype == their_buffers[name].dtype == torch.float32
         assert_close(buffer, their_buffers[name], dtype=dtype, msg=f"{case.name} {name}")

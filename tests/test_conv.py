@@ -6,6 +6,7 @@ NaN-padded buffers), so an out-of-bounds read shows as NaN and a stray write is 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -20,7 +21,8 @@ from tkernels.ops import conv_backward
 from tkernels.ops._common import Tuned
 from tkernels.reference import conv as ref
 
-from helpers import Canary, DEVICE, assert_close, assert_not_mutated, device_for, randn, skip_unsupported, to_numpy64
+from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, device_for, expect_kernels, randn,
+                     skip_unsupported, to_numpy64)
 
 CL = torch.channels_last
 
@@ -142,7 +144,7 @@ def _reductions(case: Case, y):
 
 
 def _run_case(case: Case, backend: str, dtype=torch.float32):
-    skip_unsupported(backend, dtype)
+    skip_unsupported(backend, dtype, uses_dot=True)
     device = device_for(backend)
     (x, w, b), canaries = _make_inputs(case, dtype, device)
     before = [t.detach().clone() for t in (x, w, b) if t is not None]
@@ -213,10 +215,15 @@ def test_conv2d_cases(backend, name, launched):
             assert FAST_KERNELS <= set(launched), f"FAST kernels not all used: {launched}"
         elif name.startswith("depthwise"):
             assert {"TUNED_DW_FWD", "TUNED_DW_DGRAD", "TUNED_WGRAD"} <= set(launched), launched
+            expect_kernels("conv2d_depthwise_fwd_kernel", "conv2d_depthwise_dgrad_kernel", "conv2d_wgrad_kernel")
         elif name == "1x1_cl_gelu":  # the GEMM fast path: no conv kernel at all
             assert launched == [], launched
         else:
             assert not FAST_KERNELS & set(launched), launched
+        if name.startswith("1x1_cl"):  # channels_last 1x1 convs are one GEMM
+            expect_kernels("matmul_kernel")
+        elif not name.startswith("depthwise"):
+            expect_kernels("conv2d_fwd_kernel", "conv2d_dgrad_kernel", "conv2d_wgrad_kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -303,6 +310,7 @@ def test_split_weight_and_bias_reduction(monkeypatch):
             y = conv2d(x, w, b, padding=1, activation="gelu")
             grads.append(torch.autograd.grad(y, (w, b), torch.ones_like(y)))
         assert all(torch.equal(a, c) for a, c in zip(*grads)), "split reduction is not deterministic"
+        expect_kernels("sum_partials_kernel", "conv2d_grad_z_kernel")
 
 
 def test_bias_grad_without_weight_grad(backend):
@@ -502,3 +510,11 @@ def test_torch_compile_fullgraph():
         loss.backward()
     assert_close(x_comp.grad, eager_grads[0], reduction=54)
     assert_close(model.weight.grad, eager_grads[1], reduction=60)
+    # the independent reference: the NumPy backend in float64
+    model64 = copy.deepcopy(model).double()
+    model64.zero_grad()
+    x64 = x.detach().cpu().double().requires_grad_()
+    with tkernels.use_backend("numpy"):
+        model64(x64).square().sum().backward()
+    assert_close(x_comp.grad, x64.grad, dtype=torch.float32, reduction=54)
+    assert_close(model.weight.grad, model64.weight.grad, dtype=torch.float32, reduction=60)

@@ -38,6 +38,57 @@ def test_keep_rate_and_scaling(backend, p):
     assert_close(dx, ref.dropout_backward(to_numpy64(g), keep.cpu().numpy(), p))
 
 
+def _binomial_bound(n: int, q: float, sigmas: float = 6.0):
+    """(mean, half-width): a Binomial(n, q) count lies within mean +- half-width but with odds ~1e-9."""
+    return n * q, sigmas * math.sqrt(n * q * (1 - q)) + 1
+
+
+def _assert_binomial(count: int, n: int, q: float, what: str) -> None:
+    mean, width = _binomial_bound(n, q)
+    assert abs(count - mean) < width, f"{what}: {count} of {n}, expected {mean:.0f} +- {width:.0f}"
+
+
+def _kernel_keep(n: int, seed: int, p: float = 0.5) -> torch.Tensor:
+    """The kernel's keep mask for elements 0..n-1 under `seed`, launched directly on ones."""
+    x = torch.ones(n, device=device_for("triton"))
+    y = torch.empty_like(x)
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=x.device)
+    dropout_ops.dropout_kernel[(math.ceil(n / dropout_ops.BLOCK),)](
+        x, y, seed_t, p, 1.0 / (1.0 - p), n, 1, 1, 1, *([0] * 8), DENSE=True, WIDE=False, BLOCK=dropout_ops.BLOCK)
+    assert set(torch.unique(y).tolist()) <= {0.0, 1.0 / (1.0 - p)}, "every element is dropped or scaled"
+    return (y != 0).cpu()
+
+
+def test_masks_differ_across_seeds_offsets_and_blocks(launches):
+    """Statistically, the mask is a fresh Bernoulli draw per seed, per element and per block: two
+    independent p=0.5 masks disagree on half the elements, and neighbours agree as often as chance."""
+    n = 4 * dropout_ops.BLOCK
+    first, second = _kernel_keep(n, 123), _kernel_keep(n, 124)
+    launches.assert_ran("dropout_kernel")
+    _assert_binomial(int(first.sum()), n, 0.5, "kept at p=0.5")
+    _assert_binomial(int((first != second).sum()), n, 0.5, "seeds 123 and 124 disagree")
+    _assert_binomial(int((first[1:] != first[:-1]).sum()), n - 1, 0.5, "neighbouring offsets disagree")
+    blocks = first.reshape(4, dropout_ops.BLOCK)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            _assert_binomial(int((blocks[a] != blocks[b]).sum()), dropout_ops.BLOCK, 0.5,
+                             f"blocks {a} and {b} disagree")
+
+
+def test_backward_uses_the_forward_mask_with_the_rate_drawn(backend):
+    """dx = g * keep / (1 - p) with the forward's keep: with g = 1 and x free of zeros, dx must be
+    (y != 0) / (1 - p) exactly, and the mask must have the binomial keep-rate (so a backward that
+    draws a new mask, or keeps everything, fails)."""
+    p, n = 0.3, 6000
+    x = _nonzero_randn(n, device=device_for(backend)).requires_grad_()
+    y = F.dropout(x, p)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    keep = y.detach() != 0
+    _assert_binomial(int(keep.sum()), n, 1 - p, "kept")
+    assert torch.equal(dx, keep.to(dx.dtype) / (1 - p)), "backward dropped other elements than forward"
+    assert_close(y, ref.dropout(to_numpy64(x), keep.cpu().numpy(), p))
+
+
 def test_mask_is_not_stored_only_the_seed(backend):
     x = torch.randn(64, 33, device=device_for(backend), requires_grad=True)
     y = F.dropout(x, 0.3)
@@ -142,6 +193,7 @@ def test_dtypes(backend, dtype):
     y = F.dropout(x, 0.25)
     assert y.dtype == dtype
     keep = (y.detach() != 0).cpu().numpy()
+    _assert_binomial(int(keep.sum()), keep.size, 0.75, f"kept in {dtype}")
     assert_close(y, ref.dropout(to_numpy64(x), keep, 0.25), dtype=dtype)
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert_close(dx, ref.dropout_backward(to_numpy64(torch.ones_like(y)), keep, 0.25), dtype=dtype)

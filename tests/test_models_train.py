@@ -115,6 +115,62 @@ def test_short_training_run_matches_plain_torch(digits, optimizer):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=key)
 
 
+TRITON_KERNELS_OF_LENET_TRAINING = {
+    "conv2d_fwd_kernel", "conv2d_dgrad_kernel", "conv2d_wgrad_kernel", "bn_stats_partial_kernel", "bn_apply_kernel",
+    "bn_backward_partial_kernel", "bn_backward_input_kernel", "max_pool2d_kernel", "max_pool2d_backward_kernel",
+    "matmul_kernel", "cross_entropy_forward_kernel", "cross_entropy_backward_kernel"}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_lenet_training_steps_through_triton_match_torch_and_numpy(optimizer, launches):
+    """Three float32 training steps of the LeNet-BN (batch 6) with tkernels' cross-entropy and
+    optimizer, every op on the Triton backend (the interpreter here), against the same model on
+    the NumPy backend and against its torch twin with torch's loss and optimizer. fp32 tolerances
+    for losses, final weights and running statistics (reduction: the widest sum, 144 terms)."""
+    if not tkernels.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("the Triton backend needs TRITON_INTERPRET=1 (conftest sets it on CPU machines) or a GPU")
+    device = "cuda" if not tkernels.INTERPRET else "cpu"
+    torch.manual_seed(0)
+    triton_model = build_model("lenet").to(device)
+    numpy_model = copy.deepcopy(triton_model).cpu()
+    twin = build_model("lenet", impl="torch")
+    twin.load_state_dict(numpy_model.state_dict())
+    # AdamW's default eps makes its first step lr*sign(g): a gradient that is zero in exact math
+    # (a dead ReLU channel) but 1e-9 in fp32 then moves a weight by a whole step either way.
+    # eps = 1e-3 keeps the update a smooth function of the gradient, so fp32 tolerances apply.
+    kwargs = dict(lr=0.05, momentum=0.9) if optimizer == "sgd" else dict(lr=2e-3, weight_decay=0.01, eps=1e-3)
+    ours, theirs = {"sgd": (toptim.SGD, torch.optim.SGD), "adamw": (toptim.AdamW, torch.optim.AdamW)}[optimizer]
+    runs = {"triton": (triton_model, tnn.CrossEntropyLoss(), ours(triton_model.parameters(), **kwargs), device),
+            "numpy": (numpy_model, tnn.CrossEntropyLoss(), ours(numpy_model.parameters(), **kwargs), "cpu"),
+            "torch": (twin, nn.CrossEntropyLoss(), theirs(twin.parameters(), **kwargs), "cpu")}
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 1, 8, 8, generator=generator), torch.randint(0, 10, (6,), generator=generator))
+               for _ in range(3)]
+    losses = {name: [] for name in runs}
+    for name, (net, criterion, opt, dev) in runs.items():
+        with tkernels.use_backend("numpy" if name == "numpy" else "triton"):
+            for x, y in batches:
+                loss = criterion(net(x.to(dev)), y.to(dev))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses[name].append(loss.detach().cpu())
+        if name == "triton":
+            assert TRITON_KERNELS_OF_LENET_TRAINING <= set(launches.names), set(launches.names)
+            launches.assert_any({"sgd_kernel", "adamw_kernel"}, "optimizer")
+            launches.clear()
+        else:
+            assert not launches.names, f"the {name} run launched Triton kernels: {set(launches.names)}"
+    for other in ("numpy", "torch"):
+        assert_close(torch.stack(losses["triton"]), torch.stack(losses[other]), dtype=torch.float32,
+                     reduction=144, msg=f"losses vs {other}")
+        for (key, a), b in zip(triton_model.state_dict().items(), runs[other][0].state_dict().values()):
+            if a.is_floating_point():
+                assert_close(a, b, dtype=torch.float32, reduction=144, msg=f"{key} vs {other}")
+            else:
+                assert torch.equal(a.cpu(), b), key
+
+
 @pytest.mark.slow
 def test_torch_compile_of_builtin_model():
     torch.manual_seed(0)
@@ -129,6 +185,14 @@ def test_torch_compile_of_builtin_model():
         expected.square().sum().backward()
     assert_close(out, expected, dtype=torch.float32)
     for (key, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad, dtype=torch.float32, reduction=100, msg=key)
+    # the independent reference: the torch twin of the model, in float64, with the same weights
+    torch_twin = build_model("lenet", impl="torch").double()
+    torch_twin.load_state_dict(twin.state_dict())
+    expected = torch_twin(x.double())
+    expected.square().sum().backward()
+    assert_close(out, expected, dtype=torch.float32)
+    for (key, p), q in zip(model.named_parameters(), torch_twin.parameters()):
         assert_close(p.grad, q.grad, dtype=torch.float32, reduction=100, msg=key)
 
 

@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings, strategies as st
 import tkernels
 import tkernels.functional as F
 from tkernels.reference import pooling as ref
-from helpers import Canary, assert_close, assert_not_mutated, device_for, skip_unsupported, to_numpy64
+from helpers import expect_kernels, Canary, assert_close, assert_not_mutated, device_for, skip_unsupported, to_numpy64
 
 NAN = float("nan")
 
@@ -78,6 +78,8 @@ def _check_max_pool(backend, shape, k, s, p, d, ceil_mode, dtype=torch.float32, 
     torch.testing.assert_close(y.double().cpu(), yt.detach(), rtol=0, atol=0, equal_nan=True)
     assert torch.equal(idx.cpu(), idxt), "indices differ from torch's (tie or NaN choice)"
     assert_close(dx, dxt, dtype=dtype, reduction=windows, msg="grad vs torch")
+    if y.numel():
+        expect_kernels("max_pool2d_kernel", "max_pool2d_backward_kernel")
     return y, idx, dx
 
 
@@ -189,6 +191,8 @@ def _check_avg_pool(backend, shape, k, s, p, ceil_mode, count_include_pad, divis
     yt, dxt = _torch_grads(TF.avg_pool2d, x0, grad, k, s, p, ceil_mode, count_include_pad, divisor_override)
     assert_close(y, yt, dtype=dtype, reduction=windows, msg="forward vs torch")
     assert_close(dx, dxt, dtype=dtype, reduction=windows, msg="grad vs torch")
+    if y.numel():
+        expect_kernels("avg_pool2d_kernel", "avg_pool2d_backward_kernel")
     return y, dx
 
 
@@ -232,6 +236,8 @@ def _check_adaptive(backend, shape, output_size, dtype=torch.float32, memory_for
     yt, dxt = _torch_grads(TF.adaptive_avg_pool2d, x0, grad, output_size)
     assert_close(y, yt, dtype=dtype, reduction=window, msg="forward vs torch")
     assert_close(dx, dxt, dtype=dtype, reduction=4, msg="grad vs torch")
+    if y.numel():
+        expect_kernels("adaptive_avg_pool2d_kernel", "adaptive_avg_pool2d_backward_kernel")
     return y
 
 

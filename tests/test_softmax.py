@@ -9,7 +9,7 @@ import tkernels
 import tkernels.functional as F
 from tkernels.ops import softmax as softmax_ops
 from tkernels.reference import softmax as ref
-from helpers import assert_close, canary, device_for, skip_unsupported, to_numpy64
+from helpers import expect_kernels, assert_close, canary, device_for, skip_unsupported, to_numpy64
 
 LOG = pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 
@@ -44,10 +44,18 @@ def _check(log, x, dim, dtype=None):
     assert_close(y, _torch(log)(x.detach().double(), dim), dtype=dtype, reduction=C)
     g = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, g)
-    assert_close(dx, _reference_grad(log, g, y64, dim), dtype=dtype, reduction=C)
+    # the backward kernel's input is the stored y, rounded to dtype: the reference at that y sees
+    # the kernel's own error (the 1% check). From x, y's rounding (up to a whole ulp per element
+    # where the interpreter truncates bf16, all of one sign) enters sum(g*y): a normwise error
+    # of ~2 ulp of max|y|, 8 times the normwise A in fp16/bf16, a sanity bound only.
+    assert_close(dx, _reference_grad(log, g, y, dim), dtype=dtype, reduction=C)
+    end_to_end = 1.0 if dtype in (torch.float32, torch.float64) else 8.0
+    assert_close(dx, _reference_grad(log, g, y64, dim), dtype=dtype, reduction=C, scale=end_to_end)
     xd = x.detach().double().requires_grad_()
     (dx_t,) = torch.autograd.grad(_torch(log)(xd, dim), xd, g.double())
-    assert_close(dx, dx_t, dtype=dtype, reduction=C)
+    assert_close(dx, dx_t, dtype=dtype, reduction=C, scale=end_to_end)
+    if x.numel():
+        expect_kernels("softmax_forward_kernel", "softmax_backward_kernel")
     return y, dx
 
 

@@ -162,11 +162,17 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 @triton.jit
-def _one_plus_tanh(u):
-    """1 + tanh(u) = 2 / (1 + exp(-2u)), written with e = exp(-2|u|) <= 1 so it neither overflows
-    nor cancels: 2 / (1 + e) for u >= 0 and 2e / (1 + e) for u < 0 (where tanh is near -1)."""
+def _half_one_plus_minus_tanh(u):
+    """((1 + tanh(u)) / 2, (1 - tanh(u)) / 2), i.e. (sigmoid(2u), sigmoid(-2u)), from one exp and one
+    reciprocal: with e = exp(-2|u|) <= 1 and r = 1 / (1 + e) they are (r, e r) for u >= 0 and (e r, r)
+    below, so neither overflows nor cancels (1 - tanh(u) computed as a difference would lose every
+    digit where tanh is near 1). One exp and one division keep the fused epilogues and gated GEMM
+    prologues that inline this within their register budget."""
     e = tl.exp(-2.0 * tl.abs(u))
-    return tl.where(u >= 0.0, 2.0, 2.0 * e) / (1.0 + e)
+    r = 1.0 / (1.0 + e)
+    er = e * r
+    positive = u >= 0.0
+    return tl.where(positive, r, er), tl.where(positive, er, r)
 
 
 @triton.jit
@@ -194,7 +200,8 @@ def apply_activation(z, ACT: tl.constexpr, param):
     elif ACT == 3:  # gelu (erf)
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 4:  # gelu (tanh approximation): 0.5 z (1 + tanh(inner)), 1 + tanh without cancellation
-        return 0.5 * z * _one_plus_tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        half_one_plus_t, _ = _half_one_plus_minus_tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        return z * half_one_plus_t
     elif ACT == 5:  # silu
         return z * tl.sigmoid(z)
     elif ACT == 6:  # sigmoid
@@ -216,11 +223,12 @@ def activation_grad(saved, ACT: tl.constexpr, param):
         cdf = 0.5 * (1.0 + tl.math.erf(saved * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * saved * saved)
         return cdf + saved * pdf
-    elif ACT == 4:  # gelu_tanh: (1 + t)/2 + z/2 (1 - t^2) inner', with 1 - t^2 = (1 + t)(1 - t)
+    elif ACT == 4:  # gelu_tanh: (1 + t)/2 + z/2 (1 - t^2) inner', with (1 - t^2)/4 = (1 + t)/2 (1 - t)/2
         inner = 0.7978845608028654 * (saved + 0.044715 * saved * saved * saved)
-        one_plus_t = _one_plus_tanh(inner)
+        e = tl.exp(-2.0 * tl.abs(inner))  # (1 + t)/2 = r or e r, and (1 - t^2)/4 = e r^2 for either sign
+        r = 1.0 / (1.0 + e)
         dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * saved * saved)
-        return 0.5 * one_plus_t + 0.5 * saved * (one_plus_t * _one_plus_tanh(-inner)) * dinner
+        return tl.where(inner >= 0.0, r, e * r) + 2.0 * saved * (e * r * r) * dinner
     elif ACT == 5:  # silu: s * (1 + z * (1 - s))
         s = tl.sigmoid(saved)
         return s * (1.0 + saved * (1.0 - s))

@@ -145,8 +145,8 @@ def _epilogue_slice(acc, c_desc, p_desc, bias_ptr, off_m, off_n, N, act_param,
 # ---------------------------------------------------------------------------------------------
 # Configs (sm_90 only) and `tkernels inspect` registrations
 # ---------------------------------------------------------------------------------------------
-def _tile(m: int, n: int, warps: int, stages: int, split: int = 2, ws: bool = True) -> triton.Config:
-    return config(BLOCK_M=m, BLOCK_N=n, BLOCK_K=64, GROUP_M=8, EPILOGUE_SPLIT=split, WARP_SPECIALIZE=ws,
+def _tile(m: int, n: int, warps: int, stages: int, split: int = 2, ws: bool = True, k: int = 64) -> triton.Config:
+    return config(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, EPILOGUE_SPLIT=split, WARP_SPECIALIZE=ws,
                   num_warps=warps, num_stages=stages)
 
 
@@ -155,7 +155,8 @@ def _tile(m: int, n: int, warps: int, stages: int, split: int = 2, ws: bool = Tr
 # groups issuing wgmma, with setmaxnreg moving registers to the consumers; 12 warps launch (inspect
 # reports them). The forward (no gate) takes 128x256 tiles: 64 rows x 256 fp32 accumulators per
 # consumer group = 128 registers a thread. The gated backward also holds A and G tiles in registers
-# for the act' prologue, so its largest tile is 128x128. Configs without warp specialisation
+# for the act' prologue, so its largest tile is 128x128, stepping K by 32 when warp-specialised
+# (the consumers' register cap; at 64 the gelu_tanh gradient spilled 24-32 B). Configs without warp specialisation
 # (8 warps, 2 consumer groups, software-pipelined) cover small or skinny problems.
 def _triton_version() -> tuple:
     return tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
@@ -169,7 +170,8 @@ if WARP_SPECIALIZATION:
     TMA_CONFIGS = {
         "plain": {"sm_90": [_tile(128, 256, 4, 3), _tile(128, 128, 4, 4), _tile(128, 128, 8, 4, ws=False),
                             _tile(64, 128, 4, 4, ws=False)]},
-        "gated": {"sm_90": [_tile(128, 128, 4, 2), _tile(128, 128, 8, 3, ws=False), _tile(64, 128, 4, 4, ws=False)]},
+        "gated": {"sm_90": [_tile(128, 128, 4, 4, k=32), _tile(128, 128, 8, 3, ws=False),
+                            _tile(64, 128, 4, 4, ws=False)]},
     }
 else:
     TMA_CONFIGS = {
