@@ -81,6 +81,33 @@ def test_new_fp32_precision_api():
         conv.fp32_precision, matmul.fp32_precision = saved
 
 
+
+def test_fast_precision_read_matches_the_holders():
+    """The C-getter read (a launch-time fast path) answers as walking torch.backends' holders does,
+    for every combination of the generic, backend and op levels."""
+    if _common._FP32_PRECISION_GETTER is None:
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision API (only the holder walk exists)")
+    b = torch.backends
+    holders = {"matmul": (b.cuda.matmul, b), "conv": (b.cudnn.conv, b.cudnn, b)}
+    levels = [(b, "fp32_precision"), (b.cudnn, "fp32_precision"), (b.cudnn.conv, "fp32_precision"),
+              (b.cuda.matmul, "fp32_precision")]
+    saved = [getattr(h, a) for h, a in levels]
+    seen = set()
+    try:
+        for generic in ("none", "ieee", "tf32"):
+            for cuda_all in ("none", "ieee", "tf32"):
+                for op_level in ("none", "ieee", "tf32"):
+                    b.fp32_precision, b.cudnn.fp32_precision = generic, cuda_all
+                    b.cudnn.conv.fp32_precision = b.cuda.matmul.fp32_precision = op_level
+                    for op, chain in holders.items():
+                        expected = _common._tf32_allowed(chain, lambda: pytest.fail("legacy flag read"))
+                        assert _common._tf32_allowed_fast(op) == expected, (op, generic, cuda_all, op_level)
+                        seen.add(expected)
+    finally:
+        for (h, a), value in zip(levels, saved):
+            setattr(h, a, value)
+    assert seen == {True, False}
+
 def _linear_step(dev):
     x = torch.randn(16, 16, device=dev, requires_grad=True)
     w = torch.randn(16, 16, device=dev, requires_grad=True)

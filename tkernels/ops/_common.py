@@ -228,6 +228,23 @@ def _tf32_allowed(holders, legacy_flag: Callable[[], bool]) -> bool:
     return False
 
 
+# torch >= 2.9 reads each level's fp32_precision through this C getter; going through the Python
+# holders (torch.backends.cuda.matmul and friends, each a __getattr__ chain) costs ~2 us per launch.
+_FP32_PRECISION_GETTER = getattr(torch._C, "_get_fp32_precision_getter", None)
+# (backend, op) of each holder, op level first, as _tf32_allowed walks them
+_PRECISION_LEVELS = {"matmul": (("cuda", "matmul"), ("generic", "all")),
+                     "conv": (("cuda", "conv"), ("cuda", "all"), ("generic", "all"))}
+
+
+def _tf32_allowed_fast(op: str) -> bool:
+    """_tf32_allowed through the C getter: the same holders, in the same order."""
+    for backend, level in _PRECISION_LEVELS[op]:
+        precision = _FP32_PRECISION_GETTER(backend, level)
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
 def tl_input_precision(dtype: torch.dtype, op: str = "matmul") -> str:
     """``tl.dot``'s input_precision for an fp32 op, the one torch would use: matmuls (linear) follow
     ``torch.backends.cuda.matmul`` / ``torch.set_float32_matmul_precision`` (default: exact, 'ieee');
@@ -235,6 +252,8 @@ def tl_input_precision(dtype: torch.dtype, op: str = "matmul") -> str:
     precisions always take 'ieee' (their products are exact in the fp32 accumulator)."""
     if dtype != torch.float32:
         return "ieee"
+    if _FP32_PRECISION_GETTER is not None:
+        return "tf32" if _tf32_allowed_fast("conv" if op == "conv" else "matmul") else "ieee"
     backends = torch.backends
     if op == "conv":
         allowed = _tf32_allowed((getattr(backends.cudnn, "conv", None), backends.cudnn, backends),

@@ -42,13 +42,18 @@ def _first_tensor(args: Sequence[Any]):
     return None
 
 
+# bound once: each is read on every op call
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_depth = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def eager_device(args: Sequence[Any]) -> Optional[str]:
     """'cpu' or 'cuda' when a call with these arguments may skip torch.library's dispatch (see the
     module docstring), with the device type its first tensor is on; None when it must dispatch."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+    if _is_compiling() or _dispatch_stack_depth() or _functorch_active():
         return None
-    t = _first_tensor(args)
+    t = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(args)
     if t is None:
         return "cpu"
     if type(t) not in _PLAIN_TYPES:
@@ -129,12 +134,13 @@ class _NoGradContext:
 # with a separate setup_context (ours have none) and handles functorch transforms (excluded by
 # plain_eager); calling the C++ half directly saves several microseconds per op.
 _C_APPLY = torch._C._FunctionBase.__dict__["apply"]
+_grad_enabled = torch.is_grad_enabled
 
 
 def run_function(function: type, *args):
     """``function.apply(*args)``, or ``function.forward`` called directly when no gradient can be needed."""
     if not plain_eager(args):
         return function.apply(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+    if _grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return _C_APPLY.__get__(None, function)(*args)
     return function.forward(_NoGradContext(len(args)), *args)

@@ -18,7 +18,7 @@ from ..activations import ActivationLike, resolve_activation
 from ..reference import linear as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
-from ._common import check_floating, check_same, check_triton_dtype, from_numpy, to_numpy
+from ._common import FLOAT_DTYPES, check_floating, check_same, check_triton_dtype, from_numpy, to_numpy
 from .matmul import matmul
 from .reductions import column_sum
 
@@ -64,14 +64,14 @@ def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     act = resolve_activation(activation)
     gate = None if act.is_identity else saved
     gate_t = None if gate is None else gate.t()
-    dx, dw, db = x.new_empty(_EMPTY), x.new_empty(_EMPTY), x.new_empty(_EMPTY)
+    # (each gradient tensor allocated once: the ones not asked for as empty tensors)
+    device = x.device
+    dx = torch.empty((M, K) if need_input else _EMPTY, device=device, dtype=x.dtype)
+    dw = torch.empty((N, K) if need_weight else _EMPTY, device=device, dtype=weight.dtype if need_weight else x.dtype)
+    db = torch.empty((N,) if need_bias else _EMPTY, device=device, dtype=weight.dtype if need_bias else x.dtype)
     if need_input:  # dX = dZ @ W
-        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
         matmul(grad_y, weight, dx, gate=gate, gate_activation_code=act.code, activation_param=param)
-    if need_bias:
-        db = torch.empty((N,), device=x.device, dtype=weight.dtype)
     if need_weight:  # dW = dZ^T @ X, and db = row sums of dZ^T
-        dw = torch.empty((N, K), device=x.device, dtype=weight.dtype)
         matmul(grad_y.t(), x, dw, gate=gate_t, gate_activation_code=act.code, activation_param=param,
                rowsum_out=db if need_bias else None)
     elif need_bias:
@@ -111,11 +111,19 @@ class LinearFunction(torch.autograd.Function):
                 None, None)
 
 
-def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-           activation: ActivationLike = None) -> Tensor:
-    """``torch.nn.functional.linear`` with an optional fused activation: act(input @ weight.T + bias)."""
-    op = "linear"
-    input, weight, bias = cast_inputs(op, input, weight, bias)
+def _well_formed(input, weight, bias) -> bool:
+    """Whether every check of :func:`_check_inputs` passes, read in one expression (the common case
+    costs a few attribute reads, not six calls). False sends the call through the full checks."""
+    if not (isinstance(input, Tensor) and isinstance(weight, Tensor)):
+        return False
+    dtype, device, out_features = input.dtype, input.device, weight.shape[0] if weight.dim() == 2 else -1
+    return (dtype in FLOAT_DTYPES and weight.dtype == dtype and weight.device == device and out_features >= 0
+            and input.dim() != 0 and input.shape[-1] == weight.shape[1]
+            and (bias is None or (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
+                                  and bias.dim() == 1 and bias.shape[0] == out_features)))
+
+
+def _check_inputs(op: str, input, weight, bias) -> None:
     check_floating(op, "input", input)
     check_floating(op, "weight", weight)
     check_same(op, "input", input, weight=weight, bias=bias)
@@ -129,8 +137,18 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise RuntimeError(f"{op}: bias must have shape ({weight.shape[0]},) to match out_features, "
                            f"but got {tuple(bias.shape)}")
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+           activation: ActivationLike = None) -> Tensor:
+    """``torch.nn.functional.linear`` with an optional fused activation: act(input @ weight.T + bias)."""
+    op = "linear"
+    input, weight, bias = cast_inputs(op, input, weight, bias)
+    if not _well_formed(input, weight, bias):
+        _check_inputs(op, input, weight, bias)
     act = resolve_activation(activation)
+    if input.dim() == 2:
+        return run_function(LinearFunction, input, weight, bias, act.name, act.param)
     lead = input.shape[:-1]
-    x2d = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
-    y = run_function(LinearFunction, x2d, weight, bias, act.name, act.param)
-    return y if input.dim() == 2 else y.reshape(*lead, weight.shape[0])
+    y = run_function(LinearFunction, input.reshape(-1, input.shape[-1]), weight, bias, act.name, act.param)
+    return y.reshape(*lead, weight.shape[0])

@@ -25,7 +25,7 @@ The kernels also mask the gathered load, so an unchecked target can never read o
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -315,12 +315,13 @@ def _check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> No
     if target.is_floating_point() or target.numel() == 0:
         return
     t = target.to(torch.int64) if target.dtype != torch.int64 else target
-    if _target_on_host(target):
+    on_host = _target_on_host(target)
+    if on_host:
         low, high = torch.aminmax(t)  # one pass; the full check only when something may be wrong
         if int(low) >= 0 and int(high) < n_classes:
             return
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
-    if not _target_on_host(target):
+    if not on_host:
         torch._assert_async(~bad.any(), f"cross_entropy: a target is out of bounds: expected class indices in "
                                         f"[0, {n_classes - 1}] or ignore_index={ignore_index}")
         return
@@ -330,7 +331,23 @@ def _check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> No
                          f"[0, {n_classes - 1}] or ignore_index={ignore_index}")
 
 
+# layout (shapes and strides of x, target and the others) -> plan: a training loop asks for the same
+# few layouts every step, and the key is cheaper to build than the plan_rows arguments.
+_CE_PLANS: Dict[tuple, Optional[RowPlan]] = {}
+_CE_PLANS_MAX = 1024
+
+
 def _ce_plan(x: Tensor, target: Tensor, *others: Tensor) -> Optional[RowPlan]:
+    key = (x.shape, x.stride(), target.shape, target.stride(), *[(t.shape, t.stride()) for t in others])
+    plan = _CE_PLANS.get(key, _CE_PLANS)
+    if plan is _CE_PLANS:
+        if len(_CE_PLANS) >= _CE_PLANS_MAX:
+            _CE_PLANS.clear()
+        plan = _CE_PLANS[key] = _plan_layout(x, target, *others)
+    return plan
+
+
+def _plan_layout(x: Tensor, target: Tensor, *others: Tensor) -> Optional[RowPlan]:
     prob = target.dim() == x.dim()
     strides = [batch_strides(x, 1), batch_strides(target, 1) if prob else list(target.stride())]
     strides += [batch_strides(t, 1) if t.dim() == x.dim() else list(t.stride()) for t in others]
@@ -349,7 +366,7 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     prob = target.dim() == x.dim()
     _check_target_range(target, C, ignore_index)
     loss_shape = target.shape if not prob else x.shape[:1] + x.shape[2:]
-    stats = [x.new_empty((rows,), dtype=torch.float32) for _ in range(2)]
+    stats = (x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
     denom = x.new_ones((), dtype=torch.float32)  # 'none' has no divisor; keep the output defined
     if _backend.resolve("cross_entropy", x) == "numpy":
         # the reference backward recomputes everything from x, so the saved statistics stay unused
@@ -367,12 +384,14 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     if plan is None:
         x, target = x.contiguous(), target.contiguous()
         plan = _ce_plan(x, target)
-    n_parts = plan.grid[0]
-    parts = [x.new_empty((n_parts,), dtype=torch.float32) for _ in range(2)] if reduce else [loss, loss]
+    grid = plan.grid
+    n_parts = grid[0]
+    parts = ((x.new_empty((n_parts,), dtype=torch.float32), x.new_empty((n_parts,), dtype=torch.float32))
+             if reduce else (loss, loss))
     eps = max(float(label_smoothing), 0.0)
     kernel, meta = _CE_FORWARD.launcher(x.device)
     if rows:
-        kernel[plan.grid](x, target, weight if weight is not None else x, parts[0], parts[1], stats[0], stats[1],
+        kernel[grid](x, target, weight if weight is not None else x, parts[0], parts[1], stats[0], stats[1],
                           *plan.launch_args(), *plan.strides[0], x.stride(1), *plan.strides[1],
                           _class_stride(target, prob), int(ignore_index), eps,
                           PROB=prob, HAS_WEIGHT=weight is not None, SMOOTH=eps > 0, REDUCE=reduce,
@@ -547,11 +566,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             raise RuntimeError(f"{op}: class-index targets must be int64 (Long) or uint8 (Byte), but got "
                                f"{target.dtype} (class probabilities need target.shape == input.shape "
                                f"{tuple(input.shape)}, got {tuple(target.shape)})")
-        expected = (input.shape[0],) + tuple(input.shape[2:]) if batched else ()
         if batched and (target.dim() == 0 or target.shape[0] != input.shape[0]):
             raise ValueError(f"{op}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
                              f"({target.shape[0] if target.dim() else 'none: target is 0-d'})")
-        if tuple(target.shape) != expected:
+        if target.shape != (input.shape[:1] + input.shape[2:] if batched else ()):
+            expected = (input.shape[0],) + tuple(input.shape[2:]) if batched else ()
             raise RuntimeError(f"{op}: size mismatch: input {tuple(input.shape)} needs class-index target of shape "
                                f"{expected}, but got {tuple(target.shape)}")
     if weight is not None:

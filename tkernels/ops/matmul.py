@@ -215,8 +215,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
         if rowsum_out is not None:
             rowsum_out.zero_()
         return out
-    split = split_k if split_k is not None else _choose_split_k(M, N, K, a.device)
-    split = max(1, min(split, max(1, K)))
+    device = a.device
+    split = split_k if split_k is not None else _choose_split_k(M, N, K, device)
+    if split != 1:
+        split = max(1, min(split, max(1, K)))
     if split > 1 and (bias is not None or activation_code != 0 or preact_out is not None):
         raise ValueError("split-K matmul has no epilogue; use it for gradients only")
 
@@ -228,8 +230,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
 
     dummy = out
     if split > 1:
-        c_target = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
-        row_target = (torch.empty((split, M), device=a.device, dtype=torch.float32)
+        c_target = torch.empty((split, M, N), device=device, dtype=torch.float32)
+        row_target = (torch.empty((split, M), device=device, dtype=torch.float32)
                       if rowsum_out is not None else c_target)
     else:
         c_target = out
@@ -237,8 +239,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     gate_t = gate if gate is not None else a
     preact_t = preact_out if preact_out is not None else dummy
 
-    precision = tl_input_precision(a.dtype, precision_of)
-    kernel, meta = TUNED_MATMUL[operand_class(a.dtype, precision)].launcher(a.device)
+    dtype = a.dtype
+    precision = tl_input_precision(dtype, precision_of)
+    kernel, meta = TUNED_MATMUL[operand_class(dtype, precision)].launcher(device)
     grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
     # (one stride() tuple per tensor: stride(i) parses its argument on every call)
     kernel[grid](
