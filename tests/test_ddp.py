@@ -106,6 +106,9 @@ def _worker(out_dir: Path) -> None:
         checksum=float(sum(t.double().sum() for t in state.values())),
     )
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    # as in examples/ddp_train.py: release DDP's reducer (it holds the group) and meet before gloo goes
+    del ddp, optimizers
+    dist.barrier()
     dist.destroy_process_group()
 
 
