@@ -32,7 +32,7 @@ from ..activations import ActivationLike, resolve_activation
 from ..reference import batch_norm as ref
 from . import batch_norm_kernels as K
 from ._dispatch import custom_op, run_function
-from ._common import check_floating, check_triton_dtype, from_numpy, to_numpy
+from ._common import check_floating, check_triton_dtype, from_numpy, numpy_into, to_numpy
 
 OP = "batch_norm"
 _EMPTY = (0,)
@@ -75,9 +75,7 @@ def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: 
 
 
 def _like_input(a, x: Tensor) -> Tensor:
-    out = K.empty_like_dense(x)
-    out.copy_(from_numpy(a, x))
-    return out
+    return numpy_into(K.empty_like_dense(x), a)
 
 
 # ---------------------------------------------------------------------------------------------
