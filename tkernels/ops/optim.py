@@ -679,7 +679,7 @@ def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         if _backend.resolve("adamw", params[idx[0]]) == "numpy":
             if _numpy_skipped(found_inf):
                 continue
-            step_counts = [float(steps[i]) for i in range(len(steps))]
+            step_counts = [float(to_numpy(s)) for s in steps]
             for batch in _numpy_batches(idx, lambda i: step_counts[i]):  # the bias corrections depend on the step
                 pick = lambda seq: [seq[i] for i in batch]  # noqa: E731
                 p, m, v, v_max, t = ref.adamw_update(
