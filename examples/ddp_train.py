@@ -90,6 +90,10 @@ def main() -> None:
         spread = max(float((s - states[0]).abs().max()) for s in states)
         print(f"final test accuracy {100 * float(accuracy):.1f}%; weights and statistics agree across "
               f"{world} processes (max difference {spread:.1e})", flush=True)
+    # DDP's reducer holds the process group: release it, and let every rank arrive, before the group
+    # goes (a rank tearing gloo down while its peer still talks aborted now and then on a loaded box)
+    del model
+    dist.barrier()
     dist.destroy_process_group()
 
 
