@@ -335,11 +335,20 @@ def to_numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
-def from_numpy(a: np.ndarray, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def _wrappable(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a)
     if not a.flags.c_contiguous or not a.flags.writeable:  # (np.ascontiguousarray would turn 0-d into 1-d)
         a = a.copy()
-    return torch.from_numpy(a).to(device=like.device, dtype=dtype or like.dtype)
+    return a
+
+
+def from_numpy(a: np.ndarray, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return torch.from_numpy(_wrappable(a)).to(device=like.device, dtype=dtype or like.dtype)
+
+
+def numpy_into(out: torch.Tensor, a: np.ndarray) -> torch.Tensor:
+    """out with a's values copied in (cast to out's dtype, in out's layout): one pass, no temporary."""
+    return out.copy_(torch.from_numpy(_wrappable(a)))
 
 
 def cdiv(a: int, b: int) -> int:

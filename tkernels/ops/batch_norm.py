@@ -32,7 +32,7 @@ from ..activations import ActivationLike, resolve_activation
 from ..reference import batch_norm as ref
 from . import batch_norm_kernels as K
 from ._dispatch import custom_op, run_function
-from ._common import check_floating, check_triton_dtype, from_numpy, to_numpy
+from ._common import check_floating, check_triton_dtype, from_numpy, numpy_into, to_numpy
 
 OP = "batch_norm"
 _EMPTY = (0,)
@@ -49,12 +49,14 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # NumPy-backend glue: the (5, C) stats layout <-> the reference's (count, mean, m2, invstd).
 # ---------------------------------------------------------------------------------------------
-def _numpy_stats_tensor(count, mean, m2, eps: float, like: Tensor) -> Tensor:
+def _numpy_stats_rows(count, mean, m2, eps: float, like: Tensor) -> Tuple[Tensor, np.ndarray]:
+    """(the (5, C) stats tensor, its values as float64 rows: what a reader of the tensor sees)."""
     dtype = _stats_dtype(like)
+    stats_np = np.float32 if dtype == torch.float32 else np.float64
     with np.errstate(all="ignore"):  # inf - inf is NaN, as in the kernels, and torch does not warn
-        hi = mean.astype(np.float32 if dtype == torch.float32 else np.float64).astype(np.float64)
-        rows = np.stack([count, hi, mean - hi, m2, ref.invstd_from_m2(count, m2, eps)])
-    return from_numpy(rows, like, dtype=dtype)
+        hi = mean.astype(stats_np).astype(np.float64)
+        rows = np.stack([count, hi, mean - hi, m2, ref.invstd_from_m2(count, m2, eps)]).astype(stats_np)
+    return from_numpy(rows, like, dtype=dtype), rows.astype(np.float64, copy=False)
 
 
 def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: float):
@@ -73,9 +75,7 @@ def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: 
 
 
 def _like_input(a, x: Tensor) -> Tensor:
-    out = K.empty_like_dense(x)
-    out.copy_(from_numpy(a, x))
-    return out
+    return numpy_into(K.empty_like_dense(x), a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,15 +121,18 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------------------------
-def _numpy_batch_stats(input: Tensor, running_mean, running_var, momentum: float, eps: float) -> Tensor:
-    count, mean, m2 = ref.channel_stats(to_numpy(input))
+def _numpy_batch_stats(input: Tensor, x: np.ndarray, running_mean, running_var, momentum: float,
+                       eps: float) -> Tuple[Tensor, np.ndarray]:
+    """(stats tensor, its float64 rows) of input, whose float64 copy is x; running stats updated."""
+    count, mean, m2 = ref.channel_stats(x)
     _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-    return _numpy_stats_tensor(count, mean, m2, eps, input)
+    return _numpy_stats_rows(count, mean, m2, eps, input)
 
 
-def _numpy_apply_training(input: Tensor, stats: Tensor, weight, bias, activation: str, param: float) -> Tensor:
-    mean, invstd = _numpy_mean_invstd(stats, None, None, True, 0.0)
-    y = ref.normalize(to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias), activation, param)
+def _numpy_apply_training(input: Tensor, x: np.ndarray, rows: np.ndarray, weight, bias, activation: str,
+                          param: float) -> Tensor:
+    """y from input (float64 copy x) and the float64 rows of its stats."""
+    y = ref.normalize(x, rows[1] + rows[2], rows[4], to_numpy(weight), to_numpy(bias), activation, param)
     return _like_input(y, input)
 
 
@@ -138,7 +141,7 @@ def batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var:
                      eps: float) -> Tensor:
     """Batch statistics (5, C) of input; running stats (if given) updated in place."""
     if _use_numpy(input):
-        return _numpy_batch_stats(input, running_mean, running_var, momentum, eps)
+        return _numpy_batch_stats(input, to_numpy(input), running_mean, running_var, momentum, eps)[0]
     check_triton_dtype(OP, input)
     (x,), geom = _geometry(input)
     return _run_with_running(lambda rm, rv: K.launch_stats(x, geom, rm, rv, momentum, eps), running_mean, running_var)
@@ -157,7 +160,7 @@ def batch_norm_gather_stats(gathered: Tensor, running_mean: Optional[Tensor], ru
         g = to_numpy(gathered)
         count, mean, m2 = ref.merge_stats(g[:, 0], g[:, 1] + g[:, 2], g[:, 3])
         _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-        return _numpy_stats_tensor(count, mean, m2, eps, gathered)
+        return _numpy_stats_rows(count, mean, m2, eps, gathered)[0]
     parts = gathered.contiguous()
     P, C = parts.shape[0], parts.shape[2]
     return _run_with_running(
@@ -176,7 +179,7 @@ def batch_norm_apply(input: Tensor, stats: Optional[Tensor], weight: Optional[Te
     """y = act(normalise(x) * gamma + beta), from batch stats (training) or running stats (eval)."""
     if _use_numpy(input):
         if training:
-            return _numpy_apply_training(input, stats, weight, bias, activation, param)
+            return _numpy_apply_training(input, to_numpy(input), to_numpy(stats), weight, bias, activation, param)
         y = ref.batch_norm_forward(to_numpy(input), to_numpy(running_mean), to_numpy(running_var),
                                    to_numpy(weight), to_numpy(bias), False, 0.0, eps, activation, param)[0]
         return _like_input(y, input)
@@ -198,8 +201,9 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     """Training forward in one launch: (y, stats (5, C)); running stats (if given) updated in place.
     For non-empty inputs that ``K.single_launch_fits``; the result equals batch_norm_stats + apply."""
     if _use_numpy(input):
-        stats = _numpy_batch_stats(input, running_mean, running_var, momentum, eps)
-        return _numpy_apply_training(input, stats, weight, bias, activation, param), stats
+        x = to_numpy(input)  # converted once for both passes
+        stats, rows = _numpy_batch_stats(input, x, running_mean, running_var, momentum, eps)
+        return _numpy_apply_training(input, x, rows, weight, bias, activation, param), stats
     check_triton_dtype(OP, input)
     if not input.numel():
         raise ValueError(f"{OP}: the single-launch training forward needs a non-empty input, got shape "

@@ -36,7 +36,8 @@ from .. import _backend
 from ..reference import losses as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
-from ._common import KernelSpec, Tuned, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
+from ._common import (KernelSpec, Tuned, check_triton_dtype, config, from_numpy, numpy_into, register_kernel,
+                      to_numpy)
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
                       plan_rows, row_coordinates, row_offsets)
 
@@ -421,12 +422,8 @@ def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Opti
         dx, dt = ref.cross_entropy_backward(to_numpy(grad), to_numpy(x),
                                             to_numpy(target) if prob else target.numpy(),
                                             to_numpy(weight), ignore_index, reduction, label_smoothing)
-        dx_out = torch.empty_like(x)
-        dx_out.copy_(from_numpy(dx, x))
-        dt_out = torch.empty_like(x, dtype=target.dtype) if need_target else x.new_empty(_EMPTY)
-        if need_target:
-            dt_out.copy_(from_numpy(dt, target))
-        return dx_out, dt_out
+        dt_out = numpy_into(torch.empty_like(x, dtype=target.dtype), dt) if need_target else x.new_empty(_EMPTY)
+        return numpy_into(torch.empty_like(x), dx), dt_out
     dx = torch.empty_like(x)
     dt = torch.empty_like(dx, dtype=target.dtype) if need_target else x.new_empty(_EMPTY)
     if x.numel() == 0:

@@ -51,7 +51,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import optim as ref
 from ._dispatch import custom_op
-from ._common import (KernelSpec, cdiv, check_triton_dtype, config, current_arch, from_numpy, register_kernel,
+from ._common import (KernelSpec, cdiv, check_triton_dtype, config, current_arch, register_kernel,
                       to_numpy)
 
 # Table layout (int64 words; the kernels index rows with these literal field numbers).
@@ -518,13 +518,36 @@ def _numpy_skipped(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and float(found_inf) != 0.0
 
 
-def _numpy_gradient(grad: Tensor, grad_scale: Optional[Tensor]) -> np.ndarray:
-    """The float64 gradient; unscaled, and stored back unscaled, under a GradScaler."""
-    g = to_numpy(grad)
+def _numpy_gather(tensors: List[Tensor]) -> np.ndarray:
+    """The tensors flattened into one float64 array: the NumPy backend's step runs once per batch of
+    params (the update is elementwise), not once per param with a conversion each."""
+    if len(tensors) == 1:
+        return to_numpy(tensors[0]).reshape(-1)
+    return to_numpy(torch.cat([t.detach().reshape(-1) for t in tensors]))
+
+
+def _numpy_scatter(values: np.ndarray, tensors: List[Tensor]) -> None:
+    """Copy the float64 ``values`` (laid out as :func:`_numpy_gather` gathered) back into tensors."""
+    flat = torch.from_numpy(np.ascontiguousarray(values))
+    for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
+        t.copy_(part.view(t.shape))
+
+
+def _numpy_gradients(grads: List[Tensor], grad_scale: Optional[Tensor]) -> np.ndarray:
+    """The gathered float64 gradients; unscaled, and stored back unscaled, under a GradScaler."""
+    g = _numpy_gather(grads)
     if grad_scale is not None:
         g = ref.unscale(g, float(grad_scale))
-        grad.copy_(from_numpy(g, grad))
+        _numpy_scatter(g, grads)
     return g
+
+
+def _numpy_batches(idx: List[int], key) -> List[List[int]]:
+    """idx grouped by key(i) (the params one reference call can update together), in first-seen order."""
+    batches: Dict = {}
+    for i in idx:
+        batches.setdefault(key(i), []).append(i)
+    return list(batches.values())
 
 
 def _scaler_launch_args(grad_scale: Optional[Tensor], found_inf: Optional[Tensor], device: torch.device,
@@ -582,14 +605,17 @@ def sgd_step(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[T
         if _backend.resolve("sgd", params[idx[0]]) == "numpy":
             if _numpy_skipped(found_inf):
                 continue
-            for i in idx:
-                buf = None if momentum == 0 or first_step[i] else to_numpy(momentum_buffers[i])
-                new_p, new_buf = ref.sgd_update(to_numpy(params[i]), _numpy_gradient(grads[i], grad_scale), buf,
-                                                lr=_host_lr(lr, lr_tensor), momentum=momentum, dampening=dampening,
-                                                weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-                params[i].copy_(from_numpy(new_p, params[i]))
+            has_buffer = lambda i: momentum != 0 and not first_step[i]  # noqa: E731
+            for batch in _numpy_batches(idx, has_buffer):
+                pick = lambda seq: [seq[i] for i in batch]  # noqa: E731
+                buf = _numpy_gather(pick(momentum_buffers)) if has_buffer(batch[0]) else None
+                new_p, new_buf = ref.sgd_update(_numpy_gather(pick(params)), _numpy_gradients(pick(grads), grad_scale),
+                                                buf, lr=_host_lr(lr, lr_tensor), momentum=momentum,
+                                                dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                                                maximize=maximize)
+                _numpy_scatter(new_p, pick(params))
                 if new_buf is not None:
-                    momentum_buffers[i].copy_(from_numpy(new_buf, momentum_buffers[i]))
+                    _numpy_scatter(new_buf, pick(momentum_buffers))
         else:
             _sgd_triton(sub(params), sub(grads), sub(momentum_buffers), sub(first_step), lr, momentum, dampening,
                         weight_decay, nesterov, maximize, grad_scale, found_inf, lr_tensor)
@@ -653,17 +679,21 @@ def adamw_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         if _backend.resolve("adamw", params[idx[0]]) == "numpy":
             if _numpy_skipped(found_inf):
                 continue
-            for i in idx:
+            step_counts = [float(to_numpy(s)) for s in steps]
+            for batch in _numpy_batches(idx, lambda i: step_counts[i]):  # the bias corrections depend on the step
+                pick = lambda seq: [seq[i] for i in batch]  # noqa: E731
                 p, m, v, v_max, t = ref.adamw_update(
-                    to_numpy(params[i]), _numpy_gradient(grads[i], grad_scale), to_numpy(exp_avgs[i]),
-                    to_numpy(exp_avg_sqs[i]), to_numpy(max_exp_avg_sqs[i]) if amsgrad else None,
-                    float(to_numpy(steps[i])), lr=_host_lr(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps,
-                    weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-                for tensor, value in ((params[i], p), (exp_avgs[i], m), (exp_avg_sqs[i], v)):
-                    tensor.copy_(from_numpy(value, tensor))
+                    _numpy_gather(pick(params)), _numpy_gradients(pick(grads), grad_scale),
+                    _numpy_gather(pick(exp_avgs)), _numpy_gather(pick(exp_avg_sqs)),
+                    _numpy_gather(pick(max_exp_avg_sqs)) if amsgrad else None, step_counts[batch[0]],
+                    lr=_host_lr(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                    amsgrad=amsgrad, maximize=maximize)
+                for tensors, value in ((params, p), (exp_avgs, m), (exp_avg_sqs, v)):
+                    _numpy_scatter(value, pick(tensors))
                 if amsgrad:
-                    max_exp_avg_sqs[i].copy_(from_numpy(v_max, max_exp_avg_sqs[i]))
-                steps[i].fill_(t)
+                    _numpy_scatter(v_max, pick(max_exp_avg_sqs))
+                for i in batch:
+                    steps[i].fill_(t)
         else:
             _adamw_triton(sub(params), sub(grads), sub(exp_avgs), sub(exp_avg_sqs), sub(max_exp_avg_sqs),
                           sub(steps), lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf,

@@ -31,9 +31,22 @@ def _rows_view(x):
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
-def _column(v):
-    """A per-channel vector shaped to broadcast against (N, C, M)."""
-    return np.asarray(v, np.float64)[:, None]
+def _flat(x):
+    """(N, C, *S) -> (N, C * prod(S)) without a copy (for a contiguous x)."""
+    x = np.asarray(x, np.float64)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
+def _spread(v, positions):
+    """A per-channel vector repeated over its `positions` values per channel: (C * positions,), to
+    broadcast against :func:`_flat`'s rows. Elementwise passes then run over whole rows; a (C, 1)
+    column against (N, C, M) would run NumPy's inner loop only M values at a time (1 for BatchNorm1d)."""
+    return np.repeat(np.asarray(v, np.float64), positions)
+
+
+def _positions(x):
+    """Values per channel per sample: prod(S) for x of shape (N, C, *S)."""
+    return math.prod(np.shape(x)[2:])
 
 
 def _broadcast(v, ndim):
@@ -122,7 +135,7 @@ def channel_stats(x):
         zeros = np.zeros(channels)
         return np.zeros(channels), zeros, zeros.copy()
     mean = np.einsum("ncm->c", rows) / count
-    centered = rows - _column(mean)
+    centered = (_flat(x) - _spread(mean, rows.shape[2])).reshape(rows.shape)
     return np.full(channels, float(count)), mean, np.einsum("ncm,ncm->c", centered, centered)
 
 
@@ -157,24 +170,28 @@ def update_running(running_mean, running_var, count, mean, m2, momentum):
 @silent
 def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
     """y = act(gamma * (x - mean) * invstd + beta) with given per-channel statistics."""
-    rows = _rows_view(x)
+    m = _positions(x)
     scale = np.asarray(invstd, np.float64)
     if weight is not None:
         scale = np.asarray(weight, np.float64) * scale
-    z = rows - _column(mean)
-    z *= _column(scale)
+    z = _flat(x) - _spread(mean, m)
+    z *= _spread(scale, m)
     if bias is not None:
-        z += _column(bias)
+        z += _spread(bias, m)
     return ACTIVATIONS[activation][0](z, param).reshape(np.shape(x))
 
 
 def _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param):
-    """(x_hat, dz) as (N, C, M): dz = dy * act'(z) with z = gamma * x_hat + beta recomputed."""
-    x_hat = _rows_view(x) - _column(mean)
-    x_hat *= _column(invstd)
-    dz = _rows_view(grad_y)
+    """(x_hat, dz) as (N, C * M): dz = dy * act'(z) with z = gamma * x_hat + beta recomputed."""
+    m = _positions(x)
+    x_hat = _flat(x) - _spread(mean, m)
+    x_hat *= _spread(invstd, m)
+    dz = _flat(grad_y)
     if activation != "identity":  # act' is 1 everywhere for identity
-        dz = dz * ACTIVATIONS[activation][1](_affine(x_hat, weight, bias), param)
+        z = x_hat if weight is None else x_hat * _spread(weight, m)
+        if bias is not None:
+            z = z + _spread(bias, m)
+        dz = dz * ACTIVATIONS[activation][1](z, param)
     return x_hat, dz
 
 
@@ -182,7 +199,8 @@ def _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
 def backward_reduce(grad_y, x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
     """Per-channel (sum dz, sum dz * x_hat): dbeta and dgamma, and the two terms dx needs."""
     x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    return np.einsum("ncm->c", dz), np.einsum("ncm,ncm->c", dz, x_hat)
+    rows = _rows_view(x).shape
+    return np.einsum("ncm->c", dz.reshape(rows)), np.einsum("ncm,ncm->c", dz.reshape(rows), x_hat.reshape(rows))
 
 
 @silent
@@ -191,15 +209,17 @@ def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None,
     """dx from the (possibly all-reduced) sums over `count` values per channel; without the sums
     (eval) the statistics are constants and dx = gamma * invstd * dz."""
     x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    gamma = np.ones(x_hat.shape[1]) if weight is None else np.asarray(weight, np.float64)
-    scale = _column(gamma * np.asarray(invstd, np.float64))
+    m = _positions(x)
+    invstd = np.asarray(invstd, np.float64)
+    gamma = np.ones(invstd.shape[0]) if weight is None else np.asarray(weight, np.float64)
+    scale = _spread(gamma * invstd, m)
     if sum_dz is None:
         return (scale * dz).reshape(np.shape(x))
     count = np.maximum(np.asarray(count, np.float64), 1.0)
     # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), built in place
-    dx = x_hat * _column(-np.asarray(sum_dz_xhat, np.float64) / count)
+    dx = x_hat * _spread(-np.asarray(sum_dz_xhat, np.float64) / count, m)
     dx += dz
-    dx -= _column(np.asarray(sum_dz, np.float64) / count)
+    dx -= _spread(np.asarray(sum_dz, np.float64) / count, m)
     dx *= scale
     return dx.reshape(np.shape(x))
 

@@ -21,6 +21,11 @@ def _class_axis(x):
     return 1 if x.ndim >= 2 else 0
 
 
+def _move(a, source, destination):
+    """np.moveaxis, skipped when it would not move anything (the common (N, C) case)."""
+    return a if source % max(a.ndim, 1) == destination % max(a.ndim, 1) else np.moveaxis(a, source, destination)
+
+
 def _log_softmax_last(z):
     m = np.max(z, axis=-1, keepdims=True)
     return z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
@@ -38,6 +43,8 @@ def _distribution(z, target, ignore_index, label_smoothing, probabilities):
     if np.any((t[valid] < 0) | (t[valid] >= C)):
         raise IndexError("target out of range")
     onehot = (np.arange(C) == np.where(valid, t, -1)[..., None]).astype(np.float64)
+    if eps == 0.0:  # the mix below would reproduce onehot exactly (ignored rows are already 0)
+        return onehot, valid
     q = (1.0 - eps) * onehot + eps / C
     return np.where(valid[..., None], q, 0.0), valid
 
@@ -45,9 +52,9 @@ def _distribution(z, target, ignore_index, label_smoothing, probabilities):
 def _prepare(x, target, weight, ignore_index, label_smoothing):
     x = np.asarray(x, np.float64)
     axis = _class_axis(x)
-    z = np.moveaxis(x, axis, -1)
+    z = _move(x, axis, -1)
     probabilities = np.asarray(target).shape == x.shape and np.issubdtype(np.asarray(target).dtype, np.floating)
-    tgt = np.moveaxis(np.asarray(target), axis, -1) if probabilities else target
+    tgt = _move(np.asarray(target), axis, -1) if probabilities else target
     q, valid = _distribution(z, tgt, ignore_index, label_smoothing, probabilities)
     w = np.ones(z.shape[-1]) if weight is None else np.asarray(weight, np.float64)
     if probabilities:
@@ -92,11 +99,11 @@ def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, redu
     wq = w * q
     # d loss_i / d x_ic = p_ic * sum_k w_k q_ik - w_c q_ic
     dz = np.where(valid[..., None], scale[..., None] * (p * np.sum(wq, axis=-1, keepdims=True) - wq), 0.0)
-    grad_input = np.moveaxis(dz, -1, axis)
+    grad_input = _move(dz, -1, axis)
     grad_target = None
     if probabilities:
         eps = max(float(label_smoothing), 0.0)
-        grad_target = np.moveaxis(-scale[..., None] * w * (1.0 - eps) * logp, -1, axis)
+        grad_target = _move(-scale[..., None] * w * (1.0 - eps) * logp, -1, axis)
     return grad_input, grad_target
 
 
