@@ -12,7 +12,7 @@ autocast only; the other ops (no tl.dot) run under both.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import tkernels
 import tkernels.functional as TF
 from tkernels.ops import _autocast
-from helpers import DEVICE, ON_INTERPRETER, assert_close, device_for
+from helpers import ON_INTERPRETER, assert_close, device_for
 
 DTYPES = [torch.bfloat16, torch.float16]
 
