@@ -24,13 +24,13 @@ in-place change to a tensor saved for backward.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-_EAGER_DEVICES = ("cpu", "cuda")
 
 
 def _first_tensor(args: Sequence[Any]):
@@ -58,8 +58,8 @@ def eager_device(args: Sequence[Any]) -> Optional[str]:
         return "cpu"
     if type(t) not in _PLAIN_TYPES:
         return None
-    device = t.device.type
-    return device if device in _EAGER_DEVICES else None
+    # (is_cuda / is_cpu, not t.device.type: reading .device builds a torch.device every call)
+    return "cuda" if t.is_cuda else ("cpu" if t.is_cpu else None)
 
 
 def plain_eager(args: Sequence[Any]) -> bool:
@@ -88,10 +88,15 @@ class EagerCustomOp:
         self.packet = getattr(getattr(torch.ops, namespace), name)  # what tracing sees, as before
 
     def __call__(self, *args, **kwargs):
-        device = eager_device(args)
-        if device is None:
-            return self.packet(*args, **kwargs)
-        result = (self.cuda_impl if device == "cuda" else self.impl)(*args, **kwargs)
+        if _inside.forward:  # called by a forward that run_function runs eagerly: checked there
+            t = args[0] if isinstance(args[0], Tensor) else _first_tensor(args)
+            cuda = t is not None and t.is_cuda
+        else:
+            device = eager_device(args)
+            if device is None:
+                return self.packet(*args, **kwargs)
+            cuda = device == "cuda"
+        result = (self.cuda_impl if cuda else self.impl)(*args, **kwargs)
         for i, name in self.mutated:
             value = args[i] if i < len(args) else kwargs.get(name)
             for t in (value if isinstance(value, (list, tuple)) else (value,)):
@@ -137,10 +142,33 @@ _C_APPLY = torch._C._FunctionBase.__dict__["apply"]
 _grad_enabled = torch.is_grad_enabled
 
 
+class _Inside(threading.local):
+    """Per thread: whether the code running is a forward that run_function called eagerly (its
+    custom ops then skip the plain-eager check run_function has just made)."""
+    forward = False
+
+
+_inside = _Inside()
+
+
+def _eager_apply(function: type):
+    apply = function.__dict__.get("_eager_apply")
+    if apply is None:
+        apply = _C_APPLY.__get__(None, function)
+        setattr(function, "_eager_apply", apply)
+    return apply
+
+
 def run_function(function: type, *args):
     """``function.apply(*args)``, or ``function.forward`` called directly when no gradient can be needed."""
-    if not plain_eager(args):
+    if eager_device(args) is None or _inside.forward:
         return function.apply(*args)
-    if _grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-        return _C_APPLY.__get__(None, function)(*args)
-    return function.forward(_NoGradContext(len(args)), *args)
+    _inside.forward = True
+    try:
+        if _grad_enabled():
+            for a in args:
+                if isinstance(a, Tensor) and a.requires_grad:
+                    return _eager_apply(function)(*args)
+        return function.forward(_NoGradContext(len(args)), *args)
+    finally:
+        _inside.forward = False
