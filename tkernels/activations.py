@@ -15,6 +15,8 @@ Users name an activation by string ("relu", "gelu_tanh", ...), by an
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
@@ -60,19 +62,20 @@ class Activation:
     name: str
     param: float = 0.0
 
-    @property
+    # (cached: every op reads these on every call)
+    @functools.cached_property
     def kind(self) -> ActivationKind:
         return REGISTRY[self.name]
 
-    @property
+    @functools.cached_property
     def code(self) -> int:
         return self.kind.code
 
-    @property
+    @functools.cached_property
     def is_identity(self) -> bool:
         return self.name == "identity"
 
-    @property
+    @functools.cached_property
     def grad_from_output(self) -> bool:
         return self.kind.grad_from_output
 

@@ -188,6 +188,12 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, **others: Optional[tor
                                f"but it is {t.dtype}")
 
 
+def same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a.device == b.device`` without building two torch.device objects (which costs more than
+    the rest of a hot-path argument check)."""
+    return a.get_device() == b.get_device() and a.is_cuda == b.is_cuda and a.is_cpu == b.is_cpu
+
+
 def check_triton_dtype(op: str, t: torch.Tensor) -> None:
     if t.dtype not in TRITON_DTYPES:
         raise RuntimeError(f"{op}: the triton backend supports float16, bfloat16 and float32, not {t.dtype}; "

@@ -36,8 +36,8 @@ from .. import _backend
 from ..reference import losses as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
-from ._common import (KernelSpec, Tuned, check_triton_dtype, config, from_numpy, numpy_into, register_kernel,
-                      to_numpy)
+from ._common import (FLOAT_DTYPES, KernelSpec, Tuned, check_triton_dtype, config, from_numpy, numpy_into,
+                      register_kernel, same_device, to_numpy)
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
                       plan_rows, row_coordinates, row_offsets)
 
@@ -305,8 +305,11 @@ register_kernel(KernelSpec(
 # Cross-entropy: launchers and custom ops. x is (N, C, d1, ...) (class dim 1); target is (N, d1, ...)
 # of class indices or x's shape of probabilities.
 # ---------------------------------------------------------------------------------------------
+_REDUCTION_CODES = {"none": NONE, "mean": MEAN, "sum": SUM}
+
+
 def _reduction_code(reduction: str) -> int:
-    return {"none": NONE, "mean": MEAN, "sum": SUM}[reduction]
+    return _REDUCTION_CODES[reduction]
 
 
 def _row_count(x: Tensor) -> int:
@@ -314,7 +317,7 @@ def _row_count(x: Tensor) -> int:
 
 
 def _target_on_host(target: Tensor) -> bool:
-    return target.device.type == "cpu"
+    return target.is_cpu
 
 
 def _check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
@@ -539,6 +542,20 @@ def _promote(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     return a.to(dtype), b.to(dtype)
 
 
+def _common_case(input, target, weight, size_average, reduce, reduction, label_smoothing) -> bool:
+    """Whether every check of :func:`cross_entropy` passes for a call in the commonest form: batched
+    floating-point logits (N, C, ...), int64 class indices of the batch shape on the same device,
+    no class weights, no legacy arguments, a valid reduction and label smoothing. Read in one
+    expression; False sends the call through the full checks (and their errors)."""
+    return (weight is None and size_average is None and reduce is None and isinstance(input, Tensor)
+            and isinstance(target, Tensor) and input.dtype in FLOAT_DTYPES and target.dtype == torch.int64
+            and input.dim() >= 2 and input.shape[1] > 0 and target.dim() == input.dim() - 1
+            and target.shape[0] == input.shape[0] and target.shape[1:] == input.shape[2:]
+            and (reduction == "mean" or reduction == "sum" or reduction == "none")
+            and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0
+            and same_device(input, target))
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
                   ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
                   label_smoothing: float = 0.0) -> Tensor:
@@ -550,6 +567,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     """
     op = "cross_entropy"
     input, target, weight = cast_inputs(op, input, target, weight)
+    if _common_case(input, target, weight, size_average, reduce, reduction, label_smoothing):
+        return run_function(CrossEntropyFunction, input, target, None, reduction, int(ignore_index),
+                            float(label_smoothing))
     reduction = _resolve_reduction(op, size_average, reduce, reduction)
     _check_float(op, "input", input)
     _check_tensor(op, "target", target)
