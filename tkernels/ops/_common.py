@@ -82,7 +82,7 @@ class Tuned:
     def launcher(self, where: Union[torch.Tensor, torch.device]):
         """(kernel, meta) for a launch on ``where`` (a tensor of the launch, or its device): launch as
         ``kernel[grid](*args, **meta)``; grid may read the chosen meta. Callers unpack ``meta`` and
-        never change it. (Pass a tensor on hot paths: ``tensor.device`` builds a new object each time.)
+        never change it. (A tensor is cheaper on hot paths: ``is_cuda`` rather than the device's type string.)
 
         On CUDA the kernel is tuned once per bucketed key (see ops/_tuning.py)."""
         if isinstance(where, torch.Tensor):
@@ -186,12 +186,6 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, **others: Optional[tor
         if t.dtype != ref.dtype:
             raise RuntimeError(f"{op}: expected {name} to have the dtype of {ref_name} ({ref.dtype}), "
                                f"but it is {t.dtype}")
-
-
-def same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a.device == b.device`` without building two torch.device objects (which costs more than
-    the rest of a hot-path argument check)."""
-    return a.get_device() == b.get_device() and a.is_cuda == b.is_cuda and a.is_cpu == b.is_cpu
 
 
 def check_triton_dtype(op: str, t: torch.Tensor) -> None:

@@ -348,17 +348,13 @@ def _common_case(input, running_mean, running_var, weight, bias, training, momen
             and type(momentum) is float and type(eps) is float and (running_mean is None) == (running_var is None)
             and (running_mean is not None or training)):
         return False
-    shape = input.shape[1:2]
-    on_cpu = input.is_cpu
-    index = -1 if on_cpu else input.get_device()
-    if not (on_cpu or input.is_cuda):
-        return False
+    shape, device = input.shape[1:2], input.device
     dtype = None
     for t in (running_mean, running_var, weight, bias):
         if t is None:
             continue
         if not (isinstance(t, Tensor) and t.shape == shape and (dtype is None or t.dtype == dtype)
-                and (t.is_cpu if on_cpu else t.is_cuda and t.get_device() == index)):
+                and t.device == device):
             return False
         dtype = t.dtype
     if dtype is not None and dtype != input.dtype and not (dtype == torch.float32 and input.dtype in _MIXED_OK):

@@ -37,7 +37,7 @@ from ..reference import losses as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
 from ._common import (FLOAT_DTYPES, KernelSpec, Tuned, check_triton_dtype, config, from_numpy, numpy_into,
-                      register_kernel, same_device, to_numpy)
+                      register_kernel, to_numpy)
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
                       plan_rows, row_coordinates, row_offsets)
 
@@ -553,7 +553,7 @@ def _common_case(input, target, weight, size_average, reduce, reduction, label_s
             and target.shape[0] == input.shape[0] and target.shape[1:] == input.shape[2:]
             and (reduction == "mean" or reduction == "sum" or reduction == "none")
             and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0
-            and same_device(input, target))
+            and input.device == target.device)
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,

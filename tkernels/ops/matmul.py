@@ -238,7 +238,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     if split > 1 and (bias is not None or activation_code != 0 or preact_out is not None):
         raise ValueError("split-K matmul has no epilogue; use it for gradients only")
 
-    if a.dtype in _TMA_DTYPES and (a.is_cuda or _tma_module.FORCE_TMA):
+    if (a.is_cuda or _tma_module.FORCE_TMA) and a.dtype in _TMA_DTYPES:
         a_view, b_view = (a.t() if a_transposed else a), (b.t() if b_transposed else b)
         gate_view = gate.t() if gate is not None and a_transposed else gate
         if tma_eligible(a_view, b_view, out, gate_view, preact_out, split):
