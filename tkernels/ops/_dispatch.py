@@ -18,6 +18,10 @@ device). Everything else keeps the exact torch.library behaviour. Autocast needs
 public functions cast their inputs before any op runs (ops/_autocast.py), and the custom ops have no
 Autocast kernel.
 
+A forward that :func:`run_function` runs eagerly has just been checked, so the custom ops it calls
+skip the check (a per-thread flag, ``_inside``); anything a forward runs through ``run_function``
+again takes the full ``Function.apply``.
+
 The direct path keeps one thing the dispatcher did: arguments the op declares as mutated get their
 version counter bumped (a Triton kernel writing in place does not), so autograd still detects an
 in-place change to a tensor saved for backward.
