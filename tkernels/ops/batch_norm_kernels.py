@@ -599,7 +599,10 @@ def plan(shape: Sequence[int], *tensor_strides: Sequence[int]) -> Optional[Geome
 
 def empty_like_dense(x: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of x's shape whose storage order is x's (dense even if x is not)."""
-    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    if x.is_contiguous():
+        return x.new_empty(x.shape)
+    # (reverse=True keeps equal strides in dimension order, as a stable sort on -stride would)
+    order = sorted(range(x.dim()), key=x.stride().__getitem__, reverse=True)
     return torch.empty_permuted(x.shape, order, dtype=x.dtype, device=x.device)
 
 
@@ -668,9 +671,9 @@ def launch_train_single(x, y, geom: Geometry, running_mean, running_var, weight,
     when all programs' first passes run before any second pass. (LeNet's 64x16x8x8: 4096 per channel.)
     """
     C = geom.C
-    stats = torch.empty((STATS_ROWS, C), device=x.device, dtype=torch.float32)
+    stats = x.new_empty((STATS_ROWS, C), dtype=torch.float32)
     has_running = running_mean is not None
-    kernel, meta = TUNED_TRAIN_SINGLE[geom.channels_inner].launcher(x.device)
+    kernel, meta = TUNED_TRAIN_SINGLE[geom.channels_inner].launcher(x)
     fallback = stats
     kernel[lambda m: (cdiv(C, m["BLOCK_C"]),)](
         x, y, stats, *[t if t is not None else fallback for t in (running_mean, running_var, weight, bias)],
