@@ -117,8 +117,11 @@ def _item_tile(item, end, nsb, S, O1, O2, mask_c, BLOCK_S: tl.constexpr):
     """Outer indices, inner positions, valid positions and tile mask of work item `item`;
     nothing is valid unless item < end (the second item of a pair past the end of a range)."""
     o0, o1, o2, s0 = _split_item(item, nsb, O1, O2, BLOCK_S)
-    offs_s = s0 + tl.arange(0, BLOCK_S)
-    valid = offs_s < tl.where(item < end, S, 0)
+    lanes = tl.arange(0, BLOCK_S)
+    # compared in int32 against the positions left in this run (< S, so no overflow): one compare
+    # per element instead of a 64-bit pair
+    valid = lanes < tl.where(item < end, S - (item % nsb) * BLOCK_S, 0)
+    offs_s = s0 + lanes
     return o0, o1, o2, offs_s, valid, mask_c[:, None] & valid[None, :]
 
 
@@ -506,10 +509,10 @@ _SINGLE = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
            True: [config(BLOCK_C=16, BLOCK_S=64, num_warps=4, num_stages=2),
                   config(BLOCK_C=32, BLOCK_S=32, num_warps=4, num_stages=2),
                   config(BLOCK_C=64, BLOCK_S=16, num_warps=4, num_stages=2)]}
-# The combine kernels read [BLOCK_G, BLOCK] tiles of partials.
+# The combine kernels read [BLOCK_G, BLOCK] tiles of partials (<= 16 per thread per row: 4 rows).
 _COMBINE = [config(BLOCK_G=16, BLOCK=64, num_warps=2, num_stages=1),
-            config(BLOCK_G=32, BLOCK=128, num_warps=4, num_stages=1),
-            config(BLOCK_G=8, BLOCK=512, num_warps=4, num_stages=1)]
+            config(BLOCK_G=16, BLOCK=128, num_warps=4, num_stages=1),
+            config(BLOCK_G=4, BLOCK=512, num_warps=4, num_stages=1)]
 # Under the interpreter (one config, per-program overhead dominates): big tiles, still masked on odd
 # shapes; 2 partials per combine chunk, so the 3 partials tests make span two chunks.
 _INTERP = {False: config(BLOCK_C=4, BLOCK_S=64), True: config(BLOCK_C=16, BLOCK_S=32)}
