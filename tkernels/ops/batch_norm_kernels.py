@@ -139,7 +139,7 @@ def _welford_step(lane_count, mean, m2, d, valid, mask):
 
 @triton.jit
 def _welford_items(x_ptr, pivot, offs_c64, mask_c, start, end, nsb, S, O1, O2, sx0, sx1, sx2, sxc, sxs,
-                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Per-channel (count, mean - pivot, M2) of work items [start, end). Each of the
     BLOCK_C x BLOCK_S lanes runs Welford's update on x - pivot (no cross-lane traffic inside the
     loop); at the end the lanes are merged with the exact K-group formula
@@ -148,12 +148,14 @@ def _welford_items(x_ptr, pivot, offs_c64, mask_c, start, end, nsb, S, O1, O2, s
     Items are taken in pairs: both tiles are loaded before either is used, so each thread has two
     independent loads in flight per iteration (twice the bytes in flight of a one-tile loop, at the
     cost of one more tile of registers, not of more accumulators). Each lane still sees its values
-    in item order, so the result is bit-for-bit that of a one-tile loop."""
+    in item order, so the result is bit-for-bit that of a one-tile loop. With STAGES > 1 (and unit
+    stride, so loads are >= 4 bytes wide) Triton's pipeliner turns the loads into cp.async copies
+    issued STAGES - 1 iterations ahead into shared memory: 2 * (STAGES - 1) tiles in flight."""
     lane_count = tl.zeros([BLOCK_S], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     tile_c = offs_c64[:, None] * sxc
-    for item in range(start, end, 2):
+    for item in tl.range(start, end, 2, num_stages=STAGES):
         o0, o1, o2, offs_s, valid_a, mask_a = _item_tile(item, end, nsb, S, O1, O2, mask_c, BLOCK_S)
         q0, q1, q2, offs_t, valid_b, mask_b = _item_tile(item + 1, end, nsb, S, O1, O2, mask_c, BLOCK_S)
         a = tl.load(x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + tile_c + offs_s[None, :] * sxs, mask=mask_a, other=0.0)
@@ -226,7 +228,7 @@ def _dz_x_hat(x, g, mask, pivot, mean, invstd, gamma, beta, ACT: tl.constexpr, a
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def bn_stats_partial_kernel(x_ptr, part_ptr, C, S, O, O1, O2, sx0, sx1, sx2, sxc, sxs,
-                            BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                            BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Per-channel (count, pivot, mean - pivot, M2) of one contiguous range of work items.
 
     Grid (cdiv(C, BLOCK_C), G): program (i, g) takes channels [i*BLOCK_C, ...) and the g-th of G
@@ -246,7 +248,7 @@ def bn_stats_partial_kernel(x_ptr, part_ptr, C, S, O, O1, O2, sx0, sx1, sx2, sxc
     end = tl.minimum(start + per, total)
     pivot = _load_pivot(x_ptr, offs_c64, mask_c, sxc)
     count, chan_mean, chan_m2 = _welford_items(x_ptr, pivot, offs_c64, mask_c, start, end, nsb, S, O1, O2,
-                                               sx0, sx1, sx2, sxc, sxs, BLOCK_C, BLOCK_S)
+                                               sx0, sx1, sx2, sxc, sxs, BLOCK_C, BLOCK_S, STAGES)
     row = part_ptr + split.to(tl.int64) * (4 * C) + offs_c64
     # count broadcast to the channels with zeros_like, not `chan_mean * 0 + count`: a NaN or Inf in
     # the batch makes chan_mean non-finite, and a NaN count would drop the partial (and so leave
@@ -332,7 +334,8 @@ def bn_apply_kernel(x_ptr, y_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, C, S,
 def bn_train_single_kernel(x_ptr, y_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, C, S, O, O1, O2,
                            sx0, sx1, sx2, sxc, sxs, sy0, sy1, sy2, syc, sys, momentum, eps, act_param,
                            HAS_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                           ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                           STAGES: tl.constexpr):
     """Training forward of small inputs in one launch: the statistics, the running-stat update and
     y = act(gamma * x_hat + beta) for one block of channels per program.
 
@@ -349,7 +352,7 @@ def bn_train_single_kernel(x_ptr, y_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr
     total = O * nsb
     pivot = _load_pivot(x_ptr, offs_c64, mask_c, sxc)
     count, mean, m2 = _welford_items(x_ptr, pivot, offs_c64, mask_c, 0, total, nsb, S, O1, O2,
-                                     sx0, sx1, sx2, sxc, sxs, BLOCK_C, BLOCK_S)
+                                     sx0, sx1, sx2, sxc, sxs, BLOCK_C, BLOCK_S, STAGES)
     count = tl.zeros_like(mean) + count  # per channel (zeros_like, not mean * 0: mean may be NaN/Inf)
     invstd = _finish_stats(stats_ptr, rm_ptr, rv_ptr, offs_c64, mask_c, C, count, pivot, mean, m2, momentum, eps,
                            HAS_RUNNING)
@@ -368,7 +371,8 @@ def bn_train_single_kernel(x_ptr, y_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr
 def bn_backward_partial_kernel(g_ptr, x_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, part_ptr,
                                C, S, O, O1, O2, sx0, sx1, sx2, sxc, sxs, sg0, sg1, sg2, sgc, sgs, eps, act_param,
                                TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                               ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                               STAGES: tl.constexpr):
     """Per-channel partial sums of dz = dy * act'(z) and of dz * x_hat over one range of work
     items; z = gamma * x_hat + beta is recomputed from x, never stored.
 
@@ -390,7 +394,7 @@ def bn_backward_partial_kernel(g_ptr, x_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b
     acc_dz = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     x_c, g_c = offs_c64[:, None] * sxc, offs_c64[:, None] * sgc
-    for item in range(start, end, 2):  # in pairs, all four loads issued first (see _welford_items)
+    for item in tl.range(start, end, 2, num_stages=STAGES):  # in pairs, all four loads issued first (see _welford_items)
         o0, o1, o2, offs_s, valid_a, mask_a = _item_tile(item, end, nsb, S, O1, O2, mask_c, BLOCK_S)
         q0, q1, q2, offs_t, valid_b, mask_b = _item_tile(item + 1, end, nsb, S, O1, O2, mask_c, BLOCK_S)
         x_a = tl.load(x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + x_c + offs_s[None, :] * sxs, mask=mask_a, other=0.0)
@@ -484,31 +488,45 @@ def bn_backward_input_kernel(g_ptr, x_ptr, dx_ptr, stats_ptr, rm_ptr, rv_ptr, w_
 # -- the last two in the eval apply with relu -- so they are not offered.)
 # ---------------------------------------------------------------------------------------------
 ARCHS = ("sm_80", "sm_90")
-_REDUCE = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
-                   config(BLOCK_C=2, BLOCK_S=1024, num_warps=8, num_stages=2),
-                   config(BLOCK_C=4, BLOCK_S=256, num_warps=4, num_stages=2),
-                   config(BLOCK_C=16, BLOCK_S=64, num_warps=4, num_stages=2)],
-           True: [config(BLOCK_C=32, BLOCK_S=64, num_warps=4, num_stages=2),
-                  config(BLOCK_C=64, BLOCK_S=32, num_warps=4, num_stages=2),
-                  config(BLOCK_C=128, BLOCK_S=16, num_warps=4, num_stages=2),
-                  config(BLOCK_C=16, BLOCK_S=128, num_warps=4, num_stages=2)]}
+_TILES = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
+                  config(BLOCK_C=2, BLOCK_S=1024, num_warps=8, num_stages=2),
+                  config(BLOCK_C=4, BLOCK_S=256, num_warps=4, num_stages=2),
+                  config(BLOCK_C=16, BLOCK_S=64, num_warps=4, num_stages=2)],
+          True: [config(BLOCK_C=32, BLOCK_S=64, num_warps=4, num_stages=2),
+                 config(BLOCK_C=64, BLOCK_S=32, num_warps=4, num_stages=2),
+                 config(BLOCK_C=128, BLOCK_S=16, num_warps=4, num_stages=2),
+                 config(BLOCK_C=16, BLOCK_S=128, num_warps=4, num_stages=2)]}
+# The reduction loops are software-pipelined (STAGES, see _welford_items): 3 stages keep two
+# iterations (four tiles; eight in the backward, which reads x and dy) in flight as cp.async copies.
+# The first tile of each orientation is also offered unpipelined (STAGES=1: the pair of loads in
+# registers only), so the tuner can fall back where shared memory would cost occupancy.
+LOOP_STAGES = 3
+
+
+def _with_stages(configs):
+    staged = [config(STAGES=LOOP_STAGES, num_warps=c.num_warps, num_stages=c.num_stages, **c.kwargs) for c in configs]
+    first = configs[0]
+    return staged + [config(STAGES=1, num_warps=first.num_warps, num_stages=first.num_stages, **first.kwargs)]
+
+
+_REDUCE = {channels_inner: _with_stages(tiles) for channels_inner, tiles in _TILES.items()}
 _ELEMENTWISE = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
                         config(BLOCK_C=1, BLOCK_S=2048, num_warps=4, num_stages=2),
                         config(BLOCK_C=2, BLOCK_S=1024, num_warps=8, num_stages=2),
                         config(BLOCK_C=4, BLOCK_S=256, num_warps=4, num_stages=2),
                         config(BLOCK_C=16, BLOCK_S=64, num_warps=4, num_stages=2)],
-                True: list(_REDUCE[True])}
+                True: list(_TILES[True])}
 
 
 # The single-launch training forward: one program per channel block loops over all N*H*W
 # positions, so the tiles are narrow in C (many programs even for small C) and carry the same
 # two Welford accumulator tiles as the partial kernel (<= 8 elements each per thread).
-_SINGLE = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
-                   config(BLOCK_C=2, BLOCK_S=512, num_warps=4, num_stages=2),
-                   config(BLOCK_C=1, BLOCK_S=2048, num_warps=8, num_stages=2)],
-           True: [config(BLOCK_C=16, BLOCK_S=64, num_warps=4, num_stages=2),
-                  config(BLOCK_C=32, BLOCK_S=32, num_warps=4, num_stages=2),
-                  config(BLOCK_C=64, BLOCK_S=16, num_warps=4, num_stages=2)]}
+_SINGLE = {False: [config(BLOCK_C=1, BLOCK_S=1024, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
+                   config(BLOCK_C=2, BLOCK_S=512, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
+                   config(BLOCK_C=1, BLOCK_S=2048, STAGES=LOOP_STAGES, num_warps=8, num_stages=2)],
+           True: [config(BLOCK_C=16, BLOCK_S=64, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
+                  config(BLOCK_C=32, BLOCK_S=32, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
+                  config(BLOCK_C=64, BLOCK_S=16, STAGES=LOOP_STAGES, num_warps=4, num_stages=2)]}
 # The combine kernels read [BLOCK_G, BLOCK] tiles of partials (<= 16 per thread per row: 4 rows).
 _COMBINE = [config(BLOCK_G=16, BLOCK=64, num_warps=2, num_stages=1),
             config(BLOCK_G=16, BLOCK=128, num_warps=4, num_stages=1),
@@ -516,6 +534,7 @@ _COMBINE = [config(BLOCK_G=16, BLOCK=64, num_warps=2, num_stages=1),
 # Under the interpreter (one config, per-program overhead dominates): big tiles, still masked on odd
 # shapes; 2 partials per combine chunk, so the 3 partials tests make span two chunks.
 _INTERP = {False: config(BLOCK_C=4, BLOCK_S=64), True: config(BLOCK_C=16, BLOCK_S=32)}
+_INTERP_REDUCE = {k: config(STAGES=LOOP_STAGES, **c.kwargs) for k, c in _INTERP.items()}
 _INTERP_COMBINE = config(BLOCK_G=2, BLOCK=128)
 _TILE_KEY = ["C", "S", "O1", "O2", "TRAINING", "ACT"]
 # Reduction grid: enough programs that the widest-channel tile still puts this many on every SM
@@ -526,22 +545,19 @@ MIN_ITEMS_PER_PROGRAM = 8
 MAX_SPLITS = 1024
 
 
-def _tuned_pair(kernel, key, configs):
+def _tuned_pair(kernel, key, configs, interpreter=_INTERP, **kwargs):
     return {channels_inner: Tuned(kernel, {a: list(configs[channels_inner]) for a in ARCHS},
-                                  interpreter=_INTERP[channels_inner], key=key)
+                                  interpreter=interpreter[channels_inner], key=key, **kwargs)
             for channels_inner in (False, True)}
 
 
-TUNED_STATS = _tuned_pair(bn_stats_partial_kernel, ["C", "S", "O", "O1", "O2"], _REDUCE)
+TUNED_STATS = _tuned_pair(bn_stats_partial_kernel, ["C", "S", "O", "O1", "O2"], _REDUCE, _INTERP_REDUCE)
 TUNED_APPLY = _tuned_pair(bn_apply_kernel, _TILE_KEY, _ELEMENTWISE)
-TUNED_BWD_PARTIAL = _tuned_pair(bn_backward_partial_kernel, ["O"] + _TILE_KEY, _REDUCE)
+TUNED_BWD_PARTIAL = _tuned_pair(bn_backward_partial_kernel, ["O"] + _TILE_KEY, _REDUCE, _INTERP_REDUCE)
 TUNED_BWD_INPUT = _tuned_pair(bn_backward_input_kernel, _TILE_KEY, _ELEMENTWISE)
 # Kernels that update running_mean/var in place restore them while configs are timed.
-TUNED_TRAIN_SINGLE = {channels_inner: Tuned(bn_train_single_kernel, {a: list(_SINGLE[channels_inner]) for a in ARCHS},
-                                            interpreter=_INTERP[channels_inner],
-                                            key=["C", "S", "O", "O1", "O2", "HAS_RUNNING", "ACT"],
-                                            restore_value=["rm_ptr", "rv_ptr"])
-                      for channels_inner in (False, True)}
+TUNED_TRAIN_SINGLE = _tuned_pair(bn_train_single_kernel, ["C", "S", "O", "O1", "O2", "HAS_RUNNING", "ACT"], _SINGLE,
+                                 _INTERP_REDUCE, restore_value=["rm_ptr", "rv_ptr"])
 TUNED_COMBINE = Tuned(bn_stats_combine_kernel, {a: list(_COMBINE) for a in ARCHS}, interpreter=_INTERP_COMBINE,
                       key=["C", "G", "HAS_RUNNING"], restore_value=["rm_ptr", "rv_ptr"])
 TUNED_BWD_COMBINE = Tuned(bn_backward_combine_kernel, {a: list(_COMBINE) for a in ARCHS},
