@@ -527,8 +527,11 @@ _SINGLE = {False: [config(BLOCK_C=1, BLOCK_S=1024, STAGES=LOOP_STAGES, num_warps
            True: [config(BLOCK_C=16, BLOCK_S=64, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
                   config(BLOCK_C=32, BLOCK_S=32, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
                   config(BLOCK_C=64, BLOCK_S=16, STAGES=LOOP_STAGES, num_warps=4, num_stages=2)]}
-# The combine kernels read [BLOCK_G, BLOCK] tiles of partials (<= 16 per thread per row: 4 rows).
-_COMBINE = [config(BLOCK_G=16, BLOCK=64, num_warps=2, num_stages=1),
+# The combine kernels read [BLOCK_G, BLOCK] tiles of partials, <= 16 values per thread per row (the
+# statistics combine reads 4 rows). Small C has the most partials (G up to MAX_SPLITS) and the
+# fewest programs, so tall tiles (64 partials per iteration) keep its serial loop short.
+_COMBINE = [config(BLOCK_G=64, BLOCK=32, num_warps=4, num_stages=1),
+            config(BLOCK_G=16, BLOCK=64, num_warps=2, num_stages=1),
             config(BLOCK_G=16, BLOCK=128, num_warps=4, num_stages=1),
             config(BLOCK_G=4, BLOCK=512, num_warps=4, num_stages=1)]
 # Under the interpreter (one config, per-program overhead dominates): big tiles, still masked on odd
@@ -542,7 +545,7 @@ _TILE_KEY = ["C", "S", "O1", "O2", "TRAINING", "ACT"]
 # MIN_ITEMS_PER_PROGRAM work items so the pivot load and partial store are amortised.
 PROGRAMS_PER_SM = 8
 MIN_ITEMS_PER_PROGRAM = 8
-MAX_SPLITS = 1024
+MAX_SPLITS = 2048
 
 
 def _tuned_pair(kernel, key, configs, interpreter=_INTERP, **kwargs):
