@@ -11,7 +11,8 @@ copy bandwidth (~4.3 TB/s) needs ~18-21 KB per SM. The estimate per build is
 
 * resident CTAs: min(ctas_per_sm from inspect, programs the launcher puts on each SM); the
   elementwise kernels launch one program per tile (far more than fit), the reductions
-  `programs_per_sm` below (a large input: ResNet-50's 256x256x56x56);
+  `programs_per_sm` below (a large input: ResNet-50's 256x256x56x56); the single-launch kernel,
+  taken for small inputs only, is given per program (one CTA);
 * tiles in flight per CTA: 1 for the elementwise kernels and for a reduction loop that loads one
   tile and then uses it; a reduction that loads a pair of work items before using either has 2;
   a software-pipelined one (cp.async, `async_copy_ops` > 0) has 2 x (STAGES - 1) issued ahead.
@@ -31,12 +32,10 @@ def programs_per_sm(kind: str, meta: dict, channels_last: bool, new: bool) -> fl
     """Programs per SM the launcher starts for a large input (the split count G times the channel
     blocks, over the SMs): the grid aims at `per_sm` programs for the reference channel block `ref_c`,
     so a config with BLOCK_C gets per_sm * ref_c / BLOCK_C. (Old: 4 per SM at the _G_HINT tile;
-    new: PROGRAMS_PER_SM = 8 at the widest tuned tile.) The single-launch kernel has one program per
-    channel block: 256 channels / BLOCK_C over 132 SMs."""
+    new: PROGRAMS_PER_SM = 8 at the widest tuned tile.) The single-launch kernel (small inputs only,
+    one program per channel block) is counted per program: one resident CTA."""
     if kind not in REDUCTIONS:
         return float("inf")
-    if kind == "train_single":
-        return 256 / meta["BLOCK_C"] / 132
     per_sm, ref_c = (8, 128 if channels_last else 16) if new else (4, 64 if channels_last else 4)
     return per_sm * ref_c / meta["BLOCK_C"]
 
@@ -57,7 +56,7 @@ def estimate(row: dict, new: bool) -> dict:
     meta = row["meta"]
     if kind not in TENSORS_READ or row.get("ctas_per_sm") is None:
         return {}
-    resident = min(row["ctas_per_sm"], programs_per_sm(kind, meta, channels_last, new))
+    resident = 1 if kind == "train_single" else min(row["ctas_per_sm"], programs_per_sm(kind, meta, channels_last, new))
     tile = meta["BLOCK_C"] * meta["BLOCK_S"] * ELEMENT_BYTES[row["dtype"]]
     per_cta = tiles_in_flight(kind, row) * TENSORS_READ[kind] * tile
     return {"kind": kind, "layout": "channels_last" if channels_last else "NCHW", "resident": resident,
