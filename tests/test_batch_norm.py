@@ -679,3 +679,18 @@ def test_split_grid_fills_every_sm(monkeypatch, shape, channels_last):
     assert G == 1 or items // G >= K.MIN_ITEMS_PER_PROGRAM, (G, items)
     if shape[0] == 256:  # the ResNet-50 batch norms: at least a full wave everywhere
         assert programs >= K.PROGRAMS_PER_SM * 132
+
+
+@pytest.mark.slow
+def test_pipelined_reduction_builds_move_tiles_by_cp_async():
+    """Compiled for sm_80 and sm_90 with a typical launch's unit strides (as `tkernels inspect`
+    does), every STAGES > 1 reduction build loads its tiles with cp.async (LDGSTS) and the STAGES = 1
+    fallback does not; none spills. (The interpreter ignores num_stages, so only compiling shows it.)"""
+    from tkernels import inspection
+
+    rows = inspection.inspect_kernels(kernels=["batch_norm_stats_partial*", "batch_norm_backward_partial*"],
+                                      archs=["sm_80", "sm_90"], dtypes=["bf16"])
+    assert len(rows) == 2 * 2 * sum(len(K._REDUCE[ci]) for ci in (False, True))
+    for r in rows:
+        assert r["ok"] and not r["spill_bytes"], r
+        assert (r["async_copy_ops"] > 0) == (r["meta"]["STAGES"] > 1), (r["kernel"], r["arch"], r["config"])

@@ -488,8 +488,8 @@ def bn_backward_input_kernel(g_ptr, x_ptr, dx_ptr, stats_ptr, rm_ptr, rv_ptr, w_
 # -- the last two in the eval apply with relu -- so they are not offered.)
 # ---------------------------------------------------------------------------------------------
 ARCHS = ("sm_80", "sm_90")
-_TILES = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
-                  config(BLOCK_C=2, BLOCK_S=1024, num_warps=8, num_stages=2),
+_TILES = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=8, num_stages=2),
+                  config(BLOCK_C=2, BLOCK_S=512, num_warps=4, num_stages=2),
                   config(BLOCK_C=4, BLOCK_S=256, num_warps=4, num_stages=2),
                   config(BLOCK_C=16, BLOCK_S=64, num_warps=4, num_stages=2)],
           True: [config(BLOCK_C=32, BLOCK_S=64, num_warps=4, num_stages=2),
@@ -498,18 +498,20 @@ _TILES = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
                  config(BLOCK_C=16, BLOCK_S=128, num_warps=4, num_stages=2)]}
 # The reduction loops are software-pipelined (STAGES, see _welford_items): 3 stages keep two
 # iterations (four tiles; eight in the backward, which reads x and dy) in flight as cp.async copies.
-# The first tile of each orientation is also offered unpipelined (STAGES=1: the pair of loads in
-# registers only), so the tuner can fall back where shared memory would cost occupancy.
+# One tile per orientation is also offered unpipelined (STAGES=1: the pair of loads in registers
+# only), so the tuner can fall back where shared memory would cost occupancy. (1 x 1024 with 4 warps
+# and 3 stages, 8 values per thread, left 8 B of stack in triton 3.6's fp16/bf16 Welford builds; with
+# 8 warps it needs 64 registers and none.)
 LOOP_STAGES = 3
+_UNPIPELINED = {False: config(BLOCK_C=1, BLOCK_S=1024, STAGES=1, num_warps=4, num_stages=2),
+                True: config(BLOCK_C=32, BLOCK_S=64, STAGES=1, num_warps=4, num_stages=2)}
 
 
-def _with_stages(configs):
-    staged = [config(STAGES=LOOP_STAGES, num_warps=c.num_warps, num_stages=c.num_stages, **c.kwargs) for c in configs]
-    first = configs[0]
-    return staged + [config(STAGES=1, num_warps=first.num_warps, num_stages=first.num_stages, **first.kwargs)]
+def _with_stages(configs, stages=LOOP_STAGES):
+    return [config(STAGES=stages, num_warps=c.num_warps, num_stages=c.num_stages, **c.kwargs) for c in configs]
 
 
-_REDUCE = {channels_inner: _with_stages(tiles) for channels_inner, tiles in _TILES.items()}
+_REDUCE = {channels_inner: _with_stages(tiles) + [_UNPIPELINED[channels_inner]] for channels_inner, tiles in _TILES.items()}
 _ELEMENTWISE = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
                         config(BLOCK_C=1, BLOCK_S=2048, num_warps=4, num_stages=2),
                         config(BLOCK_C=2, BLOCK_S=1024, num_warps=8, num_stages=2),
@@ -521,12 +523,12 @@ _ELEMENTWISE = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=
 # The single-launch training forward: one program per channel block loops over all N*H*W
 # positions, so the tiles are narrow in C (many programs even for small C) and carry the same
 # two Welford accumulator tiles as the partial kernel (<= 8 elements each per thread).
-_SINGLE = {False: [config(BLOCK_C=1, BLOCK_S=1024, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
+_SINGLE = {False: [_UNPIPELINED[False],
                    config(BLOCK_C=2, BLOCK_S=512, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
                    config(BLOCK_C=1, BLOCK_S=2048, STAGES=LOOP_STAGES, num_warps=8, num_stages=2)],
-           True: [config(BLOCK_C=16, BLOCK_S=64, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
-                  config(BLOCK_C=32, BLOCK_S=32, STAGES=LOOP_STAGES, num_warps=4, num_stages=2),
-                  config(BLOCK_C=64, BLOCK_S=16, STAGES=LOOP_STAGES, num_warps=4, num_stages=2)]}
+           True: _with_stages([config(BLOCK_C=16, BLOCK_S=64, num_warps=4, num_stages=2),
+                               config(BLOCK_C=32, BLOCK_S=32, num_warps=4, num_stages=2),
+                               config(BLOCK_C=64, BLOCK_S=16, num_warps=4, num_stages=2)])}
 # The combine kernels read [BLOCK_G, BLOCK] tiles of partials, <= 16 values per thread per row (the
 # statistics combine reads 4 rows). Small C has the most partials (G up to MAX_SPLITS) and the
 # fewest programs, so tall tiles (64 partials per iteration) keep its serial loop short.
