@@ -394,7 +394,8 @@ def bn_backward_partial_kernel(g_ptr, x_ptr, stats_ptr, rm_ptr, rv_ptr, w_ptr, b
     acc_dz = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     x_c, g_c = offs_c64[:, None] * sxc, offs_c64[:, None] * sgc
-    for item in tl.range(start, end, 2, num_stages=STAGES):  # in pairs, all four loads issued first (see _welford_items)
+    # in pairs, all four loads issued before any is used, pipelined with STAGES (see _welford_items)
+    for item in tl.range(start, end, 2, num_stages=STAGES):
         o0, o1, o2, offs_s, valid_a, mask_a = _item_tile(item, end, nsb, S, O1, O2, mask_c, BLOCK_S)
         q0, q1, q2, offs_t, valid_b, mask_b = _item_tile(item + 1, end, nsb, S, O1, O2, mask_c, BLOCK_S)
         x_a = tl.load(x_ptr + (o0 * sx0 + o1 * sx1 + o2 * sx2) + x_c + offs_s[None, :] * sxs, mask=mask_a, other=0.0)
@@ -479,9 +480,11 @@ def bn_backward_input_kernel(g_ptr, x_ptr, dx_ptr, stats_ptr, rm_ptr, rv_ptr, w_
 # memory latency of ~0.6-0.8 us, so by Little's law 4.8e12 B/s x 0.7e-6 s = 3.4 MB must be in
 # flight, 25-30 KB per SM (132 SMs); we aim at >= 32 KB. A CTA has (tiles loaded before the first
 # use) x (tensors read) x BLOCK_C x BLOCK_S x element size in flight, times the CTAs resident per
-# SM: the reductions load two work items per iteration (see _welford_items), e.g. fp16 1 x 1024
-# x 2 items = 4 KB per CTA, 8+ resident = 32+ KB; the elementwise kernels keep one tile per
-# program but many programs resident. Small spatial maps (ResNet's 14x14 = 196 and 7x7 = 49
+# SM: the reductions load two work items per iteration and, pipelined, two iterations ahead (see
+# _welford_items), e.g. fp16 1 x 1024: 4 tiles x 2 KB = 8 KB per CTA, 4-6 resident = 32-48 KB (the
+# unpipelined fallback: 2 tiles, 24 KB); the elementwise kernels keep one tile per program but
+# 6-16 programs resident (benchmarks/bn_bytes_in_flight.py has the estimate per build, and
+# benchmarks/results/inspect/bn-inflight.md the table). Small spatial maps (ResNet's 14x14 = 196 and 7x7 = 49
 # positions per (n, c)) get tiles short in S and wide in C, or a 1024-long tile would be 80-95%
 # masked off. (8x256 and 16x64 with 4 warps, and 256x16, 32x64 and 128x32 with 8 warps, spilled
 # 8-56 B in fp16/bf16 builds of the apply and input-gradient kernels compiled with generic strides
@@ -512,7 +515,8 @@ def _with_stages(configs, stages=LOOP_STAGES):
     return [config(STAGES=stages, num_warps=c.num_warps, num_stages=c.num_stages, **c.kwargs) for c in configs]
 
 
-_REDUCE = {channels_inner: _with_stages(tiles) + [_UNPIPELINED[channels_inner]] for channels_inner, tiles in _TILES.items()}
+_REDUCE = {channels_inner: _with_stages(tiles) + [_UNPIPELINED[channels_inner]]
+           for channels_inner, tiles in _TILES.items()}
 _ELEMENTWISE = {False: [config(BLOCK_C=1, BLOCK_S=1024, num_warps=4, num_stages=2),
                         config(BLOCK_C=1, BLOCK_S=2048, num_warps=4, num_stages=2),
                         config(BLOCK_C=2, BLOCK_S=1024, num_warps=8, num_stages=2),
