@@ -124,25 +124,26 @@ def cross_entropy_forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, den_ptr, bad_ptr
     tl.store(stats_ptr + row_id, lse, mask=row_mask)
     tl.store(stats_ptr + n_rows + row_id, coef, mask=row_mask)
     pid = tl.program_id(0)
+    tail_ptr = stats_ptr + 2 * tl.cast(n_rows, tl.int64)  # divisor, then "targets ok" (64-bit: rows may pass 2^30)
     if CHECK:
         n_bad = tl.sum(tl.where(valid & ((t < 0) | (t >= C)), 1.0, 0.0), axis=0)
         if ONE_PROGRAM:
-            tl.store(stats_ptr + 2 * n_rows + 1, tl.where(n_bad == 0, 1.0, 0.0))
+            tl.store(tail_ptr + 1, tl.where(n_bad == 0, 1.0, 0.0))
         else:
             tl.store(bad_ptr + pid, n_bad)
     elif pid == 0:
-        tl.store(stats_ptr + 2 * n_rows + 1, 1.0)
+        tl.store(tail_ptr + 1, 1.0)
     if REDUCTION == 0:
         tl.store(loss_ptr + row_id, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
         if pid == 0:
-            tl.store(stats_ptr + 2 * n_rows, 1.0)  # 'none' has no divisor; the output stays defined
+            tl.store(tail_ptr, 1.0)  # 'none' has no divisor; the output stays defined
     elif ONE_PROGRAM:
         total = tl.sum(loss, axis=0)
         denom = tl.sum(den, axis=0)
         if REDUCTION == 1:
             total = total / denom
         tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
-        tl.store(stats_ptr + 2 * n_rows, denom)
+        tl.store(tail_ptr, denom)
     else:
         tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
         tl.store(den_ptr + pid, tl.sum(den, axis=0))
@@ -172,7 +173,7 @@ def cross_entropy_backward_kernel(g_ptr, x_ptr, t_ptr, w_ptr, stats_ptr, dx_ptr,
     else:
         g = tl.load(g_ptr).to(tl.float32)
         if REDUCTION == 1:
-            g = g / tl.load(stats_ptr + 2 * n_rows)
+            g = g / tl.load(stats_ptr + 2 * tl.cast(n_rows, tl.int64))  # (64-bit: rows may pass 2^30)
         scale = tl.full((BLOCK_R,), 0.0, tl.float32) + g
     lse = tl.load(stats_ptr + row_id, mask=row_mask, other=0.0)
     coef = tl.load(stats_ptr + n_rows + row_id, mask=row_mask, other=0.0)
@@ -312,8 +313,8 @@ register_kernel(KernelSpec(
 register_kernel(KernelSpec(
     name="cross_entropy_backward_probs", kernel=cross_entropy_backward_kernel,
     signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*{dtype}", "w_ptr": "*{dtype}",
-               "stats_ptr": "*fp32", "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG, **_stride_sig("sg", with_class=False),
-               **_stride_sig("sx", "st", "sd")},
+               "stats_ptr": "*fp32", "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG,
+               **_stride_sig("sg", with_class=False), **_stride_sig("sx", "st", "sd")},
     configs_by_arch=_spec_configs(*SPEC_BLOCKS),
     variants=[dict(PROB=True, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=SUM, TARGET_GRAD=True, sxc=1, stc=1, sdc=1)],
     example_args={"C": 32000, "n_inner": 4096},
@@ -323,7 +324,8 @@ register_kernel(KernelSpec(
     signature={"part_ptr": "*fp32", "den_part_ptr": "*fp32", "bad_part_ptr": "*fp32", "out_ptr": "*{dtype}",
                "denom_ptr": "*fp32", "ok_ptr": "*fp32", "n_parts": "i32", "count": "fp32"},
     configs_by_arch={a: [config(num_warps=4, num_stages=1, BLOCK=FINISH_BLOCK)] for a in ("sm_80", "sm_90")},
-    variants=[dict(MEAN=True, HAS_DEN=True, LOSS=True, CHECK=True), dict(MEAN=False, HAS_DEN=False, LOSS=True, CHECK=False),
+    variants=[dict(MEAN=True, HAS_DEN=True, LOSS=True, CHECK=True),
+              dict(MEAN=False, HAS_DEN=False, LOSS=True, CHECK=False),
               dict(MEAN=False, HAS_DEN=False, LOSS=False, CHECK=True)],
 ))
 
