@@ -116,3 +116,48 @@ def test_the_direct_path_of_every_op_keeps_the_device_guard_on_cuda():
     assert len(eager_ops) >= 29 and set(eager_ops) == set(_common.GUARDED_OPS)
     for name, op in eager_ops.items():
         assert op.cuda_impl is _common.GUARDED_OPS[name] and op.impl is not op.cuda_impl, name
+
+
+class _Failing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        raise ValueError("forward failed")
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad path", "apply path"])
+def test_inside_forward_flag_is_reset_when_forward_raises(requires_grad):
+    with pytest.raises(ValueError, match="forward failed"):
+        _dispatch.run_function(_Failing, torch.randn(2, requires_grad=requires_grad))
+    assert _dispatch._inside.forward is False
+
+
+def test_inside_forward_flag_is_per_thread():
+    import threading
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            other = threading.Thread(target=lambda: seen.append(_dispatch._inside.forward))
+            other.start()
+            other.join()
+            seen.append(_dispatch._inside.forward)
+            return x.clone()
+    _dispatch.run_function(Probe, torch.randn(2))
+    assert seen == [False, True] and _dispatch._inside.forward is False
+
+
+def test_ops_called_from_a_saved_tensor_hook_take_the_full_check():
+    """autograd runs pack hooks inside the eager apply, while the flag is still set: a hook's ops on
+    meta tensors must still reach the registered op (and its fake), not the implementation."""
+    xm, wm = torch.empty(2, 3, device="meta"), torch.empty(4, 3, device="meta")
+    devices = []
+
+    def pack(t):
+        devices.append(TF.linear(xm, wm).device.type)
+        return t
+    x, w = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = TF.linear(x, w)
+    assert devices and set(devices) == {"meta"}
+    torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)

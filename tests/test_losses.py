@@ -251,6 +251,39 @@ def test_reductions_are_deterministic():
     assert all(torch.equal(runs[3], r) for r in runs[4:]), "the reduction order must be fixed"
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("rows", [3, 33, 129])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8])
+def test_device_targets_are_checked_by_the_forward_kernel(monkeypatch, reduction, rows, dtype):
+    """A target on the GPU is range-checked by the forward kernel (one program, or per-program counts
+    added by loss_finish_kernel) and asserted with torch._assert_async, as torch's device-side
+    assert: the target is declared device-resident here, so the path runs on CPU tensors, where the
+    assert raises at once. No host check (no aminmax) runs."""
+    from tkernels.ops import losses as loss_ops
+    monkeypatch.setattr(loss_ops, "_target_on_host", lambda target: False)
+    monkeypatch.setattr(loss_ops, "_check_host_target_range", None)  # must not be called
+    x = torch.randn(rows, 7, device=device_for("triton"))
+    t = torch.randint(0, 7, (rows,), device=x.device).to(dtype)
+    ignore = 255 if dtype == torch.uint8 else -100
+    t[0] = ignore
+    with tkernels.use_backend("triton"):
+        loss, stats = torch.ops.tkernels.cross_entropy(x, t, None, reduction, ignore, 0.0)
+        expect_kernels("cross_entropy_forward_kernel",
+                       *(("loss_finish_kernel",) if _forward_programs(x, t) > 1 else ()))
+        assert float(stats[2 * rows + 1]) == 1.0
+        expected = ref.cross_entropy(to_numpy64(x), t.cpu().numpy().astype(np.int64), None, ignore, reduction, 0.0)
+        assert_close(loss, _t(expected), dtype=x.dtype, reduction=7)
+        for position in (1, rows - 1):
+            bad = t.clone()
+            bad[position] = 7
+            with pytest.raises(RuntimeError, match="a target is out of bounds"):
+                F.cross_entropy(x, bad, ignore_index=ignore, reduction=reduction)
+            if dtype == torch.int64:
+                bad[position] = -1
+                with pytest.raises(RuntimeError, match="a target is out of bounds"):
+                    F.cross_entropy(x, bad, reduction=reduction)
+
+
 def test_cross_entropy_errors(backend):
     dev = device_for(backend)
     x = torch.randn(2, 3, device=dev)

@@ -93,9 +93,13 @@ class EagerCustomOp:
         self.packet = getattr(getattr(torch.ops, namespace), name)  # what tracing sees, as before
 
     def __call__(self, *args, **kwargs):
-        if _inside.forward:  # called by a forward that run_function runs eagerly: checked there
-            first = args[0] if isinstance(args[0], Tensor) else _first_tensor(args)
-            cuda = first is not None and first.is_cuda
+        first = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(args)
+        # Called by a forward that run_function runs eagerly, on its plain tensors: checked there.
+        # (The flag is also still set while autograd runs saved-tensor hooks after forward, which may
+        # call ops on other tensors or under a mode: those take the full check.)
+        if (_inside.forward and type(first) in _PLAIN_TYPES and (first.is_cuda or first.is_cpu)
+                and not _dispatch_stack_depth()):
+            cuda = first.is_cuda
         else:
             device = eager_device(args)
             if device is None:

@@ -108,11 +108,12 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float):
         act = resolve_activation(activation)
-        if act.grad_from_output:
+        needs_grad = any(ctx.needs_input_grad[:3])
+        if act.grad_from_output or not needs_grad:  # (no z when no gradient will read it)
             y = linear_forward(x, weight, bias, activation, param)
             # Keep what torch's own ops would keep: nothing of the output for identity (so in-place
             # ops on y, such as `y += residual`, stay legal), y where torch's relu/sigmoid/tanh keep it.
-            saved = None if act.is_identity else y
+            saved = None if act.is_identity or not needs_grad else y
         else:
             y, saved = linear_forward_preact(x, weight, bias, activation, param)
         ctx.activation, ctx.param, ctx.has_bias = activation, param, bias is not None

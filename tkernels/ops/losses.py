@@ -51,18 +51,21 @@ _EMPTY = (0,)
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def cross_entropy_forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, den_ptr, stats_ptr,
+def cross_entropy_forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, den_ptr, bad_ptr, stats_ptr,
                                  C, n_inner, n_tiles, n_outer1, n_rows,
                                  sx0, sx1, sxi, sxc, st0, st1, sti, stc, ignore_index, eps,
                                  PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-                                 REDUCTION: tl.constexpr, ONE_PROGRAM: tl.constexpr,
+                                 REDUCTION: tl.constexpr, ONE_PROGRAM: tl.constexpr, CHECK: tl.constexpr,
                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-row loss_i = lse_i * B_i - A_i (see the module docstring), logits read once, online.
 
-    stats (fp32, 2 * n_rows + 1) = [lse_i | B_i | divisor]. Writes the loss per row ('none', into
-    the output, divisor 1) or, reduced: with ONE_PROGRAM (the grid is one program) the loss itself
-    and the divisor (sum of the 'mean' weights w_{t_i}, or 1 per row for probabilities), else one
-    partial sum per program of its losses and weights (``loss_finish_kernel`` adds them). Tile
+    stats (fp32, 2 * n_rows + 2) = [lse_i | B_i | divisor | targets ok]. Writes the loss per row
+    ('none', into the output, divisor 1) or, reduced: with ONE_PROGRAM (the grid is one program)
+    the loss itself and the divisor (sum of the 'mean' weights w_{t_i}, or 1 per row for
+    probabilities), else one partial sum per program of its losses and weights
+    (``loss_finish_kernel`` adds them). With CHECK (class indices on the device), "targets ok" is
+    1.0 when no non-ignored index is outside [0, C), else 0.0 (ONE_PROGRAM), or each program writes
+    its count of such indices to bad_ptr for ``loss_finish_kernel``; without CHECK it is 1.0. Tile
     [BLOCK_R, BLOCK_C]; grid = (outer0 * outer1 * cdiv(inner, BLOCK_R),). Bytes: logits (and
     probability targets) read once, 8-12 bytes a row written; memory-bound.
     """
@@ -121,17 +124,26 @@ def cross_entropy_forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, den_ptr, stats_p
     tl.store(stats_ptr + row_id, lse, mask=row_mask)
     tl.store(stats_ptr + n_rows + row_id, coef, mask=row_mask)
     pid = tl.program_id(0)
+    tail_ptr = stats_ptr + 2 * tl.cast(n_rows, tl.int64)  # divisor, then "targets ok" (64-bit: rows may pass 2^30)
+    if CHECK:
+        n_bad = tl.sum(tl.where(valid & ((t < 0) | (t >= C)), 1.0, 0.0), axis=0)
+        if ONE_PROGRAM:
+            tl.store(tail_ptr + 1, tl.where(n_bad == 0, 1.0, 0.0))
+        else:
+            tl.store(bad_ptr + pid, n_bad)
+    elif pid == 0:
+        tl.store(tail_ptr + 1, 1.0)
     if REDUCTION == 0:
         tl.store(loss_ptr + row_id, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
         if pid == 0:
-            tl.store(stats_ptr + 2 * n_rows, 1.0)  # 'none' has no divisor; the output stays defined
+            tl.store(tail_ptr, 1.0)  # 'none' has no divisor; the output stays defined
     elif ONE_PROGRAM:
         total = tl.sum(loss, axis=0)
         denom = tl.sum(den, axis=0)
         if REDUCTION == 1:
             total = total / denom
         tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
-        tl.store(stats_ptr + 2 * n_rows, denom)
+        tl.store(tail_ptr, denom)
     else:
         tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
         tl.store(den_ptr + pid, tl.sum(den, axis=0))
@@ -161,7 +173,7 @@ def cross_entropy_backward_kernel(g_ptr, x_ptr, t_ptr, w_ptr, stats_ptr, dx_ptr,
     else:
         g = tl.load(g_ptr).to(tl.float32)
         if REDUCTION == 1:
-            g = g / tl.load(stats_ptr + 2 * n_rows)
+            g = g / tl.load(stats_ptr + 2 * tl.cast(n_rows, tl.int64))  # (64-bit: rows may pass 2^30)
         scale = tl.full((BLOCK_R,), 0.0, tl.float32) + g
     lse = tl.load(stats_ptr + row_id, mask=row_mask, other=0.0)
     coef = tl.load(stats_ptr + n_rows + row_id, mask=row_mask, other=0.0)
@@ -203,29 +215,39 @@ def cross_entropy_backward_kernel(g_ptr, x_ptr, t_ptr, w_ptr, stats_ptr, dx_ptr,
 
 
 @triton.jit
-def loss_finish_kernel(part_ptr, den_part_ptr, out_ptr, denom_ptr, n_parts, count,
-                       MEAN: tl.constexpr, HAS_DEN: tl.constexpr, BLOCK: tl.constexpr):
-    """out = sum(parts) [/ sum(den parts) or / count for 'mean']; also stores the divisor.
+def loss_finish_kernel(part_ptr, den_part_ptr, bad_part_ptr, out_ptr, denom_ptr, ok_ptr, n_parts, count,
+                       MEAN: tl.constexpr, HAS_DEN: tl.constexpr, LOSS: tl.constexpr, CHECK: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """out = sum(parts) [/ sum(den parts) or / count for 'mean']; also stores the divisor. With
+    CHECK: ok = 1.0 if the bad parts (counts of out-of-range targets) sum to 0, else 0.0; LOSS=False
+    does only that (cross-entropy 'none' over several programs).
 
-    One program walks the n_parts fp32 partials in a fixed order (deterministic). Bytes: 4-8 per
+    One program walks the n_parts fp32 partials in a fixed order (deterministic). Bytes: 4-12 per
     partial read; latency-bound (partials are one per forward program).
     """
     acc = tl.zeros((BLOCK,), tl.float32)
     dacc = tl.zeros((BLOCK,), tl.float32)
+    bad = tl.zeros((BLOCK,), tl.float32)
     for i in range(0, n_parts, BLOCK):
         offs = i + tl.arange(0, BLOCK)
-        acc += tl.load(part_ptr + offs, mask=offs < n_parts, other=0.0)
+        if LOSS:
+            acc += tl.load(part_ptr + offs, mask=offs < n_parts, other=0.0)
+            if HAS_DEN:
+                dacc += tl.load(den_part_ptr + offs, mask=offs < n_parts, other=0.0)
+        if CHECK:
+            bad += tl.load(bad_part_ptr + offs, mask=offs < n_parts, other=0.0)
+    if LOSS:
+        total = tl.sum(acc, axis=0)
         if HAS_DEN:
-            dacc += tl.load(den_part_ptr + offs, mask=offs < n_parts, other=0.0)
-    total = tl.sum(acc, axis=0)
-    if HAS_DEN:
-        denom = tl.sum(dacc, axis=0)
-    else:
-        denom = tl.zeros_like(total) + count  # (not count + 0 * total: NaN for a NaN/Inf loss)
-    if MEAN:
-        total = total / denom
-    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
-    tl.store(denom_ptr, denom)
+            denom = tl.sum(dacc, axis=0)
+        else:
+            denom = tl.zeros_like(total) + count  # (not count + 0 * total: NaN for a NaN/Inf loss)
+        if MEAN:
+            total = total / denom
+        tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+        tl.store(denom_ptr, denom)
+    if CHECK:
+        tl.store(ok_ptr, tl.where(tl.sum(bad, axis=0) == 0, 1.0, 0.0))
 
 
 _CE_KEY = ["C", "n_inner", "PROB", "HAS_WEIGHT", "SMOOTH", "BLOCK_R", "BLOCK_C"]
@@ -239,27 +261,32 @@ _ROW_SIG = {"C": "i32", "n_inner": "i32", "n_tiles": "i32", "n_outer1": "i32", "
 register_kernel(KernelSpec(
     name="cross_entropy_forward", kernel=cross_entropy_forward_kernel,
     signature={"x_ptr": "*{dtype}", "t_ptr": "*i64", "w_ptr": "*{dtype}", "loss_ptr": "*fp32", "den_ptr": "*fp32",
-               "stats_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
+               "bad_ptr": "*fp32", "stats_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
     configs_by_arch=_spec_configs(*SPEC_BLOCKS),
-    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, ONE_PROGRAM=False, sxc=1, sti=1),
-              dict(PROB=False, HAS_WEIGHT=False, SMOOTH=False, REDUCTION=MEAN, ONE_PROGRAM=True, sxc=1, sti=1),
-              dict(PROB=False, HAS_WEIGHT=False, SMOOTH=False, REDUCTION=NONE, ONE_PROGRAM=False, sxi=1, sti=1)],
+    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, ONE_PROGRAM=False, CHECK=True,
+                   sxc=1, sti=1),
+              dict(PROB=False, HAS_WEIGHT=False, SMOOTH=False, REDUCTION=MEAN, ONE_PROGRAM=True, CHECK=True,
+                   sxc=1, sti=1),
+              dict(PROB=False, HAS_WEIGHT=False, SMOOTH=False, REDUCTION=NONE, ONE_PROGRAM=False, CHECK=False,
+                   sxi=1, sti=1)],
     example_args={"C": 32000, "n_inner": 4096},
 ))
 register_kernel(KernelSpec(  # uint8 class indices (torch accepts Byte targets)
     name="cross_entropy_forward_u8", kernel=cross_entropy_forward_kernel,
     signature={"x_ptr": "*{dtype}", "t_ptr": "*u8", "w_ptr": "*{dtype}", "loss_ptr": "*fp32", "den_ptr": "*fp32",
-               "stats_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
+               "bad_ptr": "*fp32", "stats_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
     configs_by_arch=_spec_configs(SPEC_BLOCKS[0]),
-    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, ONE_PROGRAM=False, sxc=1, sti=1)],
+    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, ONE_PROGRAM=False, CHECK=True, sxc=1,
+                   sti=1)],
     dtypes=("fp16",),
 ))
 register_kernel(KernelSpec(
     name="cross_entropy_forward_probs", kernel=cross_entropy_forward_kernel,
     signature={"x_ptr": "*{dtype}", "t_ptr": "*{dtype}", "w_ptr": "*{dtype}", "loss_ptr": "*fp32",
-               "den_ptr": "*fp32", "stats_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
+               "den_ptr": "*fp32", "bad_ptr": "*fp32", "stats_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
     configs_by_arch=_spec_configs(*SPEC_BLOCKS),
-    variants=[dict(PROB=True, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=SUM, ONE_PROGRAM=False, sxc=1, stc=1)],
+    variants=[dict(PROB=True, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=SUM, ONE_PROGRAM=False, CHECK=False, sxc=1,
+                   stc=1)],
     example_args={"C": 32000, "n_inner": 4096},
 ))
 register_kernel(KernelSpec(
@@ -286,18 +313,20 @@ register_kernel(KernelSpec(
 register_kernel(KernelSpec(
     name="cross_entropy_backward_probs", kernel=cross_entropy_backward_kernel,
     signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*{dtype}", "w_ptr": "*{dtype}",
-               "stats_ptr": "*fp32", "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG, **_stride_sig("sg", with_class=False),
-               **_stride_sig("sx", "st", "sd")},
+               "stats_ptr": "*fp32", "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG,
+               **_stride_sig("sg", with_class=False), **_stride_sig("sx", "st", "sd")},
     configs_by_arch=_spec_configs(*SPEC_BLOCKS),
     variants=[dict(PROB=True, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=SUM, TARGET_GRAD=True, sxc=1, stc=1, sdc=1)],
     example_args={"C": 32000, "n_inner": 4096},
 ))
 register_kernel(KernelSpec(
     name="loss_finish", kernel=loss_finish_kernel,
-    signature={"part_ptr": "*fp32", "den_part_ptr": "*fp32", "out_ptr": "*{dtype}", "denom_ptr": "*fp32",
-               "n_parts": "i32", "count": "fp32"},
+    signature={"part_ptr": "*fp32", "den_part_ptr": "*fp32", "bad_part_ptr": "*fp32", "out_ptr": "*{dtype}",
+               "denom_ptr": "*fp32", "ok_ptr": "*fp32", "n_parts": "i32", "count": "fp32"},
     configs_by_arch={a: [config(num_warps=4, num_stages=1, BLOCK=FINISH_BLOCK)] for a in ("sm_80", "sm_90")},
-    variants=[dict(MEAN=True, HAS_DEN=True), dict(MEAN=False, HAS_DEN=False)],
+    variants=[dict(MEAN=True, HAS_DEN=True, LOSS=True, CHECK=True),
+              dict(MEAN=False, HAS_DEN=False, LOSS=True, CHECK=False),
+              dict(MEAN=False, HAS_DEN=False, LOSS=False, CHECK=True)],
 ))
 
 
@@ -320,31 +349,36 @@ def _target_on_host(target: Tensor) -> bool:
     return target.is_cpu
 
 
-def _check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
-    """torch raises for a class index outside [0, C); so do we, without stalling a GPU.
-
-    A target in host memory is checked on the host (reading it waits for nothing) and raises
-    torch's IndexError with the offending value. A target on a GPU is checked on the device with
-    torch._assert_async, as torch's own device-side assert does: the step is not held up, and a bad
-    index fails the next synchronising call (and the CUDA context) with the message below.
-    """
-    if target.is_floating_point() or target.numel() == 0:
-        return
+def _check_host_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """torch raises IndexError for a class index outside [0, C); so do we, for a target in host
+    memory (reading it waits for nothing). A target on a GPU is checked by the forward kernel
+    instead (see :func:`_assert_targets_ok`)."""
     t = target.to(torch.int64) if target.dtype != torch.int64 else target
-    on_host = _target_on_host(target)
-    if on_host:
-        low, high = torch.aminmax(t)  # one pass; the full check only when something may be wrong
-        if int(low) >= 0 and int(high) < n_classes:
-            return
-    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
-    if not on_host:
-        torch._assert_async(~bad.any(), f"cross_entropy: a target is out of bounds: expected class indices in "
-                                        f"[0, {n_classes - 1}] or ignore_index={ignore_index}")
+    low, high = torch.aminmax(t)  # one pass; the full check only when something may be wrong
+    if int(low) >= 0 and int(high) < n_classes:
         return
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
     if bool(bad.any()):
         value = int(t[bad].flatten()[0])
         raise IndexError(f"cross_entropy: Target {value} is out of bounds: expected a class index in "
                          f"[0, {n_classes - 1}] or ignore_index={ignore_index}")
+
+
+def _check_index_range(t, n_classes: int, ignore_index: int) -> None:
+    """The same check on a NumPy array of class indices (the NumPy backend's view of the target)."""
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if bad.any():
+        raise IndexError(f"cross_entropy: Target {int(t[bad].flat[0])} is out of bounds: expected a class index in "
+                         f"[0, {n_classes - 1}] or ignore_index={ignore_index}")
+
+
+def _assert_targets_ok(stats: Tensor, rows: int, n_classes: int, ignore_index: int) -> None:
+    """The device-side check of a target on a GPU, as torch's own device-side assert: the forward
+    kernel wrote 1.0 ("targets ok") or 0.0 into stats, and torch._assert_async fails on 0.0 without
+    holding up the step; a bad index fails the next synchronising call (and the CUDA context) with
+    this message. One small launch, where checking with torch ops took eight."""
+    torch._assert_async(stats[2 * rows + 1], f"cross_entropy: a target is out of bounds: expected class indices "
+                                             f"in [0, {n_classes - 1}] or ignore_index={ignore_index}")
 
 
 # layout (shapes and strides of x, target and the others) -> plan: a training loop asks for the same
@@ -375,31 +409,39 @@ def _class_stride(t: Tensor, prob: bool) -> int:
 
 
 def _stats_size(rows: int) -> int:
-    """Length of the fp32 statistics the forward keeps for backward: [lse (rows) | B (rows) | divisor]."""
-    return 2 * rows + 1
+    """Length of the fp32 statistics the forward keeps for backward: [lse (rows) | B (rows) | divisor |
+    targets ok]."""
+    return 2 * rows + 2
 
 
 @custom_op("tkernels::cross_entropy", mutates_args=())
 def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
                           label_smoothing: float) -> Tuple[Tensor, Tensor]:
-    """(loss, stats) for x (N, C, ...); stats fp32 (2 * rows + 1,) = [lse | B | divisor] (see the kernel)."""
+    """(loss, stats) for x (N, C, ...); stats fp32 (2 * rows + 2,) = [lse | B | divisor | targets ok]
+    (see the kernel)."""
     C, rows = x.shape[1], _row_count(x)
     prob = target.dim() == x.dim()
-    _check_target_range(target, C, ignore_index)
+    indices = not prob and target.numel() > 0
     loss_shape = target.shape if not prob else x.shape[:1] + x.shape[2:]
     if _backend.resolve("cross_entropy", x) == "numpy":
+        t = to_numpy(target) if prob else target.numpy()
+        if indices:
+            _check_index_range(t, C, ignore_index)
         # the reference backward recomputes everything from x, so the saved statistics stay unused
-        loss = ref.cross_entropy(to_numpy(x), target.numpy() if not prob else to_numpy(target),
-                                 to_numpy(weight), ignore_index, reduction, label_smoothing)
+        loss = ref.cross_entropy(to_numpy(x), t, to_numpy(weight), ignore_index, reduction, label_smoothing)
         stats = x.new_zeros((_stats_size(rows),), dtype=torch.float32)
-        stats[-1] = 1.0
+        stats[2 * rows:] = 1.0
         return from_numpy(loss, x).reshape(loss_shape if reduction == "none" else ()), stats
+    check = indices and not _target_on_host(target)  # checked by the kernel, asserted on the device
+    if indices and not check:
+        _check_host_target_range(target, C, ignore_index)
     check_triton_dtype("cross_entropy", x)
     reduce = reduction != "none"
     loss = x.new_empty(() if reduce else loss_shape)
     stats = x.new_empty((_stats_size(rows),), dtype=torch.float32)
     if rows == 0:  # (no program runs: the kernels' results by hand; a mean over nothing is NaN, as torch)
         stats.fill_(float(rows) if reduce else 1.0)
+        stats[-1] = 1.0
         if reduce:
             loss.fill_(float("nan") if reduction == "mean" else 0.0)
         return loss, stats
@@ -410,17 +452,23 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     grid = plan.grid
     n_parts = grid[0]
     one_program = n_parts == 1
-    parts = x.new_empty((2, n_parts), dtype=torch.float32) if reduce and not one_program else None
+    # per-program partials: (loss, weight, bad-target count) rows, those this launch needs
+    finish = not one_program and (reduce or check)
+    parts = x.new_empty((3, n_parts), dtype=torch.float32) if finish else None
     eps = max(float(label_smoothing), 0.0)
     kernel, meta = _CE_FORWARD.launcher(x)
-    kernel[grid](x, target, weight if weight is not None else x, parts[0] if parts is not None else loss,
-                 parts[1] if parts is not None else loss, stats, *plan.launch_args(), rows, *plan.strides[0],
-                 x.stride(1), *plan.strides[1], _class_stride(target, prob), int(ignore_index), eps,
+    kernel[grid](x, target, weight if weight is not None else x,
+                 parts[0] if reduce and parts is not None else loss, parts[1] if reduce and parts is not None else loss,
+                 parts[2] if check and parts is not None else stats, stats, *plan.launch_args(), rows,
+                 *plan.strides[0], x.stride(1), *plan.strides[1], _class_stride(target, prob), int(ignore_index), eps,
                  PROB=prob, HAS_WEIGHT=weight is not None, SMOOTH=eps > 0, REDUCTION=_reduction_code(reduction),
-                 ONE_PROGRAM=one_program, BLOCK_R=plan.BLOCK_R, BLOCK_C=plan.BLOCK_C, **meta)
-    if parts is not None:
-        loss_finish_kernel[(1,)](parts[0], parts[1], loss, stats[2 * rows:], n_parts, float(rows),
-                                 MEAN=reduction == "mean", HAS_DEN=True, BLOCK=FINISH_BLOCK)
+                 ONE_PROGRAM=one_program, CHECK=check, BLOCK_R=plan.BLOCK_R, BLOCK_C=plan.BLOCK_C, **meta)
+    if finish:
+        loss_finish_kernel[(1,)](parts[0], parts[1], parts[2], loss, stats[2 * rows:], stats[2 * rows + 1:], n_parts,
+                                 float(rows), MEAN=reduction == "mean", HAS_DEN=True, LOSS=reduce, CHECK=check,
+                                 BLOCK=FINISH_BLOCK)
+    if check:
+        _assert_targets_ok(stats, rows, C, ignore_index)
     return loss, stats
 
 

@@ -166,8 +166,9 @@ def mse_forward(x: Tensor, y: Tensor, weight: Optional[Tensor], reduction: str) 
                                        *strides[0], *strides[1], *w_strides, HAS_WEIGHT=weight is not None,
                                        REDUCE=reduce, DENSE=dense, BLOCK=MSE_BLOCK)
     if reduce:
-        loss_finish_kernel[(1,)](parts[0], parts[1], out, denom, n_parts, float(n), MEAN=reduction == "mean",
-                                 HAS_DEN=weight is not None, BLOCK=FINISH_BLOCK)
+        loss_finish_kernel[(1,)](parts[0], parts[1], parts[0], out, denom, denom, n_parts, float(n),
+                                 MEAN=reduction == "mean", HAS_DEN=weight is not None, LOSS=True, CHECK=False,
+                                 BLOCK=FINISH_BLOCK)
     return out, denom
 
 
