@@ -45,7 +45,8 @@ from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, che
                       to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, as_channels_last, channels_last_pays, check_pixel_count,
-                            gather_k_major, is_pointwise, register_family, rows_view, tuned_family)
+                            dw_layout, gather_k_major, is_pointwise, register_family, rows_view, tap_major_depthwise,
+                            tuned_family)
 from .matmul import matmul
 
 _EMPTY = (0,)
@@ -165,39 +166,57 @@ def conv2d_fwd_kernel(
 @triton.jit
 def conv2d_depthwise_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
-    H, W, C_out, MULT, OH, OW, KH, KW, M,
+    H, W, C_out, MULT, OH, OW, KH, KW, M, W_ROW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     act_param,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Direct forward for one input channel per group (depthwise, channel multiplier MULT):
     z[m, co] = sum_{kh,kw} x[n, co // MULT, ih, iw] * W[co, 0, kh, kw]. A GEMM would pad K and N
     to 16 for 1 useful lane, so this runs elementwise FMAs on the CUDA cores.
+    The weight comes tap-major, (KH*KW, W_ROW) with W_ROW = C_out rounded up to 8 (zero-filled),
+    so each tap's BLOCK_C weights are one aligned run that moves by cp.async on every layout.
+    FAST: channels_last x and y, C_out 8-aligned and MULT == 1 (host-checked): x's tile is then
+    BLOCK_C-contiguous runs at 8-aligned offsets, so it too moves as 16-byte cp.async vectors.
+    The tap loop is a ``tl.range`` with STAGES stages: with no tl.dot in it, Triton software-
+    pipelines only loops that ask for it, and only loads of >= 4 contiguous aligned bytes.
     Tile: BLOCK_C channels x BLOCK_M pixels, channel-major so the per-pixel index vectors stay
     small in registers. Grid: (cdiv(M, BLOCK_M), cdiv(C_out, BLOCK_C)).
     Traffic: x read about once (the KH*KW taps hit cache), y written once; memory-bound."""
+    if FAST:
+        sxc = 1
+        syc = 1
+        sxn, sxh, sxw = aligned8(sxn), aligned8(sxh), aligned8(sxw)
+        syn, syh, syw = aligned8(syn), aligned8(syh), aligned8(syw)
+        C_out = aligned8(C_out)
+    W_ROW = aligned8(W_ROW)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 indices, int64 offsets
     mask_m = offs_m < M
     n = offs_m // (OH * OW)
     ohw = offs_m % (OH * OW)
     oh = ohw // OW
     ow = ohw % OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
     co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = co < C_out
-    x_chan = (co // MULT).to(tl.int64) * sxc
+    if FAST:
+        x_chan = co.to(tl.int64)
+    else:
+        x_chan = (co // MULT).to(tl.int64) * sxc
     x_pix = n.to(tl.int64) * sxn
     acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
-    for kpos in range(0, KH * KW):
+    for kpos in tl.range(0, KH * KW, num_stages=STAGES):
         kh = kpos // KW
         kw = kpos % KW
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
+        ih = ih0 + kh * dil_h
+        iw = iw0 + kw * dil_w
         row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix = x_pix + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         xv = tl.load(x_ptr + x_chan[:, None] + pix[None, :], mask=mask_c[:, None] & row_ok[None, :], other=0.0)
-        wv = tl.load(w_ptr + co.to(tl.int64) * swo + kh * swh + kw * sww, mask=mask_c, other=0.0)
+        wv = tl.load(w_ptr + kpos * W_ROW + co, mask=co < W_ROW, other=0.0)
         acc += xv.to(tl.float32) * wv.to(tl.float32)[:, None]
     if HAS_BIAS:  # added here: the shared epilogue adds bias along a tile's second axis
         acc += tl.load(bias_ptr + co, mask=mask_c, other=0.0).to(tl.float32)[:, None]
@@ -212,12 +231,13 @@ def conv2d_depthwise_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 TUNED_FWD = tuned_family(conv2d_fwd_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW"],
                          interpreter=config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=4))
-_DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, num_warps=4, num_stages=2),
-               config(BLOCK_M=64, BLOCK_C=32, num_warps=4, num_stages=2),
-               config(BLOCK_M=32, BLOCK_C=64, num_warps=4, num_stages=2)]
+# STAGES: the tap loop's software-pipeline depth (cp.async buffers in shared memory)
+_DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, STAGES=3, num_warps=4, num_stages=3),
+               config(BLOCK_M=64, BLOCK_C=32, STAGES=3, num_warps=4, num_stages=3),
+               config(BLOCK_M=32, BLOCK_C=64, STAGES=3, num_warps=4, num_stages=3)]
 DW_FWD_CONFIGS = {"sm_80": _DW_CONFIGS, "sm_90": _DW_CONFIGS}
 TUNED_DW_FWD = Tuned(conv2d_depthwise_fwd_kernel, DW_FWD_CONFIGS,
-                     interpreter=config(BLOCK_M=64, BLOCK_C=32), key=["M", "C_out", "KH", "KW", "sxc"])
+                     interpreter=config(BLOCK_M=64, BLOCK_C=32, STAGES=2), key=["M", "C_out", "KH", "KW", "sxc"])
 
 _SHAPE_SIG = {name: "i32" for name in ("H", "W", "OH", "OW", "KH", "KW", "M", "stride_h", "stride_w", "pad_h",
                                        "pad_w", "dil_h", "dil_w")}
@@ -238,12 +258,13 @@ register_kernel(KernelSpec(
     name="conv2d_depthwise_fwd",
     kernel=conv2d_depthwise_fwd_kernel,
     signature={"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "y_ptr": "*{dtype}",
-               "z_ptr": "*{dtype}", **_SHAPE_SIG, "C_out": "i32", "MULT": "i32",
-               **{s: "i32" for s in ("sxn", "sxc", "sxh", "sxw", "swo", "swh", "sww",
-                                     "syn", "syc", "syh", "syw")},
+               "z_ptr": "*{dtype}", **_SHAPE_SIG, "C_out": "i32", "MULT": "i32", "W_ROW": "i32",
+               **{s: "i32" for s in ("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw")},
                "act_param": "fp32"},
     configs_by_arch=DW_FWD_CONFIGS,
-    variants=[dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True)],
+    # as launched for 64 channels at 56x56: channels_last (FAST) and NCHW
+    variants=[dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, FAST=fast, C_out=64, MULT=1, W_ROW=64,
+                   **dw_layout(fast, 64, 56, 56, "x", "y")) for fast in (True, False)],
 ))
 
 
@@ -285,11 +306,13 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
     geometry = (*stride, padding[0], padding[2], *dilation)
     common = dict(HAS_BIAS=bias is not None, ACT=act.code, STORE_PREACT=z is not None)
     if c_in_g == 1:
+        mult = c_out // c_in
         kernel, meta = TUNED_DW_FWD.launcher(x.device)
         grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]), cdiv(c_out, cfg["BLOCK_C"]))  # noqa: E731
-        kernel[grid](x, weight, bias_t, y, z_t, h, w, c_out, c_out // c_in, oh, ow, kh, kw, m, *geometry,
-                     *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
-                     float(act.param), **common, **meta)
+        w_taps = tap_major_depthwise(weight.reshape(c_out, kh * kw))
+        kernel[grid](x, w_taps, bias_t, y, z_t, h, w, c_out, mult, oh, ow, kh, kw, m, w_taps.shape[1], *geometry,
+                     *x.stride(), *y.stride(), float(act.param), **common,
+                     FAST=mult == 1 and c_out % 8 == 0 and aligned_channels_last(x, y), **meta)
         return
     c_out_g = c_out // groups
     if channels_last_pays(c_in_g, c_out_g, x, y):  # e.g. NCHW: run the FAST kernel on channels_last copies

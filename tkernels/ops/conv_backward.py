@@ -171,16 +171,28 @@ def conv2d_dgrad_kernel(
 @triton.jit
 def conv2d_depthwise_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr,
-    H, W, C_in, MULT, OH, OW, KH, KW, M,
+    H, W, C_in, MULT, OH, OW, KH, KW, M, W_ROW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sdn, sdc, sdh, sdw, swo, swh, sww, sxn, sxc, sxh, sxw,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
+    FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Direct input gradient for one input channel per group (depthwise, channel multiplier MULT):
     dx[n, ci, ih, iw] = sum_{j < MULT, kh, kw} dz[n, ci*MULT + j, oh, ow] * W[ci*MULT + j, 0, kh, kw].
+    The weight comes as (KH*KW*MULT, W_ROW) rows (tap, j), each C_in channels rounded up to 8
+    (zero-filled): one aligned run per step, moved by cp.async. FAST: channels_last dz and dx, C_in
+    8-aligned and MULT == 1 (host-checked), so dz tiles are aligned channel runs and move by
+    cp.async too. One flattened ``tl.range`` loop over (tap, j) with STAGES stages (see the forward).
     Tile: BLOCK_C channels x BLOCK_M input pixels, channel-major so the per-pixel index vectors
     stay small in registers. Grid: (cdiv(N*H*W, BLOCK_M), cdiv(C_in, BLOCK_C)).
     Traffic: dz read about once per tap from cache, dx written once; memory-bound."""
+    if FAST:
+        sdc = 1
+        sxc = 1
+        MULT = 1
+        sdn, sdh, sdw = aligned8(sdn), aligned8(sdh), aligned8(sdw)
+        sxn, sxh, sxw = aligned8(sxn), aligned8(sxh), aligned8(sxw)
+        C_in = aligned8(C_in)
+    W_ROW = aligned8(W_ROW)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 indices, int64 offsets
     mask_m = offs_m < M
     n = offs_m // (H * W)
@@ -188,8 +200,10 @@ def conv2d_depthwise_dgrad_kernel(
     iw = offs_m % W
     ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = ci < C_in
+    dz_pix = n.to(tl.int64) * sdn
     acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
-    for kpos in range(0, KH * KW):
+    for step in tl.range(0, KH * KW * MULT, num_stages=STAGES):
+        kpos = step // MULT
         kh = kpos // KW
         kw = kpos % KW
         th = ih + pad_h - kh * dil_h
@@ -198,13 +212,11 @@ def conv2d_depthwise_dgrad_kernel(
         ow = tw // stride_w
         row_ok = (mask_m & (th >= 0) & (tw >= 0) & (oh * stride_h == th) & (ow * stride_w == tw)
                   & (oh < OH) & (ow < OW))
-        mask = mask_c[:, None] & row_ok[None, :]
-        pix = n.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-        for mult in range(0, MULT):
-            co = (ci * MULT + mult).to(tl.int64)
-            g = tl.load(dz_ptr + (co * sdc)[:, None] + pix[None, :], mask=mask, other=0.0)
-            wv = tl.load(w_ptr + co * swo + kh * swh + kw * sww, mask=mask_c, other=0.0)
-            acc += g.to(tl.float32) * wv.to(tl.float32)[:, None]
+        pix = dz_pix + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+        co = (ci * MULT + step % MULT).to(tl.int64)
+        g = tl.load(dz_ptr + (co * sdc)[:, None] + pix[None, :], mask=mask_c[:, None] & row_ok[None, :], other=0.0)
+        wv = tl.load(w_ptr + step * W_ROW + ci, mask=ci < W_ROW, other=0.0)
+        acc += g.to(tl.float32) * wv.to(tl.float32)[:, None]
     dx_pix = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
     dx_offs = (ci.to(tl.int64) * sxc)[:, None] + dx_pix[None, :]
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_m[None, :])
@@ -338,6 +350,19 @@ def conv2d_grad_z_kernel(
         tl.store(db_ptr + pid_s * C + offs_c, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=mask_c)
 
 
+def tap_major_depthwise(w_rows: Tensor) -> Tensor:
+    """(channels, R) depthwise weights -> (R, channels rounded up to 8), zero-filled: each of the R
+    (tap, ...) rows is then one 16-byte-aligned channel run that the kernels load by cp.async."""
+    channels = w_rows.shape[0]
+    return torch.nn.functional.pad(w_rows.t(), (0, -channels % 8)).contiguous()
+
+
+def dw_layout(channels_last: bool, c: int, h: int, w: int, *names: str) -> Dict[str, int]:
+    """Example (n, c, h, w) strides of dense (N, c, h, w) tensors named s<name>n... for `tkernels inspect`."""
+    strides = (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    return {f"s{name}{d}": st for name in names for d, st in zip("nchw", strides)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs and `tkernels inspect` registrations (num_warps <= 4 throughout)
 # ---------------------------------------------------------------------------------------------
@@ -393,11 +418,11 @@ TUNED_DGRAD = tuned_family(conv2d_dgrad_kernel, ["M", "C_in_g", "C_out_g", "KH",
                            interpreter=config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, GROUP_M=4))
 TUNED_WGRAD = tuned_family(conv2d_wgrad_kernel, ["P", "J", "C_out_g", "KH", "KW", "SPLIT"],
                            interpreter=config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4))
-_DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, num_warps=4, num_stages=2),
-               config(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=2)]
+_DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, STAGES=2, num_warps=4, num_stages=2),
+               config(BLOCK_M=64, BLOCK_C=32, STAGES=2, num_warps=4, num_stages=2)]
 DW_DGRAD_CONFIGS = {"sm_80": _DW_CONFIGS, "sm_90": _DW_CONFIGS}
-TUNED_DW_DGRAD = Tuned(conv2d_depthwise_dgrad_kernel, DW_DGRAD_CONFIGS, interpreter=config(BLOCK_M=64, BLOCK_C=32),
-                       key=["M", "C_in", "MULT", "KH", "KW", "sdc"])
+TUNED_DW_DGRAD = Tuned(conv2d_depthwise_dgrad_kernel, DW_DGRAD_CONFIGS,
+                       interpreter=config(BLOCK_M=64, BLOCK_C=32, STAGES=2), key=["M", "C_in", "MULT", "KH", "KW", "sdc"])
 GRAD_Z_META = dict(BLOCK_P=64, BLOCK_C=32)
 
 _I32 = "i32"
@@ -430,9 +455,11 @@ register_kernel(KernelSpec(
     name="conv2d_depthwise_dgrad",
     kernel=conv2d_depthwise_dgrad_kernel,
     signature={"dz_ptr": "*{dtype}", "w_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
-               **_GEOMETRY_SIG, "C_in": _I32, "MULT": _I32, "M": _I32,
-               **_strides("d"), "swo": _I32, "swh": _I32, "sww": _I32, **_strides("x")},
+               **_GEOMETRY_SIG, "C_in": _I32, "MULT": _I32, "M": _I32, "W_ROW": _I32, **_strides("d", "x")},
     configs_by_arch=DW_DGRAD_CONFIGS,
+    # as launched for 64 channels at 56x56: channels_last (FAST) and NCHW
+    variants=[dict(FAST=fast, C_in=64, MULT=1, W_ROW=64, **dw_layout(fast, 64, 56, 56, "d", "x"))
+              for fast in (True, False)],
 ))
 register_kernel(KernelSpec(
     name="conv2d_grad_z",
@@ -529,10 +556,14 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
     sh, sw = geometry[:2]
     if c_in_g == 1:
         m = n * h * w
+        mult = c_out // c_in
         kernel, meta = TUNED_DW_DGRAD.launcher(dx.device)
         grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]), cdiv(c_in, cfg["BLOCK_C"]))  # noqa: E731
-        kernel[grid](dz, weight, dx, h, w, c_in, c_out // c_in, oh, ow, kh, kw, m, *geometry,
-                     *dz.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dx.stride(), **meta)
+        # rows (tap, j): W[ci*MULT + j, 0, kh, kw] at row (kh*KW + kw)*MULT + j, column ci
+        w_steps = tap_major_depthwise(weight.reshape(c_in, mult, kh * kw).transpose(1, 2).reshape(c_in, -1))
+        kernel[grid](dz, w_steps, dx, h, w, c_in, mult, oh, ow, kh, kw, m, w_steps.shape[1], *geometry,
+                     *dz.stride(), *dx.stride(),
+                     FAST=mult == 1 and c_in % 8 == 0 and aligned_channels_last(dz, dx), **meta)
         return
     c_out_g = c_out // groups
     fast = c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(dz, dx)
