@@ -86,6 +86,15 @@ CASES = {
     "groups3": Case(2, 6, (7, 7), 9, 3, groups=3, padding=1, activation="gelu"),
     "depthwise_cl": Case(2, 6, (7, 7), 6, 3, groups=6, padding=1, channels_last=True, activation="silu"),
     "depthwise_mult2_strided": Case(2, 4, (9, 6), 8, (3, 2), stride=2, padding=(1, 0), groups=4),
+    # 8-aligned channels_last, one channel per group: x/dz tiles too move by cp.async (FAST)
+    "depthwise_fast_cl": Case(2, 16, (7, 9), 16, 3, padding=1, groups=16, activation="gelu_tanh",
+                              channels_last=True, pad=8),
+    "depthwise_fast_cl_strided_dilated": Case(1, 24, (9, 10), 24, (3, 2), stride=(2, 1), padding=(1, 2),
+                                              dilation=(1, 2), groups=24, activation="relu", channels_last=True,
+                                              pad=8),
+    # 17 channels: the weight rows are zero-filled up to 24; NCHW with 16 channels: not FAST
+    "depthwise_c17_cl": Case(1, 17, (6, 5), 17, 3, padding=1, groups=17, channels_last=True, pad=8),
+    "depthwise_nchw16_dilated": Case(2, 16, (8, 7), 16, 3, padding=2, dilation=2, groups=16, activation="sigmoid"),
     "combined_cl": Case(2, 8, (11, 9), 12, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2,
                         activation="gelu_tanh", channels_last=True),
     "combined_grouped_strided": Case(1, 34, (9, 9), 6, 3, stride=2, padding=2, dilation=2, groups=2,
@@ -201,6 +210,31 @@ def launched(monkeypatch):
     return log
 
 
+@pytest.fixture
+def depthwise_fast(monkeypatch):
+    """The FAST flag of each depthwise kernel launch during the test, as (kernel name, FAST) pairs.
+    The class's launcher is looked up at call time, so `launched`'s class-level patch still sees it."""
+    log = []
+    for tuned in (conv_ops.TUNED_DW_FWD, conv_backward.TUNED_DW_DGRAD):
+        def launcher(device, tuned=tuned):
+            kernel, meta = Tuned.launcher(tuned, device)
+            return _RecordingKernel(kernel, log), meta
+
+        monkeypatch.setattr(tuned, "launcher", launcher)
+    return log
+
+
+class _RecordingKernel:
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__, kwargs["FAST"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 FAST_KERNELS = {"TUNED_FWD_FAST", "TUNED_DGRAD_FAST", "TUNED_WGRAD_FAST"}
 # FAST-able channel counts (C_in/groups >= 16, 8-aligned) in a layout the FAST kernels cannot take
 # (canary-padded strides): they run on aligned channels_last copies
@@ -208,7 +242,7 @@ COPIED_TO_CHANNELS_LAST = {"1x1_stride2_cl"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_conv2d_cases(backend, name, launched):
+def test_conv2d_cases(backend, name, launched, depthwise_fast):
     _run_case(CASES[name], backend)
     if backend == "triton":
         if name.startswith("fast") or name in COPIED_TO_CHANNELS_LAST:
@@ -216,6 +250,9 @@ def test_conv2d_cases(backend, name, launched):
         elif name.startswith("depthwise"):
             assert {"TUNED_DW_FWD", "TUNED_DW_DGRAD", "TUNED_WGRAD"} <= set(launched), launched
             expect_kernels("conv2d_depthwise_fwd_kernel", "conv2d_depthwise_dgrad_kernel", "conv2d_wgrad_kernel")
+            fast = name.startswith("depthwise_fast")
+            assert depthwise_fast == [("conv2d_depthwise_fwd_kernel", fast), ("conv2d_depthwise_dgrad_kernel", fast)], \
+                depthwise_fast
         elif name == "1x1_cl_gelu":  # the GEMM fast path: no conv kernel at all
             assert launched == [], launched
         else:
@@ -227,8 +264,8 @@ def test_conv2d_cases(backend, name, launched):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["3x3_cl_relu", "combined_grouped_strided", "depthwise_cl", "1x1_cl_gelu", "fast_cl",
-                                  "fast_nchw"])
+@pytest.mark.parametrize("name", ["3x3_cl_relu", "combined_grouped_strided", "depthwise_cl", "depthwise_fast_cl",
+                                  "1x1_cl_gelu", "fast_cl", "fast_nchw"])
 def test_conv2d_half_precision(backend, name, dtype):
     _run_case(CASES[name], backend, dtype)
 
