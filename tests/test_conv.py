@@ -21,7 +21,7 @@ from tkernels.ops import conv_backward
 from tkernels.ops._common import Tuned
 from tkernels.reference import conv as ref
 
-from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, device_for, expect_kernels, randn,
+from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, canary, device_for, expect_kernels, randn,
                      skip_unsupported, to_numpy64)
 
 CL = torch.channels_last
@@ -218,19 +218,22 @@ def depthwise_fast(monkeypatch):
     for tuned in (conv_ops.TUNED_DW_FWD, conv_backward.TUNED_DW_DGRAD):
         def launcher(device, tuned=tuned):
             kernel, meta = Tuned.launcher(tuned, device)
-            return _RecordingKernel(kernel, log), meta
+            return _RecordingKernel(kernel, log, ("FAST",)), meta
 
         monkeypatch.setattr(tuned, "launcher", launcher)
     return log
 
 
 class _RecordingKernel:
-    def __init__(self, kernel, log):
-        self.kernel, self.log = kernel, log
+    """Launches `kernel` and logs (kernel name, {flag: value}) for the named constexpr flags."""
+
+    def __init__(self, kernel, log, flags):
+        self.kernel, self.log, self.flags = kernel, log, flags
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.log.append((getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__, kwargs["FAST"]))
+            name = getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+            self.log.append((name, {f: kwargs[f] for f in self.flags}))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -251,8 +254,8 @@ def test_conv2d_cases(backend, name, launched, depthwise_fast):
             assert {"TUNED_DW_FWD", "TUNED_DW_DGRAD", "TUNED_WGRAD"} <= set(launched), launched
             expect_kernels("conv2d_depthwise_fwd_kernel", "conv2d_depthwise_dgrad_kernel", "conv2d_wgrad_kernel")
             fast = name.startswith("depthwise_fast")
-            assert depthwise_fast == [("conv2d_depthwise_fwd_kernel", fast), ("conv2d_depthwise_dgrad_kernel", fast)], \
-                depthwise_fast
+            assert depthwise_fast == [("conv2d_depthwise_fwd_kernel", {"FAST": fast}),
+                                      ("conv2d_depthwise_dgrad_kernel", {"FAST": fast})], depthwise_fast
         elif name == "1x1_cl_gelu":  # the GEMM fast path: no conv kernel at all
             assert launched == [], launched
         else:
@@ -348,6 +351,37 @@ def test_split_weight_and_bias_reduction(monkeypatch):
             grads.append(torch.autograd.grad(y, (w, b), torch.ones_like(y)))
         assert all(torch.equal(a, c) for a, c in zip(*grads)), "split reduction is not deterministic"
         expect_kernels("sum_partials_kernel", "conv2d_grad_z_kernel")
+
+
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("layout", ["planes", "channels_last", "gathered"])
+def test_grad_z_layouts(monkeypatch, layout, split):
+    """dz = dy * act'(z) and the bias gradient on each tiling of conv2d_grad_z_kernel: dense NCHW
+    planes (pixel runs), 8-aligned channels_last (channel runs) and gathered strided pixels;
+    split over programs too (PLANES tiles are (image, pixel block) pairs crossing image borders)."""
+    monkeypatch.setattr(conv_backward, "FORCE_SPLIT", split)
+    log = []
+    monkeypatch.setattr(conv_backward, "conv2d_grad_z_kernel",
+                        _RecordingKernel(conv_backward.conv2d_grad_z_kernel, log, ("FAST", "PLANES")))
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    with tkernels.use_backend("triton"):
+        x = randn(3, 5, 7, 5).contiguous(memory_format=fmt).requires_grad_()
+        w = randn(16, 5, 3, 3, scale=0.5).requires_grad_()
+        b = randn(16).requires_grad_()
+        y = conv2d(x, w, b, padding=1, activation="silu")
+        gy = randn(*y.shape).contiguous(memory_format=fmt)
+        if layout == "gathered":
+            gy = canary(gy)
+        y.backward(gy)
+    expect_kernels("conv2d_grad_z_kernel")
+    flags = {"planes": {"FAST": False, "PLANES": True}, "channels_last": {"FAST": True, "PLANES": False},
+             "gathered": {"FAST": False, "PLANES": False}}[layout]
+    assert log == [("conv2d_grad_z_kernel", flags)], log
+    xt, wt, bt = (t.detach().double().requires_grad_() for t in (x, w, b))
+    TF.silu(TF.conv2d(xt, wt, bt, padding=1)).backward(gy.double())
+    assert_close(x.grad, xt.grad, reduction=16 * 9)
+    assert_close(w.grad, wt.grad, reduction=3 * 35)
+    assert_close(b.grad, bt.grad, reduction=3 * 35)
 
 
 def test_bias_grad_without_weight_grad(backend):

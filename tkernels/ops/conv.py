@@ -45,7 +45,7 @@ from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, che
                       to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, as_channels_last, channels_last_pays, check_pixel_count,
-                            dw_layout, gather_k_major, is_pointwise, register_family, rows_view, tap_major_depthwise,
+                            example_strides, gather_k_major, is_pointwise, register_family, rows_view, tap_major_depthwise,
                             tuned_family)
 from .matmul import matmul
 
@@ -264,7 +264,7 @@ register_kernel(KernelSpec(
     configs_by_arch=DW_FWD_CONFIGS,
     # as launched for 64 channels at 56x56: channels_last (FAST) and NCHW
     variants=[dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, FAST=fast, C_out=64, MULT=1, W_ROW=64,
-                   **dw_layout(fast, 64, 56, 56, "x", "y")) for fast in (True, False)],
+                   **example_strides(fast, 64, 56, 56, "x", "y")) for fast in (True, False)],
 ))
 
 

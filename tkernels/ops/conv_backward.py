@@ -309,40 +309,80 @@ def conv2d_wgrad_kernel(
 
 
 @triton.jit
+def _tile_offsets(n, oh, ow, hw, c, sn, sc, sh, sw, PLANES: tl.constexpr):
+    """[pixels, channels] element offsets: pixel (n, hw) of a dense plane, or (n, oh, ow) with any strides."""
+    if PLANES:
+        pix = n * sn + hw
+    else:
+        pix = n * sn + oh * sh + ow * sw
+    return pix[:, None] + (c * sc)[None, :]
+
+
+@triton.jit
 def conv2d_grad_z_kernel(
-    dy_ptr, s_ptr, dz_ptr, db_ptr, P, C, OH, OW,
+    dy_ptr, s_ptr, dz_ptr, db_ptr, P, C, OH, OW, HW,
     sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, szn, szc, szh, szw,
     act_param,
     HAS_GATE: tl.constexpr, GATE_ACT: tl.constexpr, STORE_DZ: tl.constexpr, SUM: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT: tl.constexpr, FAST: tl.constexpr, PLANES: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
 ):
     """dz = dy * act'(s) (just dy without HAS_GATE) over this program's share of the P = N*OH*OW
     pixels: stored to dz if STORE_DZ, and if SUM its per-channel fp32 sum (the bias gradient) is
     written to db_ptr + split * C (partials) or to db (SPLIT == 1), in a fixed order.
-    Tile: BLOCK_P pixels x BLOCK_C channels. Grid: (cdiv(C, BLOCK_C), SPLIT).
+    Tile: BLOCK_P pixels x BLOCK_C channels. Grid: (cdiv(C, BLOCK_C), SPLIT); each program walks
+    its tiles in a ``tl.range`` loop of STAGES stages, so the loads of later tiles are in flight
+    (cp.async) while one is processed, wherever a tile is made of aligned runs of >= 4 bytes:
+    * FAST: channels_last dy, s and dz with C and every stride 8-aligned (host-checked): tiles
+      are runs of BLOCK_C channels;
+    * PLANES: dense NCHW planes (h stride OW, w stride 1): a tile is BLOCK_P consecutive pixels
+      of one image (tiles are (image, pixel block) pairs, HW = OH*OW), contiguous per channel;
+    * otherwise pixels are gathered by (n, oh, ow) with any strides.
     Traffic: dy (and s) read once, dz written once; memory-bound."""
+    if FAST:
+        sdc = 1
+        ssc = 1
+        szc = 1
+        sdn, sdh, sdw = aligned8(sdn), aligned8(sdh), aligned8(sdw)
+        ssn, ssh, ssw = aligned8(ssn), aligned8(ssh), aligned8(ssw)
+        szn, szh, szw = aligned8(szn), aligned8(szh), aligned8(szw)
+        C = aligned8(C)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     c64 = offs_c.to(tl.int64)
     pid_s = tl.program_id(1)
-    p_tiles = tl.cdiv(P, BLOCK_P)
-    tiles_per_split = tl.cdiv(p_tiles, SPLIT)
-    p_lo = pid_s * tiles_per_split * BLOCK_P
-    p_hi = tl.minimum(P, p_lo + tiles_per_split * BLOCK_P)
+    if PLANES:
+        hw_tiles = tl.cdiv(HW, BLOCK_P)
+        tiles = (P // HW) * hw_tiles
+    else:
+        tiles = tl.cdiv(P, BLOCK_P)
+    tiles_per_split = tl.cdiv(tiles, SPLIT)
+    t_lo = pid_s * tiles_per_split
+    t_hi = tl.minimum(tiles, t_lo + tiles_per_split)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        n = (offs_p // (OH * OW)).to(tl.int64)
-        oh = ((offs_p % (OH * OW)) // OW).to(tl.int64)
-        ow = (offs_p % OW).to(tl.int64)
-        mask = (offs_p < p_hi)[:, None] & mask_c[None, :]
-        g = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + (c64 * sdc)[None, :], mask=mask, other=0.0)
+    # gathered tiles (neither layout) would move element by element: registers, no pipelining
+    for t in tl.range(t_lo, t_hi, num_stages=STAGES if FAST or PLANES else 1):
+        if PLANES:
+            n = (t // hw_tiles).to(tl.int64)
+            hw = (t % hw_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask_p = hw < HW
+            oh = hw  # unused: a plane's pixels are at n * s?n + hw
+            ow = hw
+        else:
+            offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < P
+            n = (offs_p // (OH * OW)).to(tl.int64)
+            oh = ((offs_p % (OH * OW)) // OW).to(tl.int64)
+            ow = (offs_p % OW).to(tl.int64)
+            hw = ow  # unused
+        mask = mask_p[:, None] & mask_c[None, :]
+        g = tl.load(dy_ptr + _tile_offsets(n, oh, ow, hw, c64, sdn, sdc, sdh, sdw, PLANES), mask=mask, other=0.0)
         g = g.to(tl.float32)
         if HAS_GATE:
-            sv = tl.load(s_ptr + (n * ssn + oh * ssh + ow * ssw)[:, None] + (c64 * ssc)[None, :], mask=mask, other=0.0)
+            sv = tl.load(s_ptr + _tile_offsets(n, oh, ow, hw, c64, ssn, ssc, ssh, ssw, PLANES), mask=mask, other=0.0)
             g = g * activation_grad(sv.to(tl.float32), GATE_ACT, act_param)
         if STORE_DZ:
-            tl.store(dz_ptr + (n * szn + oh * szh + ow * szw)[:, None] + (c64 * szc)[None, :],
+            tl.store(dz_ptr + _tile_offsets(n, oh, ow, hw, c64, szn, szc, szh, szw, PLANES),
                      g.to(dz_ptr.dtype.element_ty), mask=mask)
         if SUM:
             acc += tl.where(mask, g, 0.0)
@@ -357,8 +397,9 @@ def tap_major_depthwise(w_rows: Tensor) -> Tensor:
     return torch.nn.functional.pad(w_rows.t(), (0, -channels % 8)).contiguous()
 
 
-def dw_layout(channels_last: bool, c: int, h: int, w: int, *names: str) -> Dict[str, int]:
-    """Example (n, c, h, w) strides of dense (N, c, h, w) tensors named s<name>n... for `tkernels inspect`."""
+def example_strides(channels_last: bool, c: int, h: int, w: int, *names: str) -> Dict[str, int]:
+    """(n, c, h, w) strides of dense (N, c, h, w) tensors, as s<name>n, s<name>c, ... for the
+    example launches that `tkernels inspect` compiles."""
     strides = (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
     return {f"s{name}{d}": st for name in names for d, st in zip("nchw", strides)}
 
@@ -423,7 +464,7 @@ _DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, STAGES=2, num_warps=4, num_stages
 DW_DGRAD_CONFIGS = {"sm_80": _DW_CONFIGS, "sm_90": _DW_CONFIGS}
 TUNED_DW_DGRAD = Tuned(conv2d_depthwise_dgrad_kernel, DW_DGRAD_CONFIGS,
                        interpreter=config(BLOCK_M=64, BLOCK_C=32, STAGES=2), key=["M", "C_in", "MULT", "KH", "KW", "sdc"])
-GRAD_Z_META = dict(BLOCK_P=64, BLOCK_C=32)
+GRAD_Z_META = dict(BLOCK_P=64, BLOCK_C=32, STAGES=2)
 
 _I32 = "i32"
 _GEOMETRY_SIG = {k: _I32 for k in ("H", "W", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w",
@@ -458,16 +499,21 @@ register_kernel(KernelSpec(
                **_GEOMETRY_SIG, "C_in": _I32, "MULT": _I32, "M": _I32, "W_ROW": _I32, **_strides("d", "x")},
     configs_by_arch=DW_DGRAD_CONFIGS,
     # as launched for 64 channels at 56x56: channels_last (FAST) and NCHW
-    variants=[dict(FAST=fast, C_in=64, MULT=1, W_ROW=64, **dw_layout(fast, 64, 56, 56, "d", "x"))
+    variants=[dict(FAST=fast, C_in=64, MULT=1, W_ROW=64, **example_strides(fast, 64, 56, 56, "d", "x"))
               for fast in (True, False)],
 ))
 register_kernel(KernelSpec(
     name="conv2d_grad_z",
     kernel=conv2d_grad_z_kernel,
     signature={"dy_ptr": "*{dtype}", "s_ptr": "*{dtype}", "dz_ptr": "*{dtype}", "db_ptr": "*fp32", "P": _I32,
-               "C": _I32, "OH": _I32, "OW": _I32, **_strides("d", "s", "z"), "act_param": "fp32"},
+               "C": _I32, "OH": _I32, "OW": _I32, "HW": _I32, **_strides("d", "s", "z"), "act_param": "fp32"},
     configs_by_arch={arch: [config(num_warps=4, num_stages=2, **GRAD_Z_META)] for arch in ("sm_80", "sm_90")},
-    variants=[dict(HAS_GATE=True, GATE_ACT=4, STORE_DZ=True, SUM=True, SPLIT=8)],
+    # 64 channels at 56x56: channels_last (FAST), dense NCHW (PLANES), and any other strides
+    variants=[dict(HAS_GATE=True, GATE_ACT=4, STORE_DZ=True, SUM=True, SPLIT=8, FAST=True, PLANES=False, C=64,
+                   **example_strides(True, 64, 56, 56, "d", "s", "z")),
+              dict(HAS_GATE=True, GATE_ACT=4, STORE_DZ=True, SUM=True, SPLIT=8, FAST=False, PLANES=True, C=64, OW=56,
+                   HW=56 * 56, **example_strides(False, 64, 56, 56, "d", "s", "z")),
+              dict(HAS_GATE=True, GATE_ACT=4, STORE_DZ=True, SUM=True, SPLIT=8, FAST=False, PLANES=False)],
 ))
 
 
@@ -507,10 +553,12 @@ def _grad_z(dy: Tensor, gate: Optional[Tensor], act: Activation, dz: Optional[Te
         part = db if split == 1 else torch.empty((split, c), device=dy.device, dtype=torch.float32)
     s = gate if gate is not None else dy
     dz_t = dz if dz is not None else dy
+    fast = c % 8 == 0 and aligned_channels_last(dy, s, dz_t)
     conv2d_grad_z_kernel[(cdiv(c, block_c), split)](
-        dy, s, dz_t, part if part is not None else dy, p, c, oh, ow, *dy.stride(), *s.stride(), *dz_t.stride(),
-        float(act.param), HAS_GATE=gate is not None, GATE_ACT=act.code, STORE_DZ=dz is not None,
-        SUM=db is not None, SPLIT=split, **GRAD_Z_META)
+        dy, s, dz_t, part if part is not None else dy, p, c, oh, ow, oh * ow, *dy.stride(), *s.stride(),
+        *dz_t.stride(), float(act.param), HAS_GATE=gate is not None, GATE_ACT=act.code, STORE_DZ=dz is not None,
+        SUM=db is not None, SPLIT=split, FAST=fast, PLANES=not fast and p > 0 and dense_planes(dy, s, dz_t),
+        **GRAD_Z_META)
     if db is not None and split > 1:
         _reduce_partials(part, db)
 
@@ -614,6 +662,13 @@ def channels_last_pays(c_in_g: int, c_out_g: int, *tensors: Tensor) -> bool:
     them (>= 16 input channels, 8-aligned runs) and one copy of each tensor (memory-bound) is
     cheap next to an implicit GEMM that gathers element by element with no async copies."""
     return c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and not aligned_channels_last(*tensors)
+
+
+def dense_planes(*tensors: Tensor) -> bool:
+    """Each (h, w) plane is dense and row-major (w stride 1, h stride W), as in NCHW: a run of
+    pixels of one image and channel is then contiguous."""
+    return all((t.shape[3] == 1 or t.stride(3) == 1) and (t.shape[2] == 1 or t.stride(2) == t.shape[3])
+               for t in tensors)
 
 
 def as_channels_last(t: Tensor) -> Tensor:
