@@ -45,8 +45,8 @@ from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, che
                       to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, as_channels_last, channels_last_pays, check_pixel_count,
-                            example_strides, gather_k_major, is_pointwise, register_family, rows_view, tap_major_depthwise,
-                            tuned_family)
+                            example_strides, gather_k_major, is_pointwise, load_channel_run, register_family,
+                            rows_view, tap_major_depthwise, tuned_family)
 from .matmul import matmul
 
 _EMPTY = (0,)
@@ -216,7 +216,7 @@ def conv2d_depthwise_fwd_kernel(
         row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix = x_pix + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         xv = tl.load(x_ptr + x_chan[:, None] + pix[None, :], mask=mask_c[:, None] & row_ok[None, :], other=0.0)
-        wv = tl.load(w_ptr + kpos * W_ROW + co, mask=co < W_ROW, other=0.0)
+        wv = load_channel_run(w_ptr, kpos * W_ROW + tl.program_id(1) * BLOCK_C, (kpos + 1) * W_ROW, BLOCK_C)
         acc += xv.to(tl.float32) * wv.to(tl.float32)[:, None]
     if HAS_BIAS:  # added here: the shared epilogue adds bias along a tile's second axis
         acc += tl.load(bias_ptr + co, mask=mask_c, other=0.0).to(tl.float32)[:, None]

@@ -76,6 +76,25 @@ def gather_k_major(ptr, row_offs, k_offs, row_ok, k_ok, FAST: tl.constexpr):
 
 
 @triton.jit
+def load_channel_run(ptr, start, limit, BLOCK: tl.constexpr):
+    """ptr[start + i] for i < BLOCK, 0 from ``limit`` on; start and limit even (host-aligned rows).
+    cp.async copies >= 4 bytes per thread, but Triton gives a short vector broadcast over a tile
+    one element per thread, so 2-byte elements are loaded as 32-bit words (two channels each) and
+    split in registers: the load then pipelines in any layout. Wider elements load directly."""
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:
+        words = ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        offs = start // 2 + tl.arange(0, BLOCK // 2)
+        word = tl.load(words + offs, mask=offs < limit // 2, other=0)
+        low = (word & 0xFFFF).to(tl.int16).to(ptr.dtype.element_ty, bitcast=True)
+        high = (word >> 16).to(tl.int16).to(ptr.dtype.element_ty, bitcast=True)
+        run = tl.reshape(tl.join(low, high), [BLOCK])
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        run = tl.load(ptr + offs, mask=offs < limit, other=0.0)
+    return run
+
+
+@triton.jit
 def _phase_taps(r, pad, dil, stride, KSIZE):
     """(first, step, count): the kernel positions k in [0, KSIZE) with (r + pad - k*dil) divisible by
     stride, i.e. those that reach an output pixel from input pixels of phase r. They are first,
@@ -215,7 +234,7 @@ def conv2d_depthwise_dgrad_kernel(
         pix = dz_pix + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
         co = (ci * MULT + step % MULT).to(tl.int64)
         g = tl.load(dz_ptr + (co * sdc)[:, None] + pix[None, :], mask=mask_c[:, None] & row_ok[None, :], other=0.0)
-        wv = tl.load(w_ptr + step * W_ROW + ci, mask=ci < W_ROW, other=0.0)
+        wv = load_channel_run(w_ptr, step * W_ROW + tl.program_id(1) * BLOCK_C, (step + 1) * W_ROW, BLOCK_C)
         acc += g.to(tl.float32) * wv.to(tl.float32)[:, None]
     dx_pix = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
     dx_offs = (ci.to(tl.int64) * sxc)[:, None] + dx_pix[None, :]
