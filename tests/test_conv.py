@@ -354,18 +354,20 @@ def test_split_weight_and_bias_reduction(monkeypatch):
 
 
 @pytest.mark.parametrize("split", [None, 3])
-@pytest.mark.parametrize("layout", ["planes", "channels_last", "gathered"])
+@pytest.mark.parametrize("layout", ["planes", "planes_unaligned", "channels_last", "gathered"])
 def test_grad_z_layouts(monkeypatch, layout, split):
     """dz = dy * act'(z) and the bias gradient on each tiling of conv2d_grad_z_kernel: dense NCHW
-    planes (pixel runs), 8-aligned channels_last (channel runs) and gathered strided pixels;
-    split over programs too (PLANES tiles are (image, pixel block) pairs crossing image borders)."""
+    planes of 8-aligned size (pixel runs), 8-aligned channels_last (channel runs) and gathered
+    pixels (strided, or planes of 7x5 pixels whose runs are not aligned); split over programs too
+    (PLANES tiles are (image, pixel block) pairs, and a split's share crosses image borders)."""
     monkeypatch.setattr(conv_backward, "FORCE_SPLIT", split)
     log = []
     monkeypatch.setattr(conv_backward, "conv2d_grad_z_kernel",
                         _RecordingKernel(conv_backward.conv2d_grad_z_kernel, log, ("FAST", "PLANES")))
     fmt = CL if layout == "channels_last" else torch.contiguous_format
+    hw = (8, 5) if layout == "planes" else (7, 5)
     with tkernels.use_backend("triton"):
-        x = randn(3, 5, 7, 5).contiguous(memory_format=fmt).requires_grad_()
+        x = randn(3, 5, *hw).contiguous(memory_format=fmt).requires_grad_()
         w = randn(16, 5, 3, 3, scale=0.5).requires_grad_()
         b = randn(16).requires_grad_()
         y = conv2d(x, w, b, padding=1, activation="silu")
@@ -374,14 +376,14 @@ def test_grad_z_layouts(monkeypatch, layout, split):
             gy = canary(gy)
         y.backward(gy)
     expect_kernels("conv2d_grad_z_kernel")
-    flags = {"planes": {"FAST": False, "PLANES": True}, "channels_last": {"FAST": True, "PLANES": False},
-             "gathered": {"FAST": False, "PLANES": False}}[layout]
-    assert log == [("conv2d_grad_z_kernel", flags)], log
+    flags = {"planes": {"FAST": False, "PLANES": True}, "channels_last": {"FAST": True, "PLANES": False}}
+    assert log == [("conv2d_grad_z_kernel", flags.get(layout, {"FAST": False, "PLANES": False}))], log
     xt, wt, bt = (t.detach().double().requires_grad_() for t in (x, w, b))
     TF.silu(TF.conv2d(xt, wt, bt, padding=1)).backward(gy.double())
+    pixels = 3 * hw[0] * hw[1]
     assert_close(x.grad, xt.grad, reduction=16 * 9)
-    assert_close(w.grad, wt.grad, reduction=3 * 35)
-    assert_close(b.grad, bt.grad, reduction=3 * 35)
+    assert_close(w.grad, wt.grad, reduction=pixels)
+    assert_close(b.grad, bt.grad, reduction=pixels)
 
 
 def test_bias_grad_without_weight_grad(backend):

@@ -354,8 +354,9 @@ def conv2d_grad_z_kernel(
     (cp.async) while one is processed, wherever a tile is made of aligned runs of >= 4 bytes:
     * FAST: channels_last dy, s and dz with C and every stride 8-aligned (host-checked): tiles
       are runs of BLOCK_C channels;
-    * PLANES: dense NCHW planes (h stride OW, w stride 1): a tile is BLOCK_P consecutive pixels
-      of one image (tiles are (image, pixel block) pairs, HW = OH*OW), contiguous per channel;
+    * PLANES: dense NCHW planes (h stride OW, w stride 1) with HW = OH*OW and the n and c strides
+      8-aligned (host-checked): a tile is BLOCK_P consecutive pixels of one image (tiles are
+      (image, pixel block) pairs), an aligned run per channel;
     * otherwise pixels are gathered by (n, oh, ow) with any strides.
     Traffic: dy (and s) read once, dz written once; memory-bound."""
     if FAST:
@@ -366,6 +367,13 @@ def conv2d_grad_z_kernel(
         ssn, ssh, ssw = aligned8(ssn), aligned8(ssh), aligned8(ssw)
         szn, szh, szw = aligned8(szn), aligned8(szh), aligned8(szw)
         C = aligned8(C)
+    if PLANES:
+        sdw = 1
+        ssw = 1
+        szw = 1
+        sdn, sdc, ssn, ssc = aligned8(sdn), aligned8(sdc), aligned8(ssn), aligned8(ssc)
+        szn, szc = aligned8(szn), aligned8(szc)
+        HW = aligned8(HW)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     c64 = offs_c.to(tl.int64)
@@ -684,10 +692,11 @@ def channels_last_pays(c_in_g: int, c_out_g: int, *tensors: Tensor) -> bool:
 
 
 def dense_planes(*tensors: Tensor) -> bool:
-    """Each (h, w) plane is dense and row-major (w stride 1, h stride W), as in NCHW: a run of
-    pixels of one image and channel is then contiguous."""
-    return all((t.shape[3] == 1 or t.stride(3) == 1) and (t.shape[2] == 1 or t.stride(2) == t.shape[3])
-               for t in tensors)
+    """Each (h, w) plane is dense and row-major (w stride 1, h stride W), as in NCHW, and planes
+    start 8-aligned (H*W and the n and c strides multiples of 8): a run of pixels of one image and
+    channel is then an aligned vector."""
+    return all(t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.shape[2] * t.shape[3] % 8 == 0
+               and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in tensors)
 
 
 def as_channels_last(t: Tensor) -> Tensor:
