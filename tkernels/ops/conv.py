@@ -40,12 +40,11 @@ from ..activations import Activation, ActivationLike, apply_activation, resolve_
 from ..reference import conv as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
-from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
-                      from_numpy, operand_class, register_kernel, suggests_channels_last, tl_input_precision,
-                      to_numpy)
+from ._common import (grouped_tile, cdiv, check_floating, check_same, check_triton_dtype, config, from_numpy,
+                      operand_class, suggests_channels_last, tl_input_precision, to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, as_channels_last, channels_last_pays, check_pixel_count,
-                            example_strides, gather_k_major, is_pointwise, load_channel_run, register_family,
+                            depthwise_family, gather_k_major, is_pointwise, load_channel_run, register_family,
                             rows_view, tap_major_depthwise, tuned_family)
 from .matmul import matmul
 
@@ -231,14 +230,6 @@ def conv2d_depthwise_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 TUNED_FWD = tuned_family(conv2d_fwd_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW"],
                          interpreter=config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=4))
-# STAGES: the tap loop's software-pipeline depth (cp.async buffers in shared memory)
-_DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, STAGES=3, num_warps=4, num_stages=3),
-               config(BLOCK_M=64, BLOCK_C=32, STAGES=3, num_warps=4, num_stages=3),
-               config(BLOCK_M=32, BLOCK_C=64, STAGES=3, num_warps=4, num_stages=3)]
-DW_FWD_CONFIGS = {"sm_80": _DW_CONFIGS, "sm_90": _DW_CONFIGS}
-TUNED_DW_FWD = Tuned(conv2d_depthwise_fwd_kernel, DW_FWD_CONFIGS,
-                     interpreter=config(BLOCK_M=64, BLOCK_C=32, STAGES=2), key=["M", "C_out", "KH", "KW", "sxc"])
-
 _SHAPE_SIG = {name: "i32" for name in ("H", "W", "OH", "OW", "KH", "KW", "M", "stride_h", "stride_w", "pad_h",
                                        "pad_w", "dil_h", "dil_w")}
 _FWD_SIG = {"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "y_ptr": "*{dtype}",
@@ -254,18 +245,20 @@ _TAP_MAJOR = dict(swo=1, swi=64, swh=64 * 3 * 3, sww=64 * 3, C_out_g=64)
 register_family("conv2d_fwd", conv2d_fwd_kernel, _FWD_SIG,
                 [dict(_HEAVY, **_TAP_MAJOR), dict(HAS_BIAS=True, ACT=1, STORE_PREACT=False, FLAT_K=True, **_TAP_MAJOR)],
                 fast_variants=[_HEAVY])
-register_kernel(KernelSpec(
-    name="conv2d_depthwise_fwd",
-    kernel=conv2d_depthwise_fwd_kernel,
-    signature={"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "y_ptr": "*{dtype}",
-               "z_ptr": "*{dtype}", **_SHAPE_SIG, "C_out": "i32", "MULT": "i32", "W_ROW": "i32",
-               **{s: "i32" for s in ("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw")},
-               "act_param": "fp32"},
-    configs_by_arch=DW_FWD_CONFIGS,
-    # as launched for 64 channels at 56x56: channels_last (FAST) and NCHW
-    variants=[dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, FAST=fast, C_out=64, MULT=1, W_ROW=64,
-                   **example_strides(fast, 64, 56, 56, "x", "y")) for fast in (True, False)],
-))
+# STAGES: the tap loop's software-pipeline depth (cp.async buffers in shared memory); gathered
+# (NCHW) tiles keep their int64 addresses per element in registers, so no 128-channel tile
+TUNED_DW_FWD = depthwise_family(
+    conv2d_depthwise_fwd_kernel, "conv2d_depthwise_fwd",
+    {"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "y_ptr": "*{dtype}", "z_ptr": "*{dtype}",
+     **_SHAPE_SIG, "C_out": "i32", "MULT": "i32", "W_ROW": "i32",
+     **{s: "i32" for s in ("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw")}, "act_param": "fp32"},
+    {True: [config(BLOCK_M=32, BLOCK_C=128, STAGES=3, num_warps=4, num_stages=3),
+            config(BLOCK_M=64, BLOCK_C=32, STAGES=3, num_warps=4, num_stages=3),
+            config(BLOCK_M=32, BLOCK_C=64, STAGES=3, num_warps=4, num_stages=3)],
+     False: [config(BLOCK_M=64, BLOCK_C=32, STAGES=3, num_warps=4, num_stages=3),
+             config(BLOCK_M=32, BLOCK_C=64, STAGES=3, num_warps=4, num_stages=3)]},
+    ["M", "C_out", "KH", "KW"], config(BLOCK_M=64, BLOCK_C=32, STAGES=2),
+    dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True), "C_out", "x", "y")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,12 +300,12 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
     common = dict(HAS_BIAS=bias is not None, ACT=act.code, STORE_PREACT=z is not None)
     if c_in_g == 1:
         mult = c_out // c_in
-        kernel, meta = TUNED_DW_FWD.launcher(x.device)
+        fast = mult == 1 and c_out % 8 == 0 and aligned_channels_last(x, y)
+        kernel, meta = TUNED_DW_FWD[fast].launcher(x.device)
         grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]), cdiv(c_out, cfg["BLOCK_C"]))  # noqa: E731
         w_taps = tap_major_depthwise(weight.reshape(c_out, kh * kw))
         kernel[grid](x, w_taps, bias_t, y, z_t, h, w, c_out, mult, oh, ow, kh, kw, m, w_taps.shape[1], *geometry,
-                     *x.stride(), *y.stride(), float(act.param), **common,
-                     FAST=mult == 1 and c_out % 8 == 0 and aligned_channels_last(x, y), **meta)
+                     *x.stride(), *y.stride(), float(act.param), **common, FAST=fast, **meta)
         return
     c_out_g = c_out // groups
     if channels_last_pays(c_in_g, c_out_g, x, y):  # e.g. NCHW: run the FAST kernel on channels_last copies

@@ -466,6 +466,22 @@ def tuned_family(kernel, key, interpreter: triton.Config) -> Dict[Tuple[bool, st
             for family, configs in GEMM_CONFIGS.items()}
 
 
+def depthwise_family(kernel, name: str, signature: dict, configs: Dict[bool, List[triton.Config]], key,
+                     interpreter: triton.Config, variant: dict, channels: str, *tensors: str) -> Dict[bool, Tuned]:
+    """One Tuned per FAST flag of a direct depthwise kernel (channels_last runs carry larger tiles
+    than gathered ones), registered for `tkernels inspect` as name_fast and name, each compiled as
+    launched on 64 channels at 56x56 (channels_last, resp. NCHW)."""
+    tuned = {}
+    for fast in (True, False):
+        by_arch = {arch: configs[fast] for arch in ("sm_80", "sm_90")}
+        register_kernel(KernelSpec(
+            name=name + ("_fast" if fast else ""), kernel=kernel, signature=signature, configs_by_arch=by_arch,
+            variants=[dict(variant, FAST=fast, MULT=1, W_ROW=64, **{channels: 64},
+                           **example_strides(fast, 64, 56, 56, *tensors))]))
+        tuned[fast] = Tuned(kernel, by_arch, interpreter=interpreter, key=key)
+    return tuned
+
+
 def register_family(name: str, kernel, signature: dict, variants: List[dict],
                     fast_variants: Optional[List[dict]] = None) -> None:
     """Register each FAST x (half, fp32) family for `tkernels inspect` as name[_fast][_fp32]; the
@@ -486,11 +502,6 @@ TUNED_DGRAD = tuned_family(conv2d_dgrad_kernel, ["M", "C_in_g", "C_out_g", "KH",
                            interpreter=config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, GROUP_M=4))
 TUNED_WGRAD = tuned_family(conv2d_wgrad_kernel, ["P", "J", "C_out_g", "KH", "KW", "SPLIT"],
                            interpreter=config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4))
-_DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, STAGES=2, num_warps=4, num_stages=2),
-               config(BLOCK_M=64, BLOCK_C=32, STAGES=2, num_warps=4, num_stages=2)]
-DW_DGRAD_CONFIGS = {"sm_80": _DW_CONFIGS, "sm_90": _DW_CONFIGS}
-TUNED_DW_DGRAD = Tuned(conv2d_depthwise_dgrad_kernel, DW_DGRAD_CONFIGS,
-                       interpreter=config(BLOCK_M=64, BLOCK_C=32, STAGES=2), key=["M", "C_in", "MULT", "KH", "KW", "sdc"])
 GRAD_Z_META = dict(BLOCK_P=64, BLOCK_C=32, STAGES=2)
 
 _I32 = "i32"
@@ -519,16 +530,17 @@ register_family("conv2d_dgrad", conv2d_dgrad_kernel, _DGRAD_SIG,
 register_family("conv2d_wgrad", conv2d_wgrad_kernel, _WGRAD_SIG,
                 [dict(SPLIT=4, sdc=1, sdn=64 * 56 * 56, sdh=64 * 56, sdw=64, C_out_g=64)],
                 fast_variants=[dict(SPLIT=4)])
-register_kernel(KernelSpec(
-    name="conv2d_depthwise_dgrad",
-    kernel=conv2d_depthwise_dgrad_kernel,
-    signature={"dz_ptr": "*{dtype}", "w_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
-               **_GEOMETRY_SIG, "C_in": _I32, "MULT": _I32, "M": _I32, "W_ROW": _I32, **_strides("d", "x")},
-    configs_by_arch=DW_DGRAD_CONFIGS,
-    # as launched for 64 channels at 56x56: channels_last (FAST) and NCHW
-    variants=[dict(FAST=fast, C_in=64, MULT=1, W_ROW=64, **example_strides(fast, 64, 56, 56, "d", "x"))
-              for fast in (True, False)],
-))
+# STAGES: the tap loop's software-pipeline depth (cp.async buffers in shared memory); gathered
+# (NCHW) tiles keep their int64 addresses per element in registers, so no 128-channel tile
+TUNED_DW_DGRAD = depthwise_family(
+    conv2d_depthwise_dgrad_kernel, "conv2d_depthwise_dgrad",
+    {"dz_ptr": "*{dtype}", "w_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
+     **_GEOMETRY_SIG, "C_in": _I32, "MULT": _I32, "M": _I32, "W_ROW": _I32, **_strides("d", "x")},
+    {True: [config(BLOCK_M=32, BLOCK_C=128, STAGES=2, num_warps=4, num_stages=2),
+            config(BLOCK_M=64, BLOCK_C=32, STAGES=2, num_warps=4, num_stages=2)],
+     False: [config(BLOCK_M=64, BLOCK_C=32, STAGES=2, num_warps=4, num_stages=2),
+             config(BLOCK_M=32, BLOCK_C=64, STAGES=2, num_warps=4, num_stages=2)]},
+    ["M", "C_in", "MULT", "KH", "KW"], config(BLOCK_M=64, BLOCK_C=32, STAGES=2), {}, "C_in", "d", "x")
 register_kernel(KernelSpec(
     name="conv2d_grad_z",
     kernel=conv2d_grad_z_kernel,
@@ -632,13 +644,13 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
     if c_in_g == 1:
         m = n * h * w
         mult = c_out // c_in
-        kernel, meta = TUNED_DW_DGRAD.launcher(dx.device)
+        fast = mult == 1 and c_in % 8 == 0 and aligned_channels_last(dz, dx)
+        kernel, meta = TUNED_DW_DGRAD[fast].launcher(dx.device)
         grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]), cdiv(c_in, cfg["BLOCK_C"]))  # noqa: E731
         # rows (tap, j): W[ci*MULT + j, 0, kh, kw] at row (kh*KW + kw)*MULT + j, column ci
         w_steps = tap_major_depthwise(weight.reshape(c_in, mult, kh * kw).transpose(1, 2).reshape(c_in, -1))
         kernel[grid](dz, w_steps, dx, h, w, c_in, mult, oh, ow, kh, kw, m, w_steps.shape[1], *geometry,
-                     *dz.stride(), *dx.stride(),
-                     FAST=mult == 1 and c_in % 8 == 0 and aligned_channels_last(dz, dx), **meta)
+                     *dz.stride(), *dx.stride(), FAST=fast, **meta)
         return
     c_out_g = c_out // groups
     fast = c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(dz, dx)
