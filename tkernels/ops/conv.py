@@ -255,8 +255,8 @@ TUNED_DW_FWD = depthwise_family(
     {True: [config(BLOCK_M=32, BLOCK_C=128, STAGES=3, num_warps=4, num_stages=3),
             config(BLOCK_M=64, BLOCK_C=32, STAGES=3, num_warps=4, num_stages=3),
             config(BLOCK_M=32, BLOCK_C=64, STAGES=3, num_warps=4, num_stages=3)],
-     False: [config(BLOCK_M=64, BLOCK_C=32, STAGES=3, num_warps=4, num_stages=3),
-             config(BLOCK_M=32, BLOCK_C=64, STAGES=3, num_warps=4, num_stages=3)]},
+     False: [config(BLOCK_M=64, BLOCK_C=16, STAGES=3, num_warps=4, num_stages=3),
+             config(BLOCK_M=32, BLOCK_C=32, STAGES=3, num_warps=4, num_stages=3)]},
     ["M", "C_out", "KH", "KW"], config(BLOCK_M=64, BLOCK_C=32, STAGES=2),
     dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True), "C_out", "x", "y")
 

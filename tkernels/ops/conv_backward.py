@@ -538,8 +538,8 @@ TUNED_DW_DGRAD = depthwise_family(
      **_GEOMETRY_SIG, "C_in": _I32, "MULT": _I32, "M": _I32, "W_ROW": _I32, **_strides("d", "x")},
     {True: [config(BLOCK_M=32, BLOCK_C=128, STAGES=2, num_warps=4, num_stages=2),
             config(BLOCK_M=64, BLOCK_C=32, STAGES=2, num_warps=4, num_stages=2)],
-     False: [config(BLOCK_M=64, BLOCK_C=32, STAGES=2, num_warps=4, num_stages=2),
-             config(BLOCK_M=32, BLOCK_C=64, STAGES=2, num_warps=4, num_stages=2)]},
+     False: [config(BLOCK_M=64, BLOCK_C=16, STAGES=2, num_warps=4, num_stages=2),
+             config(BLOCK_M=32, BLOCK_C=32, STAGES=2, num_warps=4, num_stages=2)]},
     ["M", "C_in", "MULT", "KH", "KW"], config(BLOCK_M=64, BLOCK_C=32, STAGES=2), {}, "C_in", "d", "x")
 register_kernel(KernelSpec(
     name="conv2d_grad_z",
