@@ -17,7 +17,8 @@ other strides are multiples of 8, so X, W (re-laid tap-major, a small copy) and 
   * flat (C_in/groups < 16, e.g. an RGB stem): walk the flattened (kh, kw, ci) axis, so the
     BLOCK_K >= 16 that ``tl.dot`` needs is filled instead of padded with zeros.
 Depthwise-like convs (one input channel per group) are not GEMMs at all; a direct kernel
-accumulates per-channel products on the CUDA cores. 1x1 stride-1 unpadded convs whose pixels
+accumulates per-channel products on the CUDA cores, its tap loop software-pipelined by cp.async
+(the weight runs always; the input tiles too when channels_last makes them aligned channel runs). 1x1 stride-1 unpadded convs whose pixels
 form a 2-D (pixels, channels) view (channels_last, or a batch of one) are a plain GEMM and go to
 :func:`tkernels.ops.matmul.matmul`.
 

@@ -28,7 +28,8 @@ move them as vectors (NCHW tensors with such channel counts are copied to channe
 gradient is written tap-major and re-laid into dW). 1x1 stride-1 unpadded convs whose pixels
 form a 2-D (pixels, channels) view are GEMMs and reuse the matmul kernel with act' fused into
 its loads, as Linear does (dx = dz @ W, dW = dz^T @ X with db as its row sums).
-One-input-channel-per-group (depthwise) input gradients use a direct CUDA-core kernel. All conv
+One-input-channel-per-group (depthwise) input gradients use a direct CUDA-core kernel, pipelined
+like the depthwise forward. All conv
 kernels use num_warps <= 4.
 
 This module also holds what the forward shares with it: the device helpers ``aligned8`` and
