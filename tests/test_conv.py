@@ -340,6 +340,23 @@ def test_split_weight_and_bias_reduction(monkeypatch):
         expect_kernels("sum_partials_kernel", "conv2d_grad_z_kernel")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["fast_cl", "fast_cl_strided_grouped", "fast_nchw"])
+def test_weight_tma_forward(monkeypatch, name, dtype):
+    """sm_90's FAST forward with its weight tiles from a tensor descriptor (forced here): the boxes
+    zero-fill rows past C_in/groups, and columns of the next group are masked on store."""
+    monkeypatch.setattr(conv_ops, "FORCE_WEIGHT_TMA", True)
+    log = []
+    for tuned in conv_ops.TUNED_FWD.values():
+        def launcher(device, tuned=tuned):
+            kernel, meta = Tuned.launcher(tuned, device)
+            return _RecordingKernel(kernel, log, ("FAST", "W_TMA")), meta
+        monkeypatch.setattr(tuned, "launcher", launcher)
+    with tkernels.use_backend("triton"):
+        _run_case(CASES[name], "triton", dtype)
+    assert log == [("conv2d_fwd_kernel", {"FAST": True, "W_TMA": True})], log
+
+
 @pytest.mark.parametrize("split", [None, 3])
 @pytest.mark.parametrize("layout", ["planes", "planes_unaligned", "channels_last", "gathered"])
 def test_grad_z_layouts(monkeypatch, layout, split):
