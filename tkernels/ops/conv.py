@@ -22,6 +22,9 @@ accumulates per-channel products on the CUDA cores, its tap loop software-pipeli
 form a 2-D (pixels, channels) view (channels_last, or a batch of one) are a plain GEMM and go to
 :func:`tkernels.ops.matmul.matmul`.
 
+On sm_90 the FAST forward (fp16/bf16) takes its weight tiles through a tensor descriptor (TMA,
+``W_TMA``) while the gathered input tiles stay on cp.async.
+
 Bias, the optional pre-activation store (kept for backward when act' needs z) and the activation
 run in the epilogue on the fp32 accumulator. Conv kernels use num_warps <= 4 (Triton miscompiles
 non-1x1 convs at 8: pytorch issue 173068). The backward kernels, the device helpers shared with
