@@ -21,7 +21,7 @@ from tkernels.ops import conv_backward
 from tkernels.ops._common import Tuned
 from tkernels.reference import conv as ref
 
-from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, device_for, expect_kernels, randn,
+from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, canary, device_for, expect_kernels, randn,
                      skip_unsupported, to_numpy64)
 
 CL = torch.channels_last
@@ -86,6 +86,15 @@ CASES = {
     "groups3": Case(2, 6, (7, 7), 9, 3, groups=3, padding=1, activation="gelu"),
     "depthwise_cl": Case(2, 6, (7, 7), 6, 3, groups=6, padding=1, channels_last=True, activation="silu"),
     "depthwise_mult2_strided": Case(2, 4, (9, 6), 8, (3, 2), stride=2, padding=(1, 0), groups=4),
+    # 8-aligned channels_last, one channel per group: x/dz tiles too move by cp.async (FAST)
+    "depthwise_fast_cl": Case(2, 16, (7, 9), 16, 3, padding=1, groups=16, activation="gelu_tanh",
+                              channels_last=True, pad=8),
+    "depthwise_fast_cl_strided_dilated": Case(1, 24, (9, 10), 24, (3, 2), stride=(2, 1), padding=(1, 2),
+                                              dilation=(1, 2), groups=24, activation="relu", channels_last=True,
+                                              pad=8),
+    # 17 channels: the weight rows are zero-filled up to 24; NCHW with 16 channels: not FAST
+    "depthwise_c17_cl": Case(1, 17, (6, 5), 17, 3, padding=1, groups=17, channels_last=True, pad=8),
+    "depthwise_nchw16_dilated": Case(2, 16, (8, 7), 16, 3, padding=2, dilation=2, groups=16, activation="sigmoid"),
     "combined_cl": Case(2, 8, (11, 9), 12, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2,
                         activation="gelu_tanh", channels_last=True),
     "combined_grouped_strided": Case(1, 34, (9, 9), 6, 3, stride=2, padding=2, dilation=2, groups=2,
@@ -187,8 +196,10 @@ def launched(monkeypatch):
         for name in [n for n in vars(module) if n.startswith("TUNED_")]:
             value = getattr(module, name)
             # implicit-GEMM kernels have one Tuned per (FAST, operand class) family
+            # (depthwise kernels: one per FAST flag)
             family = value.items() if isinstance(value, dict) else [((False, None), value)]
-            for (fast, _), tuned in family:
+            for key, tuned in family:
+                fast = key[0] if isinstance(key, tuple) else key
                 labels[id(tuned)] = name + ("_FAST" if fast else "")
     original = Tuned.launcher
 
@@ -199,6 +210,20 @@ def launched(monkeypatch):
 
     monkeypatch.setattr(Tuned, "launcher", launcher)
     return log
+
+
+class _RecordingKernel:
+    """Launches `kernel` and logs (kernel name, {flag: value}) for the named constexpr flags."""
+
+    def __init__(self, kernel, log, flags):
+        self.kernel, self.log, self.flags = kernel, log, flags
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            name = getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+            self.log.append((name, {f: kwargs[f] for f in self.flags}))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 FAST_KERNELS = {"TUNED_FWD_FAST", "TUNED_DGRAD_FAST", "TUNED_WGRAD_FAST"}
@@ -214,7 +239,9 @@ def test_conv2d_cases(backend, name, launched):
         if name.startswith("fast") or name in COPIED_TO_CHANNELS_LAST:
             assert FAST_KERNELS <= set(launched), f"FAST kernels not all used: {launched}"
         elif name.startswith("depthwise"):
-            assert {"TUNED_DW_FWD", "TUNED_DW_DGRAD", "TUNED_WGRAD"} <= set(launched), launched
+            # 8-aligned channels_last: the FAST variants, whose input tiles move by cp.async
+            suffix = "_FAST" if name.startswith("depthwise_fast") else ""
+            assert launched == ["TUNED_DW_FWD" + suffix, "TUNED_DW_DGRAD" + suffix, "TUNED_WGRAD"], launched
             expect_kernels("conv2d_depthwise_fwd_kernel", "conv2d_depthwise_dgrad_kernel", "conv2d_wgrad_kernel")
         elif name == "1x1_cl_gelu":  # the GEMM fast path: no conv kernel at all
             assert launched == [], launched
@@ -227,8 +254,8 @@ def test_conv2d_cases(backend, name, launched):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["3x3_cl_relu", "combined_grouped_strided", "depthwise_cl", "1x1_cl_gelu", "fast_cl",
-                                  "fast_nchw"])
+@pytest.mark.parametrize("name", ["3x3_cl_relu", "combined_grouped_strided", "depthwise_cl", "depthwise_fast_cl",
+                                  "1x1_cl_gelu", "fast_cl", "fast_nchw"])
 def test_conv2d_half_precision(backend, name, dtype):
     _run_case(CASES[name], backend, dtype)
 
@@ -311,6 +338,56 @@ def test_split_weight_and_bias_reduction(monkeypatch):
             grads.append(torch.autograd.grad(y, (w, b), torch.ones_like(y)))
         assert all(torch.equal(a, c) for a, c in zip(*grads)), "split reduction is not deterministic"
         expect_kernels("sum_partials_kernel", "conv2d_grad_z_kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["fast_cl", "fast_cl_strided_grouped", "fast_nchw"])
+def test_weight_tma_forward(monkeypatch, name, dtype):
+    """sm_90's FAST forward with its weight tiles from a tensor descriptor (forced here): the boxes
+    zero-fill rows past C_in/groups, and columns of the next group are masked on store."""
+    monkeypatch.setattr(conv_ops, "FORCE_WEIGHT_TMA", True)
+    log = []
+    for tuned in conv_ops.TUNED_FWD.values():
+        def launcher(device, tuned=tuned):
+            kernel, meta = Tuned.launcher(tuned, device)
+            return _RecordingKernel(kernel, log, ("FAST", "W_TMA")), meta
+        monkeypatch.setattr(tuned, "launcher", launcher)
+    with tkernels.use_backend("triton"):
+        _run_case(CASES[name], "triton", dtype)
+    assert log == [("conv2d_fwd_kernel", {"FAST": True, "W_TMA": True})], log
+
+
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("layout", ["planes", "planes_unaligned", "channels_last", "gathered"])
+def test_grad_z_layouts(monkeypatch, layout, split):
+    """dz = dy * act'(z) and the bias gradient on each tiling of conv2d_grad_z_kernel: dense NCHW
+    planes of 8-aligned size (pixel runs), 8-aligned channels_last (channel runs) and gathered
+    pixels (strided, or planes of 7x5 pixels whose runs are not aligned); split over programs too
+    (PLANES tiles are (image, pixel block) pairs, and a split's share crosses image borders)."""
+    monkeypatch.setattr(conv_backward, "FORCE_SPLIT", split)
+    log = []
+    monkeypatch.setattr(conv_backward, "conv2d_grad_z_kernel",
+                        _RecordingKernel(conv_backward.conv2d_grad_z_kernel, log, ("FAST", "PLANES")))
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    hw = (8, 5) if layout == "planes" else (7, 5)
+    with tkernels.use_backend("triton"):
+        x = randn(3, 5, *hw).contiguous(memory_format=fmt).requires_grad_()
+        w = randn(16, 5, 3, 3, scale=0.5).requires_grad_()
+        b = randn(16).requires_grad_()
+        y = conv2d(x, w, b, padding=1, activation="silu")
+        gy = randn(*y.shape).contiguous(memory_format=fmt)
+        if layout == "gathered":
+            gy = canary(gy)
+        y.backward(gy)
+    expect_kernels("conv2d_grad_z_kernel")
+    flags = {"planes": {"FAST": False, "PLANES": True}, "channels_last": {"FAST": True, "PLANES": False}}
+    assert log == [("conv2d_grad_z_kernel", flags.get(layout, {"FAST": False, "PLANES": False}))], log
+    xt, wt, bt = (t.detach().double().requires_grad_() for t in (x, w, b))
+    TF.silu(TF.conv2d(xt, wt, bt, padding=1)).backward(gy.double())
+    pixels = 3 * hw[0] * hw[1]
+    assert_close(x.grad, xt.grad, reduction=16 * 9)
+    assert_close(w.grad, wt.grad, reduction=pixels)
+    assert_close(b.grad, bt.grad, reduction=pixels)
 
 
 def test_bias_grad_without_weight_grad(backend):

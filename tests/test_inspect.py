@@ -91,6 +91,12 @@ def test_registered_configs_compile_for_both_archs():
     tma = [r for r in rows if r["kernel"].startswith("matmul_tma")]
     assert tma and all(r["arch"] == "sm_90" and r["tma_ops"] > 0 and r["hgmma"] > 0 for r in tma)
     assert {r["dtype"] for r in tma} == {"fp16", "bf16"}
+    # every sm_90 fp16/bf16 conv build moves operands asynchronously (cp.async or TMA) in its main
+    # loop, except conv2d_grad_z's gathered tiling (any strides: no aligned runs to copy)
+    sync_conv = [r for r in rows if r["kernel"].startswith("conv2d") and r["arch"] == "sm_90"
+                 and r["dtype"] in ("fp16", "bf16") and not (r["async_copy_ops"] or r["tma_ops"])
+                 and not (r["kernel"] == "conv2d_grad_z" and "FAST=False PLANES=False" in r["variant"])]
+    assert not sync_conv, f"sm_90 half conv builds without async copies:\n{_describe(sync_conv)}"
     plain = [r for r in rows if r["kernel"] == "sum_partials"]
     assert plain and all(r["tensor_core_ops"] == 0 for r in plain)
 

@@ -17,9 +17,13 @@ other strides are multiples of 8, so X, W (re-laid tap-major, a small copy) and 
   * flat (C_in/groups < 16, e.g. an RGB stem): walk the flattened (kh, kw, ci) axis, so the
     BLOCK_K >= 16 that ``tl.dot`` needs is filled instead of padded with zeros.
 Depthwise-like convs (one input channel per group) are not GEMMs at all; a direct kernel
-accumulates per-channel products on the CUDA cores. 1x1 stride-1 unpadded convs whose pixels
+accumulates per-channel products on the CUDA cores, its tap loop software-pipelined by cp.async
+(the weight runs always; the input tiles too when channels_last makes them aligned channel runs). 1x1 stride-1 unpadded convs whose pixels
 form a 2-D (pixels, channels) view (channels_last, or a batch of one) are a plain GEMM and go to
 :func:`tkernels.ops.matmul.matmul`.
+
+On sm_90 the FAST forward (fp16/bf16) takes its weight tiles through a tensor descriptor (TMA,
+``W_TMA``) while the gathered input tiles stay on cp.async.
 
 Bias, the optional pre-activation store (kept for backward when act' needs z) and the activation
 run in the epilogue on the fp32 accumulator. Conv kernels use num_warps <= 4 (Triton miscompiles
@@ -40,15 +44,19 @@ from ..activations import Activation, ActivationLike, apply_activation, resolve_
 from ..reference import conv as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
-from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, check_floating, check_same, check_triton_dtype, config,
+from ._common import (grouped_tile, KernelSpec, cdiv, check_floating, check_same, check_triton_dtype, config,
                       from_numpy, operand_class, register_kernel, suggests_channels_last, tl_input_precision,
                       to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, as_channels_last, channels_last_pays, check_pixel_count,
-                            gather_k_major, is_pointwise, register_family, rows_view, tuned_family)
+                            depthwise_family, gather_k_major, is_pointwise, load_channel_run, register_family,
+                            rows_view, tap_major_depthwise, tuned_family)
 from .matmul import matmul
+from .matmul_tma import HAS_TENSOR_DESCRIPTORS, ensure_scratch_allocator
 
 _EMPTY = (0,)
+# Tests set this to run the TMA weight path of the FAST forward on CPU tensors under the interpreter.
+FORCE_WEIGHT_TMA: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +84,7 @@ def conv2d_fwd_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr, FLAT_K: tl.constexpr,
     FAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    W_TMA: tl.constexpr = False,
 ):
     """Implicit-GEMM forward. Tile: BLOCK_M output pixels x BLOCK_N output channels of one group,
     reduction in BLOCK_K steps (>= 16, padded by masks, never the tensor).
@@ -84,7 +93,9 @@ def conv2d_fwd_kernel(
     Grid: (cdiv(M, BLOCK_M) * cdiv(C_out_g, BLOCK_N), groups), tiles in GROUP_M-row bands so
     neighbouring programs reuse the same input rows from L2.
     Traffic: x read C_out_g/BLOCK_N times (x KH*KW gathered from cache), W read M/BLOCK_M times,
-    y (and z) written once. Compute-bound for ResNet/VGG layer shapes."""
+    y (and z) written once. Compute-bound for ResNet/VGG layer shapes.
+    W_TMA (sm_90, FAST, per-tap path): weight tiles come through a tensor descriptor over the
+    tap-major weight as (KH*KW, C_in_g, C_out), i.e. TMA boxes whose rows past C_in_g zero-fill."""
     if FAST:
         sxc = 1
         syc = 1
@@ -139,6 +150,9 @@ def conv2d_fwd_kernel(
         # then keeps loads in flight across kernel positions (a nested loop drains it at each one,
         # and with C_in/groups <= BLOCK_K nothing would overlap at all)
         c_blocks = tl.cdiv(C_in_g, BLOCK_K)
+        if W_TMA:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KH * KW, C_in_g, C_out_g * tl.num_programs(1)],
+                                               strides=[sww, swi, 1], block_shape=[1, BLOCK_K, BLOCK_N])
         for step in range(0, KH * KW * c_blocks):
             kpos = step // c_blocks
             c0 = (step % c_blocks) * BLOCK_K
@@ -152,8 +166,11 @@ def conv2d_fwd_kernel(
             offs_c = c0 + tl.arange(0, BLOCK_K)
             mask_c = offs_c < C_in_g
             a = gather_k_major(x_ptr, a_rows, offs_c.to(tl.int64) * sxc, row_ok, mask_c, FAST)
-            b = tl.load(w_ptr + b_cols[None, :] + (offs_c.to(tl.int64) * swi)[:, None],
-                        mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            if W_TMA:
+                b = tl.reshape(w_desc.load([kpos, c0, g * C_out_g + pid_n * BLOCK_N]), [BLOCK_K, BLOCK_N])
+            else:
+                b = tl.load(w_ptr + b_cols[None, :] + (offs_c.to(tl.int64) * swi)[:, None],
+                            mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out_rows = n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
@@ -165,39 +182,57 @@ def conv2d_fwd_kernel(
 @triton.jit
 def conv2d_depthwise_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, z_ptr,
-    H, W, C_out, MULT, OH, OW, KH, KW, M,
+    H, W, C_out, MULT, OH, OW, KH, KW, M, W_ROW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     act_param,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Direct forward for one input channel per group (depthwise, channel multiplier MULT):
     z[m, co] = sum_{kh,kw} x[n, co // MULT, ih, iw] * W[co, 0, kh, kw]. A GEMM would pad K and N
     to 16 for 1 useful lane, so this runs elementwise FMAs on the CUDA cores.
+    The weight comes tap-major, (KH*KW, W_ROW) with W_ROW = C_out rounded up to 8 (zero-filled),
+    so each tap's BLOCK_C weights are one aligned run that moves by cp.async on every layout.
+    FAST: channels_last x and y, C_out 8-aligned and MULT == 1 (host-checked): x's tile is then
+    BLOCK_C-contiguous runs at 8-aligned offsets, so it too moves as 16-byte cp.async vectors.
+    The tap loop is a ``tl.range`` with STAGES stages: with no tl.dot in it, Triton software-
+    pipelines only loops that ask for it, and only loads of >= 4 contiguous aligned bytes.
     Tile: BLOCK_C channels x BLOCK_M pixels, channel-major so the per-pixel index vectors stay
     small in registers. Grid: (cdiv(M, BLOCK_M), cdiv(C_out, BLOCK_C)).
     Traffic: x read about once (the KH*KW taps hit cache), y written once; memory-bound."""
+    if FAST:
+        sxc = 1
+        syc = 1
+        sxn, sxh, sxw = aligned8(sxn), aligned8(sxh), aligned8(sxw)
+        syn, syh, syw = aligned8(syn), aligned8(syh), aligned8(syw)
+        C_out = aligned8(C_out)
+    W_ROW = aligned8(W_ROW)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 indices, int64 offsets
     mask_m = offs_m < M
     n = offs_m // (OH * OW)
     ohw = offs_m % (OH * OW)
     oh = ohw // OW
     ow = ohw % OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
     co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = co < C_out
-    x_chan = (co // MULT).to(tl.int64) * sxc
+    if FAST:
+        x_chan = co.to(tl.int64)
+    else:
+        x_chan = (co // MULT).to(tl.int64) * sxc
     x_pix = n.to(tl.int64) * sxn
     acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
-    for kpos in range(0, KH * KW):
+    for kpos in tl.range(0, KH * KW, num_stages=STAGES):
         kh = kpos // KW
         kw = kpos % KW
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
+        ih = ih0 + kh * dil_h
+        iw = iw0 + kw * dil_w
         row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix = x_pix + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         xv = tl.load(x_ptr + x_chan[:, None] + pix[None, :], mask=mask_c[:, None] & row_ok[None, :], other=0.0)
-        wv = tl.load(w_ptr + co.to(tl.int64) * swo + kh * swh + kw * sww, mask=mask_c, other=0.0)
+        wv = load_channel_run(w_ptr, kpos * W_ROW + tl.program_id(1) * BLOCK_C, (kpos + 1) * W_ROW, BLOCK_C)
         acc += xv.to(tl.float32) * wv.to(tl.float32)[:, None]
     if HAS_BIAS:  # added here: the shared epilogue adds bias along a tile's second axis
         acc += tl.load(bias_ptr + co, mask=mask_c, other=0.0).to(tl.float32)[:, None]
@@ -212,13 +247,6 @@ def conv2d_depthwise_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 TUNED_FWD = tuned_family(conv2d_fwd_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW"],
                          interpreter=config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=4))
-_DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, num_warps=4, num_stages=2),
-               config(BLOCK_M=64, BLOCK_C=32, num_warps=4, num_stages=2),
-               config(BLOCK_M=32, BLOCK_C=64, num_warps=4, num_stages=2)]
-DW_FWD_CONFIGS = {"sm_80": _DW_CONFIGS, "sm_90": _DW_CONFIGS}
-TUNED_DW_FWD = Tuned(conv2d_depthwise_fwd_kernel, DW_FWD_CONFIGS,
-                     interpreter=config(BLOCK_M=64, BLOCK_C=32), key=["M", "C_out", "KH", "KW", "sxc"])
-
 _SHAPE_SIG = {name: "i32" for name in ("H", "W", "OH", "OW", "KH", "KW", "M", "stride_h", "stride_w", "pad_h",
                                        "pad_w", "dil_h", "dil_w")}
 _FWD_SIG = {"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "y_ptr": "*{dtype}",
@@ -234,17 +262,27 @@ _TAP_MAJOR = dict(swo=1, swi=64, swh=64 * 3 * 3, sww=64 * 3, C_out_g=64)
 register_family("conv2d_fwd", conv2d_fwd_kernel, _FWD_SIG,
                 [dict(_HEAVY, **_TAP_MAJOR), dict(HAS_BIAS=True, ACT=1, STORE_PREACT=False, FLAT_K=True, **_TAP_MAJOR)],
                 fast_variants=[_HEAVY])
+# sm_90's FAST half-precision forward as launched there: weight tiles by TMA (W_TMA)
 register_kernel(KernelSpec(
-    name="conv2d_depthwise_fwd",
-    kernel=conv2d_depthwise_fwd_kernel,
-    signature={"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "y_ptr": "*{dtype}",
-               "z_ptr": "*{dtype}", **_SHAPE_SIG, "C_out": "i32", "MULT": "i32",
-               **{s: "i32" for s in ("sxn", "sxc", "sxh", "sxw", "swo", "swh", "sww",
-                                     "syn", "syc", "syh", "syw")},
-               "act_param": "fp32"},
-    configs_by_arch=DW_FWD_CONFIGS,
-    variants=[dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True)],
+    name="conv2d_fwd_fast_tma", kernel=conv2d_fwd_kernel, signature=_FWD_SIG,
+    configs_by_arch={"sm_90": bwd.GEMM_CONFIGS[True, "half"]["sm_90"]},
+    variants=[dict(_HEAVY, FAST=True, W_TMA=True)], dtypes=("fp16", "bf16"), input_precision=True,
+    tensor_cores=True,
 ))
+# STAGES: the tap loop's software-pipeline depth (cp.async buffers in shared memory); gathered
+# (NCHW) tiles keep their int64 addresses per element in registers, so no 128-channel tile
+TUNED_DW_FWD = depthwise_family(
+    conv2d_depthwise_fwd_kernel, "conv2d_depthwise_fwd",
+    {"x_ptr": "*{dtype}", "w_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "y_ptr": "*{dtype}", "z_ptr": "*{dtype}",
+     **_SHAPE_SIG, "C_out": "i32", "MULT": "i32", "W_ROW": "i32",
+     **{s: "i32" for s in ("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw")}, "act_param": "fp32"},
+    {True: [config(BLOCK_M=32, BLOCK_C=128, STAGES=3, num_warps=4, num_stages=3),
+            config(BLOCK_M=64, BLOCK_C=32, STAGES=3, num_warps=4, num_stages=3),
+            config(BLOCK_M=32, BLOCK_C=64, STAGES=3, num_warps=4, num_stages=3)],
+     False: [config(BLOCK_M=64, BLOCK_C=16, STAGES=3, num_warps=4, num_stages=3),
+             config(BLOCK_M=32, BLOCK_C=32, STAGES=3, num_warps=4, num_stages=3)]},
+    ["M", "C_out", "KH", "KW"], config(BLOCK_M=64, BLOCK_C=32, STAGES=2),
+    dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True), "C_out", "x", "y")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,11 +323,13 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
     geometry = (*stride, padding[0], padding[2], *dilation)
     common = dict(HAS_BIAS=bias is not None, ACT=act.code, STORE_PREACT=z is not None)
     if c_in_g == 1:
-        kernel, meta = TUNED_DW_FWD.launcher(x.device)
+        mult = c_out // c_in
+        fast = mult == 1 and c_out % 8 == 0 and aligned_channels_last(x, y)
+        kernel, meta = TUNED_DW_FWD[fast].launcher(x.device)
         grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]), cdiv(c_out, cfg["BLOCK_C"]))  # noqa: E731
-        kernel[grid](x, weight, bias_t, y, z_t, h, w, c_out, c_out // c_in, oh, ow, kh, kw, m, *geometry,
-                     *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(),
-                     float(act.param), **common, **meta)
+        w_taps = tap_major_depthwise(weight.reshape(c_out, kh * kw))
+        kernel[grid](x, w_taps, bias_t, y, z_t, h, w, c_out, mult, oh, ow, kh, kw, m, w_taps.shape[1], *geometry,
+                     *x.stride(), *y.stride(), float(act.param), **common, FAST=fast, **meta)
         return
     c_out_g = c_out // groups
     if channels_last_pays(c_in_g, c_out_g, x, y):  # e.g. NCHW: run the FAST kernel on channels_last copies
@@ -307,11 +347,26 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
     w_t = weight.permute(2, 3, 1, 0).contiguous()
     w_strides = (w_t.stride(3), w_t.stride(2), w_t.stride(0), w_t.stride(1))
     precision = tl_input_precision(x.dtype, "conv")
+    w_tma = fast and _weight_tma_eligible(x)
+    if w_tma and x.device.type == "cuda":
+        ensure_scratch_allocator()
     kernel, meta = TUNED_FWD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), groups)  # noqa: E731
     kernel[grid](x, w_t, bias_t, y, z_t, h, w, c_in_g, c_out_g, oh, ow, kh, kw, m, *geometry,
                  *x.stride(), *w_strides, *y.stride(), float(act.param),
-                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=precision, **meta)
+                 **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=precision, W_TMA=w_tma, **meta)
+
+
+def _weight_tma_eligible(x: Tensor) -> bool:
+    """The FAST forward loads its weight tiles by TMA on sm_90 in fp16/bf16 (or when a test forces
+    it). Its tap-major weight is a fresh contiguous copy with 8-aligned C_out rows, so the
+    descriptor's 16-byte base and stride rules hold whenever FAST does."""
+    if not HAS_TENSOR_DESCRIPTORS:
+        return False
+    if FORCE_WEIGHT_TMA:
+        return True
+    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(x.device)[0] == 9)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ move them as vectors (NCHW tensors with such channel counts are copied to channe
 gradient is written tap-major and re-laid into dW). 1x1 stride-1 unpadded convs whose pixels
 form a 2-D (pixels, channels) view are GEMMs and reuse the matmul kernel with act' fused into
 its loads, as Linear does (dx = dz @ W, dW = dz^T @ X with db as its row sums).
-One-input-channel-per-group (depthwise) input gradients use a direct CUDA-core kernel. All conv
+One-input-channel-per-group (depthwise) input gradients use a direct CUDA-core kernel, pipelined
+like the depthwise forward. All conv
 kernels use num_warps <= 4.
 
 This module also holds what the forward shares with it: the device helpers ``aligned8`` and
@@ -73,6 +74,25 @@ def gather_k_major(ptr, row_offs, k_offs, row_ok, k_ok, FAST: tl.constexpr):
         tile = tl.trans(tl.load(ptr + row_offs[None, :] + k_offs[:, None], mask=k_ok[:, None] & row_ok[None, :],
                                 other=0.0))
     return tile
+
+
+@triton.jit
+def load_channel_run(ptr, start, limit, BLOCK: tl.constexpr):
+    """ptr[start + i] for i < BLOCK, 0 from ``limit`` on; start and limit even (host-aligned rows).
+    cp.async copies >= 4 bytes per thread, but Triton gives a short vector broadcast over a tile
+    one element per thread, so 2-byte elements are loaded as 32-bit words (two channels each) and
+    split in registers: the load then pipelines in any layout. Wider elements load directly."""
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:
+        words = ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        offs = start // 2 + tl.arange(0, BLOCK // 2)
+        word = tl.load(words + offs, mask=offs < limit // 2, other=0)
+        low = (word & 0xFFFF).to(tl.int16).to(ptr.dtype.element_ty, bitcast=True)
+        high = (word >> 16).to(tl.int16).to(ptr.dtype.element_ty, bitcast=True)
+        run = tl.reshape(tl.join(low, high), [BLOCK])
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        run = tl.load(ptr + offs, mask=offs < limit, other=0.0)
+    return run
 
 
 @triton.jit
@@ -171,16 +191,28 @@ def conv2d_dgrad_kernel(
 @triton.jit
 def conv2d_depthwise_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr,
-    H, W, C_in, MULT, OH, OW, KH, KW, M,
+    H, W, C_in, MULT, OH, OW, KH, KW, M, W_ROW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sdn, sdc, sdh, sdw, swo, swh, sww, sxn, sxc, sxh, sxw,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
+    FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Direct input gradient for one input channel per group (depthwise, channel multiplier MULT):
     dx[n, ci, ih, iw] = sum_{j < MULT, kh, kw} dz[n, ci*MULT + j, oh, ow] * W[ci*MULT + j, 0, kh, kw].
+    The weight comes as (KH*KW*MULT, W_ROW) rows (tap, j), each C_in channels rounded up to 8
+    (zero-filled): one aligned run per step, moved by cp.async. FAST: channels_last dz and dx, C_in
+    8-aligned and MULT == 1 (host-checked), so dz tiles are aligned channel runs and move by
+    cp.async too. One flattened ``tl.range`` loop over (tap, j) with STAGES stages (see the forward).
     Tile: BLOCK_C channels x BLOCK_M input pixels, channel-major so the per-pixel index vectors
     stay small in registers. Grid: (cdiv(N*H*W, BLOCK_M), cdiv(C_in, BLOCK_C)).
     Traffic: dz read about once per tap from cache, dx written once; memory-bound."""
+    if FAST:
+        sdc = 1
+        sxc = 1
+        MULT = 1
+        sdn, sdh, sdw = aligned8(sdn), aligned8(sdh), aligned8(sdw)
+        sxn, sxh, sxw = aligned8(sxn), aligned8(sxh), aligned8(sxw)
+        C_in = aligned8(C_in)
+    W_ROW = aligned8(W_ROW)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 indices, int64 offsets
     mask_m = offs_m < M
     n = offs_m // (H * W)
@@ -188,8 +220,10 @@ def conv2d_depthwise_dgrad_kernel(
     iw = offs_m % W
     ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = ci < C_in
+    dz_pix = n.to(tl.int64) * sdn
     acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
-    for kpos in range(0, KH * KW):
+    for step in tl.range(0, KH * KW * MULT, num_stages=STAGES):
+        kpos = step // MULT
         kh = kpos // KW
         kw = kpos % KW
         th = ih + pad_h - kh * dil_h
@@ -198,13 +232,11 @@ def conv2d_depthwise_dgrad_kernel(
         ow = tw // stride_w
         row_ok = (mask_m & (th >= 0) & (tw >= 0) & (oh * stride_h == th) & (ow * stride_w == tw)
                   & (oh < OH) & (ow < OW))
-        mask = mask_c[:, None] & row_ok[None, :]
-        pix = n.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-        for mult in range(0, MULT):
-            co = (ci * MULT + mult).to(tl.int64)
-            g = tl.load(dz_ptr + (co * sdc)[:, None] + pix[None, :], mask=mask, other=0.0)
-            wv = tl.load(w_ptr + co * swo + kh * swh + kw * sww, mask=mask_c, other=0.0)
-            acc += g.to(tl.float32) * wv.to(tl.float32)[:, None]
+        pix = dz_pix + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+        co = (ci * MULT + step % MULT).to(tl.int64)
+        g = tl.load(dz_ptr + (co * sdc)[:, None] + pix[None, :], mask=mask_c[:, None] & row_ok[None, :], other=0.0)
+        wv = load_channel_run(w_ptr, step * W_ROW + tl.program_id(1) * BLOCK_C, (step + 1) * W_ROW, BLOCK_C)
+        acc += g.to(tl.float32) * wv.to(tl.float32)[:, None]
     dx_pix = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
     dx_offs = (ci.to(tl.int64) * sxc)[:, None] + dx_pix[None, :]
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_m[None, :])
@@ -297,45 +329,107 @@ def conv2d_wgrad_kernel(
 
 
 @triton.jit
+def _tile_offsets(n, oh, ow, hw, c, sn, sc, sh, sw, PLANES: tl.constexpr):
+    """[pixels, channels] element offsets: pixel (n, hw) of a dense plane, or (n, oh, ow) with any strides."""
+    if PLANES:
+        pix = n * sn + hw
+    else:
+        pix = n * sn + oh * sh + ow * sw
+    return pix[:, None] + (c * sc)[None, :]
+
+
+@triton.jit
 def conv2d_grad_z_kernel(
-    dy_ptr, s_ptr, dz_ptr, db_ptr, P, C, OH, OW,
+    dy_ptr, s_ptr, dz_ptr, db_ptr, P, C, OH, OW, HW,
     sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, szn, szc, szh, szw,
     act_param,
     HAS_GATE: tl.constexpr, GATE_ACT: tl.constexpr, STORE_DZ: tl.constexpr, SUM: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT: tl.constexpr, FAST: tl.constexpr, PLANES: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
 ):
     """dz = dy * act'(s) (just dy without HAS_GATE) over this program's share of the P = N*OH*OW
     pixels: stored to dz if STORE_DZ, and if SUM its per-channel fp32 sum (the bias gradient) is
     written to db_ptr + split * C (partials) or to db (SPLIT == 1), in a fixed order.
-    Tile: BLOCK_P pixels x BLOCK_C channels. Grid: (cdiv(C, BLOCK_C), SPLIT).
+    Tile: BLOCK_P pixels x BLOCK_C channels. Grid: (cdiv(C, BLOCK_C), SPLIT); each program walks
+    its tiles in a ``tl.range`` loop of STAGES stages, so the loads of later tiles are in flight
+    (cp.async) while one is processed, wherever a tile is made of aligned runs of >= 4 bytes:
+    * FAST: channels_last dy, s and dz with C and every stride 8-aligned (host-checked): tiles
+      are runs of BLOCK_C channels;
+    * PLANES: dense NCHW planes (h stride OW, w stride 1) with HW = OH*OW and the n and c strides
+      8-aligned (host-checked): a tile is BLOCK_P consecutive pixels of one image (tiles are
+      (image, pixel block) pairs), an aligned run per channel;
+    * otherwise pixels are gathered by (n, oh, ow) with any strides.
     Traffic: dy (and s) read once, dz written once; memory-bound."""
+    if FAST:
+        sdc = 1
+        ssc = 1
+        szc = 1
+        sdn, sdh, sdw = aligned8(sdn), aligned8(sdh), aligned8(sdw)
+        ssn, ssh, ssw = aligned8(ssn), aligned8(ssh), aligned8(ssw)
+        szn, szh, szw = aligned8(szn), aligned8(szh), aligned8(szw)
+        C = aligned8(C)
+    if PLANES:
+        sdw = 1
+        ssw = 1
+        szw = 1
+        sdn, sdc, ssn, ssc = aligned8(sdn), aligned8(sdc), aligned8(ssn), aligned8(ssc)
+        szn, szc = aligned8(szn), aligned8(szc)
+        HW = aligned8(HW)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     c64 = offs_c.to(tl.int64)
     pid_s = tl.program_id(1)
-    p_tiles = tl.cdiv(P, BLOCK_P)
-    tiles_per_split = tl.cdiv(p_tiles, SPLIT)
-    p_lo = pid_s * tiles_per_split * BLOCK_P
-    p_hi = tl.minimum(P, p_lo + tiles_per_split * BLOCK_P)
+    if PLANES:
+        hw_tiles = tl.cdiv(HW, BLOCK_P)
+        tiles = (P // HW) * hw_tiles
+    else:
+        tiles = tl.cdiv(P, BLOCK_P)
+    tiles_per_split = tl.cdiv(tiles, SPLIT)
+    t_lo = pid_s * tiles_per_split
+    t_hi = tl.minimum(tiles, t_lo + tiles_per_split)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        n = (offs_p // (OH * OW)).to(tl.int64)
-        oh = ((offs_p % (OH * OW)) // OW).to(tl.int64)
-        ow = (offs_p % OW).to(tl.int64)
-        mask = (offs_p < p_hi)[:, None] & mask_c[None, :]
-        g = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + (c64 * sdc)[None, :], mask=mask, other=0.0)
+    # gathered tiles (neither layout) would move element by element: registers, no pipelining
+    for t in tl.range(t_lo, t_hi, num_stages=STAGES if FAST or PLANES else 1):
+        if PLANES:
+            n = (t // hw_tiles).to(tl.int64)
+            hw = (t % hw_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask_p = hw < HW
+            oh = hw  # unused: a plane's pixels are at n * s?n + hw
+            ow = hw
+        else:
+            offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < P
+            n = (offs_p // (OH * OW)).to(tl.int64)
+            oh = ((offs_p % (OH * OW)) // OW).to(tl.int64)
+            ow = (offs_p % OW).to(tl.int64)
+            hw = ow  # unused
+        mask = mask_p[:, None] & mask_c[None, :]
+        g = tl.load(dy_ptr + _tile_offsets(n, oh, ow, hw, c64, sdn, sdc, sdh, sdw, PLANES), mask=mask, other=0.0)
         g = g.to(tl.float32)
         if HAS_GATE:
-            sv = tl.load(s_ptr + (n * ssn + oh * ssh + ow * ssw)[:, None] + (c64 * ssc)[None, :], mask=mask, other=0.0)
+            sv = tl.load(s_ptr + _tile_offsets(n, oh, ow, hw, c64, ssn, ssc, ssh, ssw, PLANES), mask=mask, other=0.0)
             g = g * activation_grad(sv.to(tl.float32), GATE_ACT, act_param)
         if STORE_DZ:
-            tl.store(dz_ptr + (n * szn + oh * szh + ow * szw)[:, None] + (c64 * szc)[None, :],
+            tl.store(dz_ptr + _tile_offsets(n, oh, ow, hw, c64, szn, szc, szh, szw, PLANES),
                      g.to(dz_ptr.dtype.element_ty), mask=mask)
         if SUM:
             acc += tl.where(mask, g, 0.0)
     if SUM:
         tl.store(db_ptr + pid_s * C + offs_c, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=mask_c)
+
+
+def tap_major_depthwise(w_rows: Tensor) -> Tensor:
+    """(channels, R) depthwise weights -> (R, channels rounded up to 8), zero-filled: each of the R
+    (tap, ...) rows is then one 16-byte-aligned channel run that the kernels load by cp.async."""
+    channels = w_rows.shape[0]
+    return torch.nn.functional.pad(w_rows.t(), (0, -channels % 8)).contiguous()
+
+
+def example_strides(channels_last: bool, c: int, h: int, w: int, *names: str) -> Dict[str, int]:
+    """(n, c, h, w) strides of dense (N, c, h, w) tensors, as s<name>n, s<name>c, ... for the
+    example launches that `tkernels inspect` compiles."""
+    strides = (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    return {f"s{name}{d}": st for name in names for d, st in zip("nchw", strides)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +467,22 @@ def tuned_family(kernel, key, interpreter: triton.Config) -> Dict[Tuple[bool, st
             for family, configs in GEMM_CONFIGS.items()}
 
 
+def depthwise_family(kernel, name: str, signature: dict, configs: Dict[bool, List[triton.Config]], key,
+                     interpreter: triton.Config, variant: dict, channels: str, *tensors: str) -> Dict[bool, Tuned]:
+    """One Tuned per FAST flag of a direct depthwise kernel (channels_last runs carry larger tiles
+    than gathered ones), registered for `tkernels inspect` as name_fast and name, each compiled as
+    launched on 64 channels at 56x56 (channels_last, resp. NCHW)."""
+    tuned = {}
+    for fast in (True, False):
+        by_arch = {arch: configs[fast] for arch in ("sm_80", "sm_90")}
+        register_kernel(KernelSpec(
+            name=name + ("_fast" if fast else ""), kernel=kernel, signature=signature, configs_by_arch=by_arch,
+            variants=[dict(variant, FAST=fast, MULT=1, W_ROW=64, **{channels: 64},
+                           **example_strides(fast, 64, 56, 56, *tensors))]))
+        tuned[fast] = Tuned(kernel, by_arch, interpreter=interpreter, key=key)
+    return tuned
+
+
 def register_family(name: str, kernel, signature: dict, variants: List[dict],
                     fast_variants: Optional[List[dict]] = None) -> None:
     """Register each FAST x (half, fp32) family for `tkernels inspect` as name[_fast][_fp32]; the
@@ -393,12 +503,7 @@ TUNED_DGRAD = tuned_family(conv2d_dgrad_kernel, ["M", "C_in_g", "C_out_g", "KH",
                            interpreter=config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, GROUP_M=4))
 TUNED_WGRAD = tuned_family(conv2d_wgrad_kernel, ["P", "J", "C_out_g", "KH", "KW", "SPLIT"],
                            interpreter=config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4))
-_DW_CONFIGS = [config(BLOCK_M=32, BLOCK_C=128, num_warps=4, num_stages=2),
-               config(BLOCK_M=64, BLOCK_C=64, num_warps=4, num_stages=2)]
-DW_DGRAD_CONFIGS = {"sm_80": _DW_CONFIGS, "sm_90": _DW_CONFIGS}
-TUNED_DW_DGRAD = Tuned(conv2d_depthwise_dgrad_kernel, DW_DGRAD_CONFIGS, interpreter=config(BLOCK_M=64, BLOCK_C=32),
-                       key=["M", "C_in", "MULT", "KH", "KW", "sdc"])
-GRAD_Z_META = dict(BLOCK_P=64, BLOCK_C=32)
+GRAD_Z_META = dict(BLOCK_P=64, BLOCK_C=32, STAGES=2)
 
 _I32 = "i32"
 _GEOMETRY_SIG = {k: _I32 for k in ("H", "W", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w",
@@ -426,21 +531,29 @@ register_family("conv2d_dgrad", conv2d_dgrad_kernel, _DGRAD_SIG,
 register_family("conv2d_wgrad", conv2d_wgrad_kernel, _WGRAD_SIG,
                 [dict(SPLIT=4, sdc=1, sdn=64 * 56 * 56, sdh=64 * 56, sdw=64, C_out_g=64)],
                 fast_variants=[dict(SPLIT=4)])
-register_kernel(KernelSpec(
-    name="conv2d_depthwise_dgrad",
-    kernel=conv2d_depthwise_dgrad_kernel,
-    signature={"dz_ptr": "*{dtype}", "w_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
-               **_GEOMETRY_SIG, "C_in": _I32, "MULT": _I32, "M": _I32,
-               **_strides("d"), "swo": _I32, "swh": _I32, "sww": _I32, **_strides("x")},
-    configs_by_arch=DW_DGRAD_CONFIGS,
-))
+# STAGES: the tap loop's software-pipeline depth (cp.async buffers in shared memory); gathered
+# (NCHW) tiles keep their int64 addresses per element in registers, so no 128-channel tile
+TUNED_DW_DGRAD = depthwise_family(
+    conv2d_depthwise_dgrad_kernel, "conv2d_depthwise_dgrad",
+    {"dz_ptr": "*{dtype}", "w_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
+     **_GEOMETRY_SIG, "C_in": _I32, "MULT": _I32, "M": _I32, "W_ROW": _I32, **_strides("d", "x")},
+    {True: [config(BLOCK_M=32, BLOCK_C=128, STAGES=2, num_warps=4, num_stages=2),
+            config(BLOCK_M=64, BLOCK_C=32, STAGES=2, num_warps=4, num_stages=2)],
+     False: [config(BLOCK_M=64, BLOCK_C=16, STAGES=2, num_warps=4, num_stages=2),
+             config(BLOCK_M=32, BLOCK_C=32, STAGES=2, num_warps=4, num_stages=2)]},
+    ["M", "C_in", "MULT", "KH", "KW"], config(BLOCK_M=64, BLOCK_C=32, STAGES=2), {}, "C_in", "d", "x")
 register_kernel(KernelSpec(
     name="conv2d_grad_z",
     kernel=conv2d_grad_z_kernel,
     signature={"dy_ptr": "*{dtype}", "s_ptr": "*{dtype}", "dz_ptr": "*{dtype}", "db_ptr": "*fp32", "P": _I32,
-               "C": _I32, "OH": _I32, "OW": _I32, **_strides("d", "s", "z"), "act_param": "fp32"},
+               "C": _I32, "OH": _I32, "OW": _I32, "HW": _I32, **_strides("d", "s", "z"), "act_param": "fp32"},
     configs_by_arch={arch: [config(num_warps=4, num_stages=2, **GRAD_Z_META)] for arch in ("sm_80", "sm_90")},
-    variants=[dict(HAS_GATE=True, GATE_ACT=4, STORE_DZ=True, SUM=True, SPLIT=8)],
+    # 64 channels at 56x56: channels_last (FAST), dense NCHW (PLANES), and any other strides
+    variants=[dict(HAS_GATE=True, GATE_ACT=4, STORE_DZ=True, SUM=True, SPLIT=8, FAST=True, PLANES=False, C=64,
+                   **example_strides(True, 64, 56, 56, "d", "s", "z")),
+              dict(HAS_GATE=True, GATE_ACT=4, STORE_DZ=True, SUM=True, SPLIT=8, FAST=False, PLANES=True, C=64, OW=56,
+                   HW=56 * 56, **example_strides(False, 64, 56, 56, "d", "s", "z")),
+              dict(HAS_GATE=True, GATE_ACT=4, STORE_DZ=True, SUM=True, SPLIT=8, FAST=False, PLANES=False)],
 ))
 
 
@@ -480,10 +593,12 @@ def _grad_z(dy: Tensor, gate: Optional[Tensor], act: Activation, dz: Optional[Te
         part = db if split == 1 else torch.empty((split, c), device=dy.device, dtype=torch.float32)
     s = gate if gate is not None else dy
     dz_t = dz if dz is not None else dy
+    fast = c % 8 == 0 and aligned_channels_last(dy, s, dz_t)
     conv2d_grad_z_kernel[(cdiv(c, block_c), split)](
-        dy, s, dz_t, part if part is not None else dy, p, c, oh, ow, *dy.stride(), *s.stride(), *dz_t.stride(),
-        float(act.param), HAS_GATE=gate is not None, GATE_ACT=act.code, STORE_DZ=dz is not None,
-        SUM=db is not None, SPLIT=split, **GRAD_Z_META)
+        dy, s, dz_t, part if part is not None else dy, p, c, oh, ow, oh * ow, *dy.stride(), *s.stride(),
+        *dz_t.stride(), float(act.param), HAS_GATE=gate is not None, GATE_ACT=act.code, STORE_DZ=dz is not None,
+        SUM=db is not None, SPLIT=split, FAST=fast, PLANES=not fast and p > 0 and dense_planes(dy, s, dz_t),
+        **GRAD_Z_META)
     if db is not None and split > 1:
         _reduce_partials(part, db)
 
@@ -529,10 +644,14 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
     sh, sw = geometry[:2]
     if c_in_g == 1:
         m = n * h * w
-        kernel, meta = TUNED_DW_DGRAD.launcher(dx.device)
+        mult = c_out // c_in
+        fast = mult == 1 and c_in % 8 == 0 and aligned_channels_last(dz, dx)
+        kernel, meta = TUNED_DW_DGRAD[fast].launcher(dx.device)
         grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]), cdiv(c_in, cfg["BLOCK_C"]))  # noqa: E731
-        kernel[grid](dz, weight, dx, h, w, c_in, c_out // c_in, oh, ow, kh, kw, m, *geometry,
-                     *dz.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dx.stride(), **meta)
+        # rows (tap, j): W[ci*MULT + j, 0, kh, kw] at row (kh*KW + kw)*MULT + j, column ci
+        w_steps = tap_major_depthwise(weight.reshape(c_in, mult, kh * kw).transpose(1, 2).reshape(c_in, -1))
+        kernel[grid](dz, w_steps, dx, h, w, c_in, mult, oh, ow, kh, kw, m, w_steps.shape[1], *geometry,
+                     *dz.stride(), *dx.stride(), FAST=fast, **meta)
         return
     c_out_g = c_out // groups
     fast = c_in_g % 8 == 0 and c_out_g % 8 == 0 and aligned_channels_last(dz, dx)
@@ -583,6 +702,14 @@ def channels_last_pays(c_in_g: int, c_out_g: int, *tensors: Tensor) -> bool:
     them (>= 16 input channels, 8-aligned runs) and one copy of each tensor (memory-bound) is
     cheap next to an implicit GEMM that gathers element by element with no async copies."""
     return c_in_g >= 16 and c_in_g % 8 == 0 and c_out_g % 8 == 0 and not aligned_channels_last(*tensors)
+
+
+def dense_planes(*tensors: Tensor) -> bool:
+    """Each (h, w) plane is dense and row-major (w stride 1, h stride W), as in NCHW, and planes
+    start 8-aligned (H*W and the n and c strides multiples of 8): a run of pixels of one image and
+    channel is then an aligned vector."""
+    return all(t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.shape[2] * t.shape[3] % 8 == 0
+               and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in tensors)
 
 
 def as_channels_last(t: Tensor) -> Tensor:

@@ -226,7 +226,7 @@ def _tma_layout(t: torch.Tensor, unit_dim: Optional[int] = None) -> Optional[int
 _allocator_set = False
 
 
-def _ensure_scratch_allocator() -> None:
+def ensure_scratch_allocator() -> None:
     """Device-side descriptors live in a global scratch buffer that triton asks the allocator for."""
     global _allocator_set
     if not _allocator_set:
@@ -263,7 +263,7 @@ def matmul_tma(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, bias, act
     family = "gated" if gate is not None else "plain"
     kernel, meta = TUNED_TMA[family].launcher(a)
     if a.device.type == "cuda":
-        _ensure_scratch_allocator()
+        ensure_scratch_allocator()
         programs = sm_count(a.device)
     else:
         programs = 4  # the interpreter runs programs one by one; a few exercise the persistent walk
