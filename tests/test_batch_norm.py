@@ -522,6 +522,12 @@ def _opcheck_samples(device):
          (g, x, stats, p[0], p[1], None, None, sums, True, 1e-5, "gelu", 0.0)),
         (torch.ops.tkernels.batch_norm_backward_input.default,
          (g, x, None, None, None, rm, rv, None, False, 1e-5, "identity", 0.0)),
+        (torch.ops.tkernels.batch_norm_backward.default,
+         (g, x, stats, p[0], p[1], None, None, True, 1e-5, "relu", 0.0, True, True, True)),
+        (torch.ops.tkernels.batch_norm_backward.default,
+         (g, x, stats, None, p[1], None, None, True, 1e-5, "identity", 0.0, True, False, True)),
+        (torch.ops.tkernels.batch_norm_backward.default,
+         (g, x, None, p[0], None, rm, rv, False, 1e-5, "silu", 0.0, False, True, False)),
     ]
 
 

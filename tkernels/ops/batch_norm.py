@@ -224,22 +224,14 @@ def _(input, weight, bias, running_mean, running_var, momentum, eps, activation,
     return K.empty_like_dense(input), input.new_empty((K.STATS_ROWS, input.shape[1]), dtype=_stats_dtype(input))
 
 
-@custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())
-def batch_norm_backward_reduce(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
-                               bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                               training: bool, eps: float, activation: str, param: float, need_weight: bool,
-                               need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(sums (2, C) = (sum dz, sum dz * x_hat), grad_weight, grad_bias); unrequested grads are empty."""
-    pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
-    if _use_numpy(input):
-        mean, invstd = _numpy_mean_invstd(stats, running_mean, running_var, training, eps)
-        s_dz, s_dzx = ref.backward_reduce(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight),
-                                          to_numpy(bias), activation, param)
-        return (from_numpy(np.stack([s_dz, s_dzx]), input, dtype=_stats_dtype(input)),
-                from_numpy(s_dzx, input, dtype=pdtype) if need_weight else input.new_empty(_EMPTY),
-                from_numpy(s_dz, input, dtype=pdtype) if need_bias else input.new_empty(_EMPTY))
+def _param_dtype(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> torch.dtype:
+    return weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
+
+
+def _triton_backward_reduce(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation,
+                            param, need_weight, need_bias):
     check_triton_dtype(OP, input)
-    C = input.shape[1]
+    C, pdtype = input.shape[1], _param_dtype(input, weight, bias)
     dw = torch.empty((C,), device=input.device, dtype=pdtype) if need_weight else None
     db = torch.empty((C,), device=input.device, dtype=pdtype) if need_bias else None
     (x, g), geom = _geometry(input, grad)
@@ -248,11 +240,52 @@ def batch_norm_backward_reduce(grad: Tensor, input: Tensor, stats: Optional[Tens
     return (sums, dw if need_weight else input.new_empty(_EMPTY), db if need_bias else input.new_empty(_EMPTY))
 
 
+def _triton_backward_input(grad, input, stats, weight, bias, running_mean, running_var, sums, training, eps,
+                           activation, param):
+    check_triton_dtype(OP, input)
+    params = (stats, _contig(running_mean), _contig(running_var), _contig(weight), _contig(bias), sums)
+    code = resolve_activation(activation).code
+    return _elementwise(lambda x, g, dx, geom: K.launch_backward_input(g, x, dx, geom, *params, training, eps, code,
+                                                                       param), input, grad)
+
+
+def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param,
+                    need_input, need_sums):
+    """(dx or None, sum dz, sum dz * x_hat) on the NumPy backend, each tensor converted once."""
+    if training:
+        s = to_numpy(stats)
+        mean, invstd, count = s[1] + s[2], s[4], s[0]
+    else:
+        mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
+    return ref.backward_local(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias), count,
+                              activation, param, need_input, need_sums)
+
+
+def _numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias):
+    """(grad_weight, grad_bias) from the per-channel sums; unrequested ones empty."""
+    return (from_numpy(s_dzx, input, dtype=pdtype) if need_weight else input.new_empty(_EMPTY),
+            from_numpy(s_dz, input, dtype=pdtype) if need_bias else input.new_empty(_EMPTY))
+
+
+@custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())
+def batch_norm_backward_reduce(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
+                               bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                               training: bool, eps: float, activation: str, param: float, need_weight: bool,
+                               need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(sums (2, C) = (sum dz, sum dz * x_hat), grad_weight, grad_bias); unrequested grads are empty."""
+    if _use_numpy(input):
+        _, s_dz, s_dzx = _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
+                                         activation, param, False, True)
+        return (from_numpy(np.stack([s_dz, s_dzx]), input, dtype=_stats_dtype(input)),
+                *_numpy_grad_params(s_dz, s_dzx, input, _param_dtype(input, weight, bias), need_weight, need_bias))
+    return _triton_backward_reduce(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
+                                   activation, param, need_weight, need_bias)
+
+
 @batch_norm_backward_reduce.register_fake
 def _(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param, need_weight,
       need_bias):
-    C = input.shape[1]
-    pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
+    C, pdtype = input.shape[1], _param_dtype(input, weight, bias)
     return (input.new_empty((2, C), dtype=_stats_dtype(input)),
             input.new_empty((C,) if need_weight else _EMPTY, dtype=pdtype),
             input.new_empty((C,) if need_bias else _EMPTY, dtype=pdtype))
@@ -271,11 +304,8 @@ def batch_norm_backward_input(grad: Tensor, input: Tensor, stats: Optional[Tenso
         dx = ref.backward_input(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias),
                                 s[0], s[1], count, activation, param)
         return _like_input(dx, input)
-    check_triton_dtype(OP, input)
-    params = (stats, _contig(running_mean), _contig(running_var), _contig(weight), _contig(bias), sums)
-    code = resolve_activation(activation).code
-    return _elementwise(lambda x, g, dx, geom: K.launch_backward_input(g, x, dx, geom, *params, training, eps, code,
-                                                                       param), input, grad)
+    return _triton_backward_input(grad, input, stats, weight, bias, running_mean, running_var, sums, training, eps,
+                                  activation, param)
 
 
 @batch_norm_backward_input.register_fake
@@ -283,26 +313,57 @@ def _(grad, input, stats, weight, bias, running_mean, running_var, sums, trainin
     return K.empty_like_dense(input)
 
 
+@custom_op("tkernels::batch_norm_backward", mutates_args=())
+def batch_norm_backward(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
+                        bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        training: bool, eps: float, activation: str, param: float, need_input: bool,
+                        need_weight: bool, need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, grad_weight, grad_bias) of one process, unrequested ones empty: batch_norm_backward_reduce
+    then batch_norm_backward_input in one op. The NumPy backend converts each tensor once and
+    computes x_hat and dz once; the Triton backend runs the same two kernels as the two ops."""
+    pdtype = _param_dtype(input, weight, bias)
+    if _use_numpy(input):
+        dx, s_dz, s_dzx = _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
+                                          activation, param, need_input, need_weight or need_bias)
+        return (_like_input(dx, input) if need_input else input.new_empty(_EMPTY),
+                *_numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias))
+    sums, dw, db = None, input.new_empty(_EMPTY), input.new_empty(_EMPTY)
+    if need_weight or need_bias or (need_input and training):
+        sums, dw, db = _triton_backward_reduce(grad, input, stats, weight, bias, running_mean, running_var, training,
+                                               eps, activation, param, need_weight, need_bias)
+    dx = input.new_empty(_EMPTY)
+    if need_input:
+        dx = _triton_backward_input(grad, input, stats, weight, bias, running_mean, running_var,
+                                    sums if training else None, training, eps, activation, param)
+    return dx, dw, db
+
+
+@batch_norm_backward.register_fake
+def _(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param, need_input,
+      need_weight, need_bias):
+    C, pdtype = input.shape[1], _param_dtype(input, weight, bias)
+    return (K.empty_like_dense(input) if need_input else input.new_empty(_EMPTY),
+            input.new_empty((C,) if need_weight else _EMPTY, dtype=pdtype),
+            input.new_empty((C,) if need_bias else _EMPTY, dtype=pdtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
 def backward(ctx, grad: Tensor, input, weight, bias, stats, running_mean, running_var, reduce_hook=None):
-    """Shared by BatchNorm and SyncBatchNorm: `reduce_hook(sums)` all-reduces the two dx terms."""
+    """Shared by BatchNorm and SyncBatchNorm: `reduce_hook(sums)` all-reduces the two dx terms
+    (between the two backward ops); without it one op does the whole backward."""
     training, eps, activation, param = ctx.bn_config
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_w, need_b = need_w and weight is not None, need_b and bias is not None
-    sums = dw = db = None
-    if need_w or need_b or (need_x and training):
-        sums, dw, db = batch_norm_backward_reduce(
-            grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param,
-            need_w, need_b)
-        if reduce_hook is not None and need_x and training:
-            sums = reduce_hook(sums)
-    dx = None
-    if need_x:
-        dx = batch_norm_backward_input(
-            grad, input, stats, weight, bias, running_mean, running_var, sums if training else None, training, eps,
-            activation, param)
+    if reduce_hook is None or not (need_x and training):
+        dx, dw, db = batch_norm_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
+                                         activation, param, need_x, need_w, need_b)
+        return (dx if need_x else None), (dw if need_w else None), (db if need_b else None)
+    sums, dw, db = batch_norm_backward_reduce(
+        grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param, need_w, need_b)
+    dx = batch_norm_backward_input(grad, input, stats, weight, bias, running_mean, running_var, reduce_hook(sums),
+                                   training, eps, activation, param)
     return dx, (dw if need_w else None), (db if need_b else None)
 
 

@@ -195,12 +195,35 @@ def _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
     return x_hat, dz
 
 
+def _channel_sums(x_hat, dz, shape):
+    """Per-channel (sum dz, sum dz * x_hat) of :func:`_normalized_and_dz`'s rows for an input of `shape`."""
+    rows = (shape[0], shape[1], math.prod(shape[2:]))
+    dz, x_hat = dz.reshape(rows), x_hat.reshape(rows)
+    return np.einsum("ncm->c", dz), np.einsum("ncm,ncm->c", dz, x_hat)
+
+
+def _input_grad(x_hat, dz, invstd, weight, sum_dz, sum_dz_xhat, count, m):
+    """dx as (N, C * M) rows from the sums over `count` values per channel, built in x_hat's memory
+    (which it overwrites); without the sums (eval) dx = gamma * invstd * dz."""
+    invstd = np.asarray(invstd, np.float64)
+    scale = _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m)
+    if sum_dz is None:
+        return dz * scale
+    count = np.maximum(np.asarray(count, np.float64), 1.0)
+    # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count)
+    dx = x_hat
+    dx *= _spread(-np.asarray(sum_dz_xhat, np.float64) / count, m)
+    dx += dz
+    dx -= _spread(np.asarray(sum_dz, np.float64) / count, m)
+    dx *= scale
+    return dx
+
+
 @silent
 def backward_reduce(grad_y, x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
     """Per-channel (sum dz, sum dz * x_hat): dbeta and dgamma, and the two terms dx needs."""
     x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    rows = _rows_view(x).shape
-    return np.einsum("ncm->c", dz.reshape(rows)), np.einsum("ncm,ncm->c", dz.reshape(rows), x_hat.reshape(rows))
+    return _channel_sums(x_hat, dz, np.shape(x))
 
 
 @silent
@@ -209,19 +232,23 @@ def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None,
     """dx from the (possibly all-reduced) sums over `count` values per channel; without the sums
     (eval) the statistics are constants and dx = gamma * invstd * dz."""
     x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    m = _positions(x)
-    invstd = np.asarray(invstd, np.float64)
-    gamma = np.ones(invstd.shape[0]) if weight is None else np.asarray(weight, np.float64)
-    scale = _spread(gamma * invstd, m)
-    if sum_dz is None:
-        return (scale * dz).reshape(np.shape(x))
-    count = np.maximum(np.asarray(count, np.float64), 1.0)
-    # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), built in place
-    dx = x_hat * _spread(-np.asarray(sum_dz_xhat, np.float64) / count, m)
-    dx += dz
-    dx -= _spread(np.asarray(sum_dz, np.float64) / count, m)
-    dx *= scale
-    return dx.reshape(np.shape(x))
+    return _input_grad(x_hat, dz, invstd, weight, sum_dz, sum_dz_xhat, count, _positions(x)).reshape(np.shape(x))
+
+
+@silent
+def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, activation="identity", param=0.0,
+                   need_input=True, need_sums=True):
+    """(dx, sum dz, sum dz * x_hat) of one process: :func:`backward_reduce` then :func:`backward_input`
+    from one x_hat and dz. Training when `count` (values per channel) is given, eval (constant
+    statistics) when it is None; what is not needed comes back as None."""
+    x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    sum_dz = sum_dz_xhat = dx = None
+    if need_sums or (need_input and count is not None):
+        sum_dz, sum_dz_xhat = _channel_sums(x_hat, dz, np.shape(x))
+    if need_input:
+        sums = (sum_dz, sum_dz_xhat) if count is not None else (None, None)
+        dx = _input_grad(x_hat, dz, invstd, weight, *sums, count, _positions(x)).reshape(np.shape(x))
+    return dx, sum_dz, sum_dz_xhat
 
 
 @silent
