@@ -53,10 +53,13 @@ def _numpy_stats_rows(count, mean, m2, eps: float, like: Tensor) -> Tuple[Tensor
     """(the (5, C) stats tensor, its values as float64 rows: what a reader of the tensor sees)."""
     dtype = _stats_dtype(like)
     stats_np = np.float32 if dtype == torch.float32 else np.float64
+    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]))
     with np.errstate(all="ignore"):  # inf - inf is NaN, as in the kernels, and torch does not warn
-        hi = mean.astype(stats_np).astype(np.float64)
-        rows = np.stack([count, hi, mean - hi, m2, ref.invstd_from_m2(count, m2, eps)]).astype(stats_np)
-    return from_numpy(rows, like, dtype=dtype), rows.astype(np.float64, copy=False)
+        rows[0], rows[3], rows[4] = count, m2, ref.invstd_from_m2(count, m2, eps)
+        rows[1] = mean.astype(stats_np)  # the mean in two parts: its rounding, then the rest
+        np.subtract(mean, rows[1], out=rows[2])
+    stored = rows.astype(stats_np, copy=False)
+    return from_numpy(stored, like, dtype=dtype), stored.astype(np.float64, copy=False)
 
 
 def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: float):
@@ -70,8 +73,8 @@ def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: 
     if running_mean is None:
         return
     new_mean, new_var = ref.update_running(to_numpy(running_mean), to_numpy(running_var), count, mean, m2, momentum)
-    running_mean.copy_(from_numpy(new_mean, running_mean))
-    running_var.copy_(from_numpy(new_var, running_var))
+    numpy_into(running_mean, new_mean)
+    numpy_into(running_var, new_var)
 
 
 def _like_input(a, x: Tensor) -> Tensor:

@@ -365,17 +365,18 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     """(loss, lse (rows,) fp32, coef (rows,) fp32, divisor () fp32) for x (N, C, ...)."""
     C, rows = x.shape[1], _row_count(x)
     prob = target.dim() == x.dim()
-    _check_target_range(target, C, ignore_index)
     loss_shape = target.shape if not prob else x.shape[:1] + x.shape[2:]
-    stats = (x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
-    denom = x.new_ones((), dtype=torch.float32)  # 'none' has no divisor; keep the output defined
     if _backend.resolve("cross_entropy", x) == "numpy":
-        # the reference backward recomputes everything from x, so the saved statistics stay unused
+        # The reference checks the class indices itself (torch's IndexError). Its backward recomputes
+        # everything from x, so the saved statistics stay unused.
         loss = ref.cross_entropy(to_numpy(x), target.numpy() if not prob else to_numpy(target),
                                  to_numpy(weight), ignore_index, reduction, label_smoothing)
-        for t in stats:
-            t.zero_()
-        return from_numpy(loss, x).reshape(loss_shape if reduction == "none" else ()), stats[0], stats[1], denom
+        return (from_numpy(loss, x).reshape(loss_shape if reduction == "none" else ()),
+                x.new_zeros((rows,), dtype=torch.float32), x.new_zeros((rows,), dtype=torch.float32),
+                x.new_ones((), dtype=torch.float32))
+    _check_target_range(target, C, ignore_index)
+    stats = (x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
+    denom = x.new_ones((), dtype=torch.float32)  # 'none' has no divisor; keep the output defined
     check_triton_dtype("cross_entropy", x)
     reduce = reduction != "none"
     loss = torch.empty(() if reduce else loss_shape, device=x.device, dtype=x.dtype)

@@ -159,11 +159,11 @@ def update_running(running_mean, running_var, count, mean, m2, momentum):
     """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0."""
     rm, rv = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
     count = np.asarray(count, np.float64)
+    new_mean = (1.0 - momentum) * rm + momentum * np.asarray(mean, np.float64)
+    new_var = (1.0 - momentum) * rv + momentum * (np.asarray(m2, np.float64) / (count - 1.0))
     seen = count > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        unbiased = np.asarray(m2, np.float64) / (count - 1.0)
-    new_mean = np.where(seen, (1.0 - momentum) * rm + momentum * np.asarray(mean, np.float64), rm)
-    new_var = np.where(seen, (1.0 - momentum) * rv + momentum * unbiased, rv)
+    if not seen.all():
+        new_mean, new_var = np.where(seen, new_mean, rm), np.where(seen, new_var, rv)
     return new_mean, new_var
 
 
