@@ -49,17 +49,16 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # NumPy-backend glue: the (5, C) stats layout <-> the reference's (count, mean, m2, invstd).
 # ---------------------------------------------------------------------------------------------
-def _numpy_stats_rows(count, mean, m2, eps: float, like: Tensor) -> Tuple[Tensor, np.ndarray]:
-    """(the (5, C) stats tensor, its values as float64 rows: what a reader of the tensor sees)."""
+def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
+    """The (5, C) stats tensor of float64 statistics."""
     dtype = _stats_dtype(like)
     stats_np = np.float32 if dtype == torch.float32 else np.float64
     rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]))
     with np.errstate(all="ignore"):  # inf - inf is NaN, as in the kernels, and torch does not warn
-        rows[0], rows[3], rows[4] = count, m2, ref.invstd_from_m2(count, m2, eps)
+        rows[0], rows[3], rows[4] = count, m2, invstd
         rows[1] = mean.astype(stats_np)  # the mean in two parts: its rounding, then the rest
         np.subtract(mean, rows[1], out=rows[2])
-    stored = rows.astype(stats_np, copy=False)
-    return from_numpy(stored, like, dtype=dtype), stored.astype(np.float64, copy=False)
+    return from_numpy(rows, like, dtype=dtype)
 
 
 def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: float):
@@ -125,18 +124,11 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 def _numpy_batch_stats(input: Tensor, x: np.ndarray, running_mean, running_var, momentum: float,
-                       eps: float) -> Tuple[Tensor, np.ndarray]:
-    """(stats tensor, its float64 rows) of input, whose float64 copy is x; running stats updated."""
+                       eps: float) -> Tensor:
+    """The stats tensor of input, whose float64 copy is x; running stats updated."""
     count, mean, m2 = ref.channel_stats(x)
     _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-    return _numpy_stats_rows(count, mean, m2, eps, input)
-
-
-def _numpy_apply_training(input: Tensor, x: np.ndarray, rows: np.ndarray, weight, bias, activation: str,
-                          param: float) -> Tensor:
-    """y from input (float64 copy x) and the float64 rows of its stats."""
-    y = ref.normalize(x, rows[1] + rows[2], rows[4], to_numpy(weight), to_numpy(bias), activation, param)
-    return _like_input(y, input)
+    return _numpy_stats_rows(count, mean, m2, ref.invstd_from_m2(count, m2, eps), input)
 
 
 @custom_op("tkernels::batch_norm_stats", mutates_args=("running_mean", "running_var"))
@@ -144,7 +136,7 @@ def batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var:
                      eps: float) -> Tensor:
     """Batch statistics (5, C) of input; running stats (if given) updated in place."""
     if _use_numpy(input):
-        return _numpy_batch_stats(input, to_numpy(input), running_mean, running_var, momentum, eps)[0]
+        return _numpy_batch_stats(input, to_numpy(input), running_mean, running_var, momentum, eps)
     check_triton_dtype(OP, input)
     (x,), geom = _geometry(input)
     return _run_with_running(lambda rm, rv: K.launch_stats(x, geom, rm, rv, momentum, eps), running_mean, running_var)
@@ -163,7 +155,7 @@ def batch_norm_gather_stats(gathered: Tensor, running_mean: Optional[Tensor], ru
         g = to_numpy(gathered)
         count, mean, m2 = ref.merge_stats(g[:, 0], g[:, 1] + g[:, 2], g[:, 3])
         _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-        return _numpy_stats_rows(count, mean, m2, eps, gathered)[0]
+        return _numpy_stats_rows(count, mean, m2, ref.invstd_from_m2(count, m2, eps), gathered)
     parts = gathered.contiguous()
     P, C = parts.shape[0], parts.shape[2]
     return _run_with_running(
@@ -182,7 +174,9 @@ def batch_norm_apply(input: Tensor, stats: Optional[Tensor], weight: Optional[Te
     """y = act(normalise(x) * gamma + beta), from batch stats (training) or running stats (eval)."""
     if _use_numpy(input):
         if training:
-            return _numpy_apply_training(input, to_numpy(input), to_numpy(stats), weight, bias, activation, param)
+            s = to_numpy(stats)
+            y = ref.normalize(to_numpy(input), s[1] + s[2], s[4], to_numpy(weight), to_numpy(bias), activation, param)
+            return _like_input(y, input)
         y = ref.batch_norm_forward(to_numpy(input), to_numpy(running_mean), to_numpy(running_var),
                                    to_numpy(weight), to_numpy(bias), False, 0.0, eps, activation, param)[0]
         return _like_input(y, input)
@@ -204,9 +198,12 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     """Training forward in one launch: (y, stats (5, C)); running stats (if given) updated in place.
     For non-empty inputs that ``K.single_launch_fits``; the result equals batch_norm_stats + apply."""
     if _use_numpy(input):
-        x = to_numpy(input)  # converted once for both passes
-        stats, rows = _numpy_batch_stats(input, x, running_mean, running_var, momentum, eps)
-        return _numpy_apply_training(input, x, rows, weight, bias, activation, param), stats
+        # statistics and y from one conversion of x; y from the float64 statistics, the tensor
+        # holds them rounded as the kernels store them
+        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input), to_numpy(weight), to_numpy(bias), eps,
+                                                       activation, param)
+        _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
+        return _like_input(y, input), _numpy_stats_rows(count, mean, m2, invstd, input)
     check_triton_dtype(OP, input)
     if not input.numel():
         raise ValueError(f"{OP}: the single-launch training forward needs a non-empty input, got shape "

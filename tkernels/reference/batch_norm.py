@@ -126,17 +126,34 @@ def batch_norm_backward(grad_y, x, weight=None, bias=None, running_mean=None, ru
 # ---------------------------------------------------------------------------------------------
 # Pieces: per-channel statistics, their stable merge, and the two halves of backward.
 # ---------------------------------------------------------------------------------------------
-@silent
-def channel_stats(x):
-    """(count, mean, m2) per channel: m2 is the sum of squared deviations from the mean."""
+def _centered_stats(x):
+    """(count, mean, m2, x - mean as (N, C * M) rows) per channel; the rows are None for an empty batch."""
     rows = _rows_view(x)
     channels, count = rows.shape[1], rows.shape[0] * rows.shape[2]
     if count == 0:
         zeros = np.zeros(channels)
-        return np.zeros(channels), zeros, zeros.copy()
+        return np.zeros(channels), zeros, zeros.copy(), None
     mean = np.einsum("ncm->c", rows) / count
-    centered = (_flat(x) - _spread(mean, rows.shape[2])).reshape(rows.shape)
-    return np.full(channels, float(count)), mean, np.einsum("ncm,ncm->c", centered, centered)
+    centered = _flat(x) - _spread(mean, rows.shape[2])
+    m2 = np.einsum("ncm,ncm->c", centered.reshape(rows.shape), centered.reshape(rows.shape))
+    return np.full(channels, float(count)), mean, m2, centered
+
+
+@silent
+def channel_stats(x):
+    """(count, mean, m2) per channel: m2 is the sum of squared deviations from the mean."""
+    return _centered_stats(x)[:3]
+
+
+@silent
+def train_forward(x, weight=None, bias=None, eps=1e-5, activation="identity", param=0.0):
+    """Training forward of one process from its own statistics: (y, count, mean, m2, invstd), with
+    x - mean computed once, for m2 and for y (= :func:`normalize` with these statistics)."""
+    count, mean, m2, centered = _centered_stats(x)
+    invstd = invstd_from_m2(count, m2, eps)
+    if centered is None:  # an empty batch
+        return normalize(x, mean, invstd, weight, bias, activation, param), count, mean, m2, invstd
+    return _scale_shift(centered, invstd, weight, bias, activation, param, x), count, mean, m2, invstd
 
 
 @silent
@@ -167,18 +184,22 @@ def update_running(running_mean, running_var, count, mean, m2, momentum):
     return new_mean, new_var
 
 
-@silent
-def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
-    """y = act(gamma * (x - mean) * invstd + beta) with given per-channel statistics."""
+def _scale_shift(centered, invstd, weight, bias, activation, param, x):
+    """act(centered * gamma * invstd + beta) in centered's memory, shaped as x."""
     m = _positions(x)
     scale = np.asarray(invstd, np.float64)
     if weight is not None:
         scale = np.asarray(weight, np.float64) * scale
-    z = _flat(x) - _spread(mean, m)
-    z *= _spread(scale, m)
+    centered *= _spread(scale, m)
     if bias is not None:
-        z += _spread(bias, m)
-    return ACTIVATIONS[activation][0](z, param).reshape(np.shape(x))
+        centered += _spread(bias, m)
+    return ACTIVATIONS[activation][0](centered, param).reshape(np.shape(x))
+
+
+@silent
+def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
+    """y = act(gamma * (x - mean) * invstd + beta) with given per-channel statistics."""
+    return _scale_shift(_flat(x) - _spread(mean, _positions(x)), invstd, weight, bias, activation, param, x)
 
 
 def _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param):

@@ -74,7 +74,7 @@ def _prepare(x, target, weight, ignore_index, label_smoothing):
 
 def _one_hot(x, target, label_smoothing):
     """Whether the target distribution is one-hot: class indices without label smoothing."""
-    return max(float(label_smoothing), 0.0) == 0.0 and not np.issubdtype(np.asarray(target).dtype, np.floating)
+    return float(label_smoothing) <= 0.0 and np.asarray(target).dtype.kind != "f"
 
 
 def _picked(x, target, weight, ignore_index):
@@ -83,7 +83,7 @@ def _picked(x, target, weight, ignore_index):
     w_t (R,): the target's class weight, 0 on ignored rows, denom)."""
     x = np.asarray(x, np.float64)
     z = _move(x, _class_axis(x), -1)
-    given = np.asarray(target).astype(np.int64).reshape(-1)
+    given = np.asarray(target, np.int64).reshape(-1)
     valid = given != ignore_index
     t = np.where(valid, given, 0)
     if t.size and (t.min() < 0 or t.max() >= z.shape[-1]):
@@ -104,7 +104,7 @@ def _shifted_lse(z):
 def _reduce(per_row, reduction, denom):
     if reduction == "none":
         return per_row
-    total = np.sum(per_row)
+    total = per_row.sum()
     if reduction == "sum":
         return np.asarray(total)
     return np.asarray(np.float64(total) / np.float64(denom))
@@ -126,8 +126,9 @@ def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", l
     if _one_hot(x, target, label_smoothing):
         z, _, rows, t, valid, w_t, denom = _picked(x, target, weight, ignore_index)
         shifted, lse = _shifted_lse(z)
-        # a zero weight contributes 0 even where log p = -inf
-        per_row = -np.where(w_t != 0.0, w_t * (shifted[rows, t] - lse), 0.0)
+        per_row = w_t * (lse - shifted[rows, t])  # -w_t log p_t
+        if not w_t.all():  # a zero weight contributes 0 even where log p = -inf
+            per_row[w_t == 0.0] = 0.0
         return _reduce(per_row.reshape(np.shape(target)), reduction, denom)
     _, z, q, valid, w, denom, _ = _prepare(x, target, weight, ignore_index, label_smoothing)
     logp = _log_softmax_last(z)
@@ -145,7 +146,8 @@ def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, redu
         z, moved, rows, t, valid, w_t, denom = _picked(x, target, weight, ignore_index)
         shifted, lse = _shifted_lse(z)
         # d loss_i / d x_ic = w_t (p_ic - [c == t]), times the row's scale
-        coef = _row_scale(grad, reduction, np.shape(target), denom).reshape(-1) * w_t
+        g = np.asarray(grad, np.float64)
+        coef = w_t * (g.reshape(-1) if reduction == "none" else (g / np.float64(denom) if reduction == "mean" else g))
         dz = np.exp(shifted - lse[:, None])
         dz *= coef[:, None]
         dz[rows, t] -= coef
