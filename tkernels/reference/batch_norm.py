@@ -40,8 +40,10 @@ def _flat(x):
 def _spread(v, positions):
     """A per-channel vector repeated over its `positions` values per channel: (C * positions,), to
     broadcast against :func:`_flat`'s rows. Elementwise passes then run over whole rows; a (C, 1)
-    column against (N, C, M) would run NumPy's inner loop only M values at a time (1 for BatchNorm1d)."""
-    return np.repeat(np.asarray(v, np.float64), positions)
+    column against (N, C, M) would run NumPy's inner loop only M values at a time (1 for BatchNorm1d).
+    With one position it is v itself (callers only read it)."""
+    v = np.asarray(v, np.float64)
+    return v if positions == 1 else np.repeat(v, positions)
 
 
 def _positions(x):
