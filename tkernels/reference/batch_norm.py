@@ -204,38 +204,40 @@ def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", pa
     return _scale_shift(_flat(x) - _spread(mean, _positions(x)), invstd, weight, bias, activation, param, x)
 
 
-def _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param):
-    """(x_hat, dz) as (N, C * M): dz = dy * act'(z) with z = gamma * x_hat + beta recomputed."""
+def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param):
+    """(x - mean, dz) as (N, C * M) rows: dz = dy * act'(z), z = gamma * invstd * (x - mean) + beta
+    recomputed as the forward computed it. x_hat = invstd * (x - mean) is never formed: the sums and dx
+    apply invstd per channel instead, which saves a pass over the values."""
     m = _positions(x)
-    x_hat = _flat(x) - _spread(mean, m)
-    x_hat *= _spread(invstd, m)
+    centered = _flat(x) - _spread(mean, m)
     dz = _flat(grad_y)
     if activation != "identity":  # act' is 1 everywhere for identity
-        z = x_hat if weight is None else x_hat * _spread(weight, m)
+        invstd = np.asarray(invstd, np.float64)
+        z = centered * _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m)
         if bias is not None:
-            z = z + _spread(bias, m)
+            z += _spread(bias, m)
         dz = dz * ACTIVATIONS[activation][1](z, param)
-    return x_hat, dz
+    return centered, dz
 
 
-def _channel_sums(x_hat, dz, shape):
-    """Per-channel (sum dz, sum dz * x_hat) of :func:`_normalized_and_dz`'s rows for an input of `shape`."""
+def _channel_sums(centered, dz, invstd, shape):
+    """Per-channel (sum dz, sum dz * x_hat) of :func:`_centered_and_dz`'s rows for an input of `shape`."""
     rows = (shape[0], shape[1], math.prod(shape[2:]))
-    dz, x_hat = dz.reshape(rows), x_hat.reshape(rows)
-    return np.einsum("ncm->c", dz), np.einsum("ncm,ncm->c", dz, x_hat)
+    dz, centered = dz.reshape(rows), centered.reshape(rows)
+    return np.einsum("ncm->c", dz), np.einsum("ncm,ncm->c", dz, centered) * np.asarray(invstd, np.float64)
 
 
-def _input_grad(x_hat, dz, invstd, weight, sum_dz, sum_dz_xhat, count, m):
-    """dx as (N, C * M) rows from the sums over `count` values per channel, built in x_hat's memory
+def _input_grad(centered, dz, invstd, weight, sum_dz, sum_dz_xhat, count, m):
+    """dx as (N, C * M) rows from the sums over `count` values per channel, built in centered's memory
     (which it overwrites); without the sums (eval) dx = gamma * invstd * dz."""
     invstd = np.asarray(invstd, np.float64)
     scale = _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m)
     if sum_dz is None:
         return dz * scale
     count = np.maximum(np.asarray(count, np.float64), 1.0)
-    # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count)
-    dx = x_hat
-    dx *= _spread(-np.asarray(sum_dz_xhat, np.float64) / count, m)
+    # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), x_hat = invstd * centered
+    dx = centered
+    dx *= _spread(-invstd * np.asarray(sum_dz_xhat, np.float64) / count, m)
     dx += dz
     dx -= _spread(np.asarray(sum_dz, np.float64) / count, m)
     dx *= scale
@@ -245,8 +247,8 @@ def _input_grad(x_hat, dz, invstd, weight, sum_dz, sum_dz_xhat, count, m):
 @silent
 def backward_reduce(grad_y, x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
     """Per-channel (sum dz, sum dz * x_hat): dbeta and dgamma, and the two terms dx needs."""
-    x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    return _channel_sums(x_hat, dz, np.shape(x))
+    centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    return _channel_sums(centered, dz, invstd, np.shape(x))
 
 
 @silent
@@ -254,8 +256,8 @@ def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None,
                    activation="identity", param=0.0):
     """dx from the (possibly all-reduced) sums over `count` values per channel; without the sums
     (eval) the statistics are constants and dx = gamma * invstd * dz."""
-    x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    return _input_grad(x_hat, dz, invstd, weight, sum_dz, sum_dz_xhat, count, _positions(x)).reshape(np.shape(x))
+    centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    return _input_grad(centered, dz, invstd, weight, sum_dz, sum_dz_xhat, count, _positions(x)).reshape(np.shape(x))
 
 
 @silent
@@ -264,13 +266,13 @@ def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, 
     """(dx, sum dz, sum dz * x_hat) of one process: :func:`backward_reduce` then :func:`backward_input`
     from one x_hat and dz. Training when `count` (values per channel) is given, eval (constant
     statistics) when it is None; what is not needed comes back as None."""
-    x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
     sum_dz = sum_dz_xhat = dx = None
     if need_sums or (need_input and count is not None):
-        sum_dz, sum_dz_xhat = _channel_sums(x_hat, dz, np.shape(x))
+        sum_dz, sum_dz_xhat = _channel_sums(centered, dz, invstd, np.shape(x))
     if need_input:
         sums = (sum_dz, sum_dz_xhat) if count is not None else (None, None)
-        dx = _input_grad(x_hat, dz, invstd, weight, *sums, count, _positions(x)).reshape(np.shape(x))
+        dx = _input_grad(centered, dz, invstd, weight, *sums, count, _positions(x)).reshape(np.shape(x))
     return dx, sum_dz, sum_dz_xhat
 
 
