@@ -77,7 +77,8 @@ def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: 
 
 
 def _like_input(a, x: Tensor) -> Tensor:
-    return numpy_into(K.empty_like_dense(x), a)
+    """The float64 array a (x's shape) as a tensor of x's dtype in x's storage order."""
+    return from_numpy(a, x) if x.is_contiguous() else numpy_into(K.empty_like_dense(x), a)
 
 
 # ---------------------------------------------------------------------------------------------
