@@ -7,11 +7,13 @@ Training forward of small inputs (``K.single_launch_fits``: at most 8192 values 
 2^22 in all) is one custom op, ``batch_norm_train`` (one kernel: statistics, running-stat update
 and y); larger inputs take two: ``batch_norm_stats`` (split reduction + stable combine,
 running-stat update in place) and ``batch_norm_apply`` (one elementwise pass). Both write the same
-(5, C) statistics for backward. Eval is ``batch_norm_apply`` alone. Backward is
-``batch_norm_backward_reduce`` (two-stage deterministic sums of dz and dz * x_hat, which are dbeta
-and dgamma) and ``batch_norm_backward_input`` (one pass for dx). SyncBatchNorm
-(:mod:`tkernels.nn.batchnorm`) calls the split ops with collectives in between, plus
-``batch_norm_gather_stats`` to merge per-process statistics.
+(5, C) statistics for backward. Eval is ``batch_norm_apply`` alone. Backward is one op,
+``batch_norm_backward``, running two kernels: the reduce (two-stage deterministic sums of dz and
+dz * x_hat, which are dbeta and dgamma) and the input pass (one pass for dx). SyncBatchNorm
+(:mod:`tkernels.nn.batchnorm`) calls them as two ops, ``batch_norm_backward_reduce`` and
+``batch_norm_backward_input``, with the sums all-reduced in between, plus ``batch_norm_gather_stats``
+to merge per-process statistics. On the NumPy backend the one op converts each tensor once and
+computes x - mean and dz once for both halves (``reference.batch_norm.backward_local``).
 
 What backward keeps: x, the (5, C) statistics, and the parameters; the pre-activation z is
 recomputed from them. Keeping y instead (possible for relu) would not save any traffic: dx needs
