@@ -371,7 +371,7 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
         # everything from x, so the saved statistics stay unused.
         loss = ref.cross_entropy(to_numpy(x), target.numpy() if not prob else to_numpy(target),
                                  to_numpy(weight), ignore_index, reduction, label_smoothing)
-        return (from_numpy(loss, x).reshape(loss_shape if reduction == "none" else ()),
+        return (from_numpy(loss, x).reshape(loss_shape) if reduction == "none" else from_numpy(loss, x),
                 x.new_zeros((rows,), dtype=torch.float32), x.new_zeros((rows,), dtype=torch.float32),
                 x.new_ones((), dtype=torch.float32))
     _check_target_range(target, C, ignore_index)

@@ -95,10 +95,12 @@ def _picked(x, target, weight, ignore_index):
     return z.reshape(-1, z.shape[-1]), z.shape, np.arange(t.size), t, valid, w_t, float(w_t.sum())
 
 
-def _shifted_lse(z):
-    """(z - max, log sum exp(z - max)) per row of z (R, C): log_softmax = shifted - lse[:, None]."""
+def _exp_shifted(z):
+    """(z - max, exp(z - max), its row sums) per row of z (R, C): log_softmax = shifted - log(sums)[:, None],
+    softmax = exps / sums[:, None]."""
     shifted = z - z.max(axis=-1, keepdims=True)
-    return shifted, np.log(np.exp(shifted).sum(axis=-1))
+    exps = np.exp(shifted)
+    return shifted, exps, exps.sum(axis=-1)
 
 
 def _reduce(per_row, reduction, denom):
@@ -125,8 +127,8 @@ def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", l
     """Loss: a scalar for 'mean'/'sum', per-sample (target's batch shape) for 'none'."""
     if _one_hot(x, target, label_smoothing):
         z, _, rows, t, valid, w_t, denom = _picked(x, target, weight, ignore_index)
-        shifted, lse = _shifted_lse(z)
-        per_row = w_t * (lse - shifted[rows, t])  # -w_t log p_t
+        shifted, _, sums = _exp_shifted(z)
+        per_row = w_t * (np.log(sums) - shifted[rows, t])  # -w_t log p_t
         if not w_t.all():  # a zero weight contributes 0 even where log p = -inf
             per_row[w_t == 0.0] = 0.0
         return _reduce(per_row.reshape(np.shape(target)), reduction, denom)
@@ -144,12 +146,11 @@ def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, redu
     """(grad_input, grad_target); grad_target is None for class-index targets."""
     if _one_hot(x, target, label_smoothing):
         z, moved, rows, t, valid, w_t, denom = _picked(x, target, weight, ignore_index)
-        shifted, lse = _shifted_lse(z)
+        _, dz, sums = _exp_shifted(z)
         # d loss_i / d x_ic = w_t (p_ic - [c == t]), times the row's scale
         g = np.asarray(grad, np.float64)
         coef = w_t * (g.reshape(-1) if reduction == "none" else (g / np.float64(denom) if reduction == "mean" else g))
-        dz = np.exp(shifted - lse[:, None])
-        dz *= coef[:, None]
+        dz *= (coef / sums)[:, None]  # p = exps / sums
         dz[rows, t] -= coef
         if not valid.all():
             dz[~valid] = 0.0
