@@ -85,8 +85,8 @@ def _picked(x, target, weight, ignore_index):
     z = _move(x, _class_axis(x), -1)
     given = np.asarray(target, np.int64).reshape(-1)
     valid = given != ignore_index
-    t = np.where(valid, given, 0)
-    if t.size and (t.min() < 0 or t.max() >= z.shape[-1]):
+    t = given if valid.all() else np.where(valid, given, 0)
+    if t.size and t.view(np.uint64).max() >= z.shape[-1]:  # (as unsigned, a negative index is huge)
         _check_classes(given[valid], z.shape[-1], ignore_index)
     if weight is None:
         w_t = valid.astype(np.float64)
