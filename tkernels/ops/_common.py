@@ -339,7 +339,7 @@ def to_numpy(t: Optional[torch.Tensor], dtype=np.float64) -> Optional[np.ndarray
     not copied (callers do not write into it)."""
     if t is None:
         return None
-    if t.dtype in _NUMPY_VIEWABLE and t.device.type == "cpu":  # (half the cost of torch's .to())
+    if t.is_cpu and t.dtype in _NUMPY_VIEWABLE:  # (half the cost of torch's .to())
         return (t.detach() if t.requires_grad else t).numpy().astype(dtype, copy=False)
     return t.detach().to(device="cpu", dtype=_TORCH_DTYPES[dtype]).numpy()
 
