@@ -253,15 +253,16 @@ def _triton_backward_input(grad, input, stats, weight, bias, running_mean, runni
 
 
 def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param,
-                    need_input, need_sums):
-    """(dx or None, sum dz, sum dz * x_hat) on the NumPy backend, each tensor converted once."""
+                    need_input, need_sums, out=None):
+    """(dx or None, sum dz, sum dz * x_hat) on the NumPy backend, each tensor converted once; dx is
+    written into the array `out` if given."""
     if training:
         s = to_numpy(stats)
         mean, invstd, count = s[1] + s[2], s[4], s[0]
     else:
         mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
     return ref.backward_local(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias), count,
-                              activation, param, need_input, need_sums)
+                              activation, param, need_input, need_sums, out)
 
 
 def _numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias):
@@ -323,12 +324,16 @@ def batch_norm_backward(grad: Tensor, input: Tensor, stats: Optional[Tensor], we
                         need_weight: bool, need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, grad_weight, grad_bias) of one process, unrequested ones empty: batch_norm_backward_reduce
     then batch_norm_backward_input in one op. The NumPy backend converts each tensor once and
-    computes x_hat and dz once; the Triton backend runs the same two kernels as the two ops."""
+    computes x - mean and dz once; the Triton backend runs the same two kernels as the two ops."""
     pdtype = _param_dtype(input, weight, bias)
     if _use_numpy(input):
+        # a contiguous float32/float64 dx is written by the last pass of the reference, not copied after it
+        direct = need_input and input.is_contiguous() and input.dtype in (torch.float32, torch.float64)
+        dx_out = torch.empty_like(input) if direct else None
         dx, s_dz, s_dzx = _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
-                                          activation, param, need_input, need_weight or need_bias)
-        return (_like_input(dx, input) if need_input else input.new_empty(_EMPTY),
+                                          activation, param, need_input, need_weight or need_bias,
+                                          dx_out.numpy() if direct else None)
+        return (dx_out if direct else (_like_input(dx, input) if need_input else input.new_empty(_EMPTY)),
                 *_numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias))
     sums, dw, db = None, input.new_empty(_EMPTY), input.new_empty(_EMPTY)
     if need_weight or need_bias or (need_input and training):

@@ -227,21 +227,20 @@ def _channel_sums(centered, dz, invstd, shape):
     return np.einsum("ncm->c", dz), np.einsum("ncm,ncm->c", dz, centered) * np.asarray(invstd, np.float64)
 
 
-def _input_grad(centered, dz, invstd, weight, sum_dz, sum_dz_xhat, count, m):
+def _input_grad(centered, dz, invstd, weight, sum_dz, sum_dz_xhat, count, m, out=None):
     """dx as (N, C * M) rows from the sums over `count` values per channel, built in centered's memory
-    (which it overwrites); without the sums (eval) dx = gamma * invstd * dz."""
+    (which it overwrites) and written to `out` if given; without the sums (eval) dx = gamma * invstd * dz."""
     invstd = np.asarray(invstd, np.float64)
     scale = _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m)
     if sum_dz is None:
-        return dz * scale
+        return np.multiply(dz, scale, out=out)
     count = np.maximum(np.asarray(count, np.float64), 1.0)
     # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), x_hat = invstd * centered
     dx = centered
     dx *= _spread(-invstd * np.asarray(sum_dz_xhat, np.float64) / count, m)
     dx += dz
     dx -= _spread(np.asarray(sum_dz, np.float64) / count, m)
-    dx *= scale
-    return dx
+    return np.multiply(dx, scale, out=dx if out is None else out)
 
 
 @silent
@@ -262,17 +261,19 @@ def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None,
 
 @silent
 def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, activation="identity", param=0.0,
-                   need_input=True, need_sums=True):
+                   need_input=True, need_sums=True, out=None):
     """(dx, sum dz, sum dz * x_hat) of one process: :func:`backward_reduce` then :func:`backward_input`
-    from one x_hat and dz. Training when `count` (values per channel) is given, eval (constant
-    statistics) when it is None; what is not needed comes back as None."""
+    from one x - mean and dz. Training when `count` (values per channel) is given, eval (constant
+    statistics) when it is None; what is not needed comes back as None. `out`, a C-ordered array of
+    x's shape (of any float dtype), receives dx: the last pass writes it, saving a copy."""
     centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
     sum_dz = sum_dz_xhat = dx = None
     if need_sums or (need_input and count is not None):
         sum_dz, sum_dz_xhat = _channel_sums(centered, dz, invstd, np.shape(x))
     if need_input:
         sums = (sum_dz, sum_dz_xhat) if count is not None else (None, None)
-        dx = _input_grad(centered, dz, invstd, weight, *sums, count, _positions(x)).reshape(np.shape(x))
+        rows = None if out is None else out.reshape(centered.shape)
+        dx = _input_grad(centered, dz, invstd, weight, *sums, count, _positions(x), rows).reshape(np.shape(x))
     return dx, sum_dz, sum_dz_xhat
 
 
