@@ -115,6 +115,14 @@ def tanh_grad(z, param=0.0):
     return 1.0 - t * t
 
 
+def epilogue_dtype(activation, product_dtype):
+    """The precision a layer applies its bias and activation in when its matrix product ran in
+    `product_dtype`: that one for identity and relu (a correctly rounded bias add and a comparison
+    give what float64 rounded back would), float64 for the others (float32 transcendental formulas
+    lose accuracy: gelu_tanh(-4) by 4e-4 relative)."""
+    return product_dtype if activation in ("identity", "relu") else np.float64
+
+
 # name -> (forward(z, param), derivative(z, param)), derivatives taken at the pre-activation z.
 ACTIVATIONS = {
     "identity": (identity, identity_grad),

@@ -20,14 +20,15 @@ Shapes: x (N, C_in, H, W), weight (C_out, C_in/groups, KH, KW), bias (C_out,),
 padding (top, bottom, left, right), stride (sh, sw), dilation (dh, dw).
 The results are (N, C, H, W) views of arrays laid out channels first, then the positions' order.
 
-Everything is computed in float64 unless the caller asks for another ``compute_dtype``: the NumPy
-backend runs float32 inputs in float32, as torch's CPU convolution does (single-precision BLAS
-products, twice as fast as double), and sums the bias gradient in float64 either way.
+Everything is computed in float64 unless the caller asks for another ``compute_dtype`` for the
+unfold and the products: the NumPy backend runs float32 inputs' products in float32, as torch's CPU
+convolution does (single-precision BLAS, twice as fast as double). The bias and activation run in
+:func:`~.activations.epilogue_dtype`; the bias gradient is summed in float64.
 """
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .activations import activation_backward, activation_forward
+from .activations import activation_backward, activation_forward, epilogue_dtype
 from ._errstate import silent
 
 
@@ -84,9 +85,10 @@ def _by_group(product, a, b, groups):
     return np.concatenate([product(a_g, b_g) for a_g, b_g in zip(np.split(a, groups), np.split(b, groups))])
 
 
-def _preactivation(weight, bias, columns, groups, shape):
-    """z laid out (C_out, *positions), `shape` being that layout's shape."""
+def _preactivation(weight, bias, columns, groups, shape, activation):
+    """z laid out (C_out, *positions), `shape` being that layout's shape, in the activation's epilogue dtype."""
     z = _by_group(np.matmul, weight.reshape(weight.shape[0], -1), columns, groups).reshape(shape)
+    z = z.astype(epilogue_dtype(activation, z.dtype), copy=False)
     if bias is not None:
         z += np.asarray(bias, z.dtype).reshape((-1, 1, 1, 1))
     return z
@@ -103,7 +105,8 @@ def conv2d_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), di
     x = np.asarray(x, compute_dtype)
     weight = np.asarray(weight, compute_dtype)
     columns, (oh, ow), order = _columns(padded(x, padding), weight.shape[2:], stride, dilation)
-    z = _preactivation(weight, bias, columns, groups, _layout_shape(weight.shape[0], x.shape[0], oh, ow, order))
+    z = _preactivation(weight, bias, columns, groups, _layout_shape(weight.shape[0], x.shape[0], oh, ow, order),
+                       activation)
     z = _from_layout(z, order)
     return activation_forward(activation, z, param), z
 
@@ -137,12 +140,13 @@ def conv2d_backward(grad_y, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 
     columns, (oh, ow), order = _columns(xp, weight.shape[2:], stride, dilation)
     grad_z = np.asarray(grad_y, compute_dtype).transpose((1,) + order)  # laid out (C_out, *positions)
     if activation != "identity":  # only an activation needs the pre-activation
-        z = _preactivation(weight, bias, columns, groups, grad_z.shape)
+        z = _preactivation(weight, bias, columns, groups, grad_z.shape, activation)
         grad_z = activation_backward(activation, grad_z, z, param)
     grad_z = grad_z.reshape(c_out, columns.shape[1])
+    grad_b = grad_z.sum(axis=1, dtype=np.float64)
+    grad_z = grad_z.astype(compute_dtype, copy=False)  # (the products' precision)
 
     grad_w = _by_group(lambda g, col: g @ col.T, grad_z, columns, groups).reshape(weight.shape)
-    grad_b = grad_z.sum(axis=1, dtype=np.float64)
     if not need_input:
         return None, grad_w, grad_b
     grad_columns = _by_group(lambda w, g: w.T @ g, weight.reshape(c_out, -1), grad_z, groups)
