@@ -122,6 +122,10 @@ step bench-classifier 45 "${BENCH[@]}" --suite classifier,pool,pointwise --dtype
     --baselines eager,compile --json "$OUT/results/classifier.json" --csv "$OUT/results/classifier.csv"
 step bench-optim 25 "${BENCH[@]}" --suite optim --dtype fp32 --baselines eager,compile \
     --json "$OUT/results/optim.json" --csv "$OUT/results/optim.csv"
+# Batch norm at batch 256 (100-400 MB per tensor, beyond L2), NCHW and channels_last: its "% roofline"
+# column is GB/s against the device copy bandwidth measured by the same run (issue 13's >= 80% goal).
+step bench-bn-large 40 "${BENCH[@]}" --suite resnet50-bn-large --dtype bf16 --mode fwd,fwd+bwd \
+    --baselines eager --json "$OUT/results/bn_large.json" --csv "$OUT/results/bn_large.csv"
 
 # 5. README table and plots from whatever JSON the bench steps left.
 shopt -s nullglob

@@ -604,3 +604,137 @@ def test_fused_backward_matches_the_two_ops(backend, launched, act, training, ne
         reduces = need_w or need_b or (need_x and training)
         assert ("bn_backward_partial_kernel" in fused_kernels) == reduces, fused_kernels
         assert ("bn_backward_input_kernel" in fused_kernels) == need_x, fused_kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes in flight (issue 13): paired / pipelined reduction loops, every tuned tile, chunked
+# combines and a split grid that fills every SM.
+# ---------------------------------------------------------------------------------------------
+def _orientation_configs(channels_inner):
+    """(reduction, elementwise, single-launch) config triples covering every tuned config of one
+    orientation at least once."""
+    lists = (K._REDUCE[channels_inner], K._ELEMENTWISE[channels_inner], K._SINGLE[channels_inner])
+    return [tuple(cfgs[min(i, len(cfgs) - 1)] for cfgs in lists) for i in range(max(map(len, lists)))]
+
+
+TILE_CASES = [pytest.param(ci, i, id=f"{'channels_last' if ci else 'nchw'}-{i}")
+              for ci in (False, True) for i in range(len(_orientation_configs(ci)))]
+
+
+@pytest.mark.parametrize("channels_inner, index", TILE_CASES)
+def test_every_tuned_tile_runs_under_the_interpreter(monkeypatch, launched, channels_inner, index):
+    """Each GPU config (tile shape and STAGES, pipelined or not) of the reduction, elementwise and
+    single-launch kernels, run by the interpreter in place of its one config: training forward
+    through the split and the single-launch paths, and backward, against the reference and torch.
+    The shape leaves every tile partly masked (odd C and S) and gives the split ranges odd lengths."""
+    reduce_cfg, elementwise_cfg, single_cfg = _orientation_configs(channels_inner)[index]
+    for tuned, cfg in ((K.TUNED_STATS, reduce_cfg), (K.TUNED_BWD_PARTIAL, reduce_cfg),
+                       (K.TUNED_APPLY, elementwise_cfg), (K.TUNED_BWD_INPUT, elementwise_cfg),
+                       (K.TUNED_TRAIN_SINGLE, single_cfg)):
+        monkeypatch.setattr(tuned[channels_inner], "_interpreter_meta", dict(cfg.kwargs))
+    shape, layout = ((5, 19, 3, 7), torch.channels_last) if channels_inner else ((5, 3, 7, 9), None)
+    C = shape[1]
+    default_threshold = K.SINGLE_LAUNCH_MAX_POSITIONS
+    with tkernels.use_backend("triton"):
+        for split in (True, False):
+            monkeypatch.setattr(K, "SINGLE_LAUNCH_MAX_POSITIONS", 0 if split else default_threshold)
+            start = len(launched)
+            x = _values(shape, torch.float32, scale=3.0, shift=20.0)
+            weight, bias = _per_channel(C, torch.float32), _per_channel(C, torch.float32)
+            rm, rv = _per_channel(C, torch.float32), _per_channel(C, torch.float32, positive=True)
+            y, g, grads, rmt, rvt = _run("triton", x, weight, bias, rm, rv, True, "gelu", momentum=0.3, layout=layout)
+            assert _forward_kernels(launched[start:]) == (SPLIT if split else SINGLE), launched[start:]
+            assert geometry_of(shape, layout).channels_inner == channels_inner
+            _check_against_reference_and_torch(x, weight, bias, rm, rv, True, "gelu", y, g, grads, rmt, rvt,
+                                               momentum=0.3)
+
+
+def geometry_of(shape, layout):
+    x = torch.empty(shape, memory_format=layout or torch.contiguous_format)
+    return K.plan(x.shape, x.stride())
+
+
+def test_pair_loop_masks_the_item_past_its_range_end(monkeypatch, launched):
+    """NCHW (5, 2, 8, 8) with the interpreter's 64-position tiles has 5 work items per channel block,
+    split 3 ways as [0, 2), [2, 4), [4, 5): the last program's pair has no second item, which must
+    not be read (it is the next sample, or past the end of x: NaN in the canary) nor counted."""
+    monkeypatch.setattr(K, "SINGLE_LAUNCH_MAX_POSITIONS", 0)
+    shape = (5, 2, 8, 8)
+    geom = geometry_of(shape, None)
+    assert K._INTERP[False].kwargs["BLOCK_S"] == geom.S == 64 and geom.O == 5
+    with tkernels.use_backend("triton"):
+        assert K._num_splits(geom, torch.device(device_for("triton"))) == 3
+        x = _values(shape, torch.float32)
+        rm, rv = torch.zeros(2), torch.ones(2)
+        y, g, grads, rmt, rvt = _run("triton", x, None, None, rm, rv, True, "identity")
+    assert _forward_kernels(launched) == SPLIT, launched
+    _check_against_reference_and_torch(x, None, None, rm, rv, True, "identity", y, g, grads, rmt, rvt)
+
+
+def test_gather_stats_merges_many_partials_chunk_by_chunk(backend, launched):
+    """Nine partials, the first three empty, merged by the combine kernel: under the interpreter it
+    reads 2 partials per chunk, so the first chunk is all empty and the second starts with an empty
+    one (the reference pivot is the first non-empty partial's), and the rest merge chunk by chunk."""
+    device = device_for(backend)
+    sizes = (0, 0, 0, 4, 1, 7, 2, 3, 5)
+    chunks = [torch.randn(n, 3, 2) * (1 + i) + 100.0 * (-1) ** i for i, n in enumerate(sizes)]
+    local = [torch.ops.tkernels.batch_norm_stats(c.to(device), None, None, 0.0, 1e-5) for c in chunks]
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    merged = torch.ops.tkernels.batch_norm_gather_stats(torch.stack(local), rm, rv, 0.25, 1e-5)
+    expect_kernels("bn_stats_combine_kernel")
+    whole = to_numpy64(torch.cat(chunks))
+    count, mean, m2 = ref.channel_stats(whole)
+    assert_close(merged[0], count)
+    assert_close(merged[1].double() + merged[2].double(), mean, dtype=merged.dtype, msg="mean = pivot + offset")
+    assert_close(merged[3], m2, scale=10, msg="M2")
+    rm_ref, rv_ref = ref.update_running(np.zeros(3), np.ones(3), count, mean, m2, 0.25)
+    assert_close(rm, rm_ref, msg="running_mean")
+    assert_close(rv, rv_ref, msg="running_var")
+
+
+def _strides(shape, channels_last):
+    if not channels_last:
+        out, step = [], 1
+        for n in reversed(shape):
+            out.append(step)
+            step *= n
+        return tuple(reversed(out))
+    N, C, H, W = shape
+    return (H * W * C, 1, W * C, C)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7), (32, 512, 28, 28),
+                                   (8, 3, 4, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_split_grid_fills_every_sm(monkeypatch, shape, channels_last):
+    """On a 132-SM GPU (H200), the reduction grid puts PROGRAMS_PER_SM programs of the widest tuned
+    tile on every SM wherever there are enough work items, never gives a program fewer than
+    MIN_ITEMS_PER_PROGRAM items unless the whole input is smaller, and caps the partials."""
+    monkeypatch.setattr(K, "sm_count", lambda device: 132)
+    geom = K.plan(shape, _strides(shape, channels_last))
+    assert geom.channels_inner == channels_last
+    G = K._num_splits(geom, torch.device("cuda"))
+    widest = max(K._REDUCE[channels_last], key=lambda c: c.kwargs["BLOCK_C"]).kwargs
+    items = geom.O * -(-geom.S // widest["BLOCK_S"])
+    programs = -(-geom.C // widest["BLOCK_C"]) * G
+    assert 1 <= G <= K.MAX_SPLITS
+    if items >= K.MIN_ITEMS_PER_PROGRAM * K.PROGRAMS_PER_SM * 132:
+        assert programs >= K.PROGRAMS_PER_SM * 132, (G, programs)
+    assert G == 1 or items // G >= K.MIN_ITEMS_PER_PROGRAM, (G, items)
+    if shape[0] == 256:  # the ResNet-50 batch norms: at least a full wave everywhere
+        assert programs >= K.PROGRAMS_PER_SM * 132
+
+
+@pytest.mark.slow
+def test_pipelined_reduction_builds_move_tiles_by_cp_async():
+    """Compiled for sm_80 and sm_90 with a typical launch's unit strides (as `tkernels inspect`
+    does), every STAGES > 1 reduction build loads its tiles with cp.async (LDGSTS) and the STAGES = 1
+    fallback does not; none spills. (The interpreter ignores num_stages, so only compiling shows it.)"""
+    from tkernels import inspection
+
+    rows = inspection.inspect_kernels(kernels=["batch_norm_stats_partial*", "batch_norm_backward_partial*"],
+                                      archs=["sm_80", "sm_90"], dtypes=["bf16"])
+    assert len(rows) == 2 * 2 * sum(len(K._REDUCE[ci]) for ci in (False, True))
+    for r in rows:
+        assert r["ok"] and not r["spill_bytes"], r
+        assert (r["async_copy_ops"] > 0) == (r["meta"]["STAGES"] > 1), (r["kernel"], r["arch"], r["config"])

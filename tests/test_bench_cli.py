@@ -375,3 +375,19 @@ def test_gpu_timing_calls_do_bench_with_quantiles_and_rotates(monkeypatch):
     assert calls == [0, 1, 2, 0, 1, 2, 0]  # one untimed call each, then round-robin
     t = timing.time_callables(fns, torch.device("cuda"), warmup_ms=7, rep_ms=30, cuda_graphs=True)
     assert t.ms == 1.0 and seen["graph_rep"] == 30
+
+
+@pytest.mark.parametrize("channels_last", [0, 1])
+def test_batch_norm_case_takes_the_layout_and_the_large_suite_covers_both(channels_last):
+    """`channels_last=1` gives both providers a channels_last input (the large ResNet-50 suite
+    measures each layout against the copy bandwidth); the default stays NCHW."""
+    spec = cases.OPS["batch_norm"]
+    params = dict(spec.defaults, channels_last=channels_last)
+    case = spec.builder(spec, (2, 3, 4, 5), params, torch.float32, torch.device("cpu"))
+    x = case.make_inputs(True)[0]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert x.is_contiguous(memory_format=layout) and x.requires_grad and x.is_leaf
+    assert not channels_last or not x.is_contiguous()
+    large = suites.SUITES["resnet50-bn-large"].entries
+    assert {e.params["channels_last"] for e in large} == {0, 1}
+    assert {e.dims for e in large} >= {(256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7)}

@@ -67,13 +67,12 @@ def test_torch_compile_traces_the_registered_op(op_calls):
 
 def test_no_grad_calls_skip_autograd_function(monkeypatch):
     applied = []
-    original = _dispatch._C_APPLY
+    original = _dispatch._eager_apply
 
-    class Recording:
-        def __get__(self, obj, cls):
-            applied.append(cls.__name__)
-            return original.__get__(obj, cls)
-    monkeypatch.setattr(_dispatch, "_C_APPLY", Recording())
+    def recording(function):
+        applied.append(function.__name__)
+        return original(function)
+    monkeypatch.setattr(_dispatch, "_eager_apply", recording)
     x, w = torch.randn(3, 5), torch.randn(4, 5, requires_grad=True)
     with torch.no_grad():
         y = TF.linear(x, w)

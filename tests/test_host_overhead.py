@@ -18,13 +18,13 @@ def _one_thread(one_cpu_thread):
 
 
 def test_launch_stub_counts_launches_and_restores_the_interpreter():
-    original = InterpretedFunction.run
+    original = InterpretedFunction.__dict__.get("__getitem__")
     x = torch.randn(4, 16)
     w = torch.randn(8, 16)
     with ho.launches_stubbed() as launches:
         y = tkernels.functional.linear(x, w)
         assert launches[0] == 1
-    assert InterpretedFunction.run is original
+    assert InterpretedFunction.__dict__.get("__getitem__") is original
     z = tkernels.functional.linear(x, w)  # really computed again
     torch.testing.assert_close(z, x @ w.t(), rtol=1e-5, atol=1e-5)
     assert y.shape == z.shape

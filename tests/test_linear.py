@@ -228,8 +228,8 @@ def test_module_matches_torch_linear():
 def test_opcheck(backend):
     dev = device_for(backend)
     x, w, b = torch.randn(5, 7, device=dev), torch.randn(3, 7, device=dev), torch.randn(3, device=dev)
-    torch.library.opcheck(torch.ops.tkernels.linear.default, (x, w, b, "gelu", 0.0, True))
-    torch.library.opcheck(torch.ops.tkernels.linear.default, (x, w, None, "relu", 0.0, False))
+    torch.library.opcheck(torch.ops.tkernels.linear_preact.default, (x, w, b, "gelu", 0.0))
+    torch.library.opcheck(torch.ops.tkernels.linear.default, (x, w, None, "relu", 0.0))
     g = torch.randn(5, 3, device=dev)
     z = torch.randn(5, 3, device=dev)
     torch.library.opcheck(torch.ops.tkernels.linear_backward.default,

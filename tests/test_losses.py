@@ -10,7 +10,7 @@ import tkernels
 import tkernels.functional as F
 from tkernels.ops import softmax as softmax_ops
 from tkernels.reference import losses as ref
-from helpers import expect_kernels, assert_close, canary, device_for, skip_unsupported, to_numpy64
+from helpers import LAUNCHES, expect_kernels, assert_close, canary, device_for, skip_unsupported, to_numpy64
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -59,9 +59,19 @@ def _check_ce(x, target, dtype=None, **kw):
         assert_close(grads[1], _t(ref_dt), dtype=dtype, reduction=C)
         assert_close(grads[1], torch_grads[1], dtype=dtype, reduction=C)
     if x.numel():
+        # a reduced loss over one forward program is finished by that program itself
+        finish = reduction != "none" and _forward_programs(x, target) > 1
         expect_kernels("cross_entropy_forward_kernel", "cross_entropy_backward_kernel",
-                       *(("loss_finish_kernel",) if reduction != "none" else ()))
+                       *(("loss_finish_kernel",) if finish else ()))
     return loss, grads
+
+
+def _forward_programs(x, target) -> int:
+    from tkernels.ops import losses as loss_ops
+    if x.dim() == 1:
+        x, target = x.unsqueeze(0), target.unsqueeze(0)
+    plan = loss_ops._ce_plan(x, target) or loss_ops._ce_plan(x.contiguous(), target.contiguous())
+    return plan.grid[0]
 
 
 def _strided_indices(t):
@@ -84,6 +94,21 @@ def test_class_indices_with_ignore_index(backend, reduction, weighted, smoothing
     t = _index_target(x, n_ignored=2)
     w = torch.rand(17, device=dev) + 0.1 if weighted else None
     _check_ce(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("rows", [1, 3, 33, 129])
+def test_reduced_loss_in_one_launch_or_with_the_finish_kernel(reduction, rows):
+    """Up to one tile of rows, the forward program writes the reduced loss and divisor itself (one
+    launch); more rows take per-program partials and loss_finish_kernel. Both against float64."""
+    x = torch.randn(rows, 7, device=device_for("triton")) * 3
+    t = _index_target(x, n_ignored=min(rows - 1, 2))
+    w = torch.rand(7, device=x.device) + 0.1
+    with tkernels.use_backend("triton"):
+        _, grads = _check_ce(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
+    programs = _forward_programs(x, t)
+    assert (programs == 1) == (rows <= 32), programs
+    assert ("loss_finish_kernel" in LAUNCHES[0].names) == (programs > 1)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -390,12 +415,14 @@ def test_opcheck(backend):
     torch.library.opcheck(ops.cross_entropy.default, (x, t, w, "mean", -100, 0.1))
     q = torch.softmax(torch.randn(4, 5, device=dev), 1)
     torch.library.opcheck(ops.cross_entropy.default, (x[:, :, 0], q, None, "none", -100, 0.0))
-    loss, lse, coef, denom = ops.cross_entropy(x, t, w, "mean", -100, 0.1)
+    torch.library.opcheck(ops.cross_entropy.default, (torch.randn(40, 5, device=dev), t[:, 0].repeat(10), w, "sum",
+                                                      -100, 0.0))  # several programs, finish kernel
+    loss, stats = ops.cross_entropy(x, t, w, "mean", -100, 0.1)
     torch.library.opcheck(ops.cross_entropy_backward.default,
-                          (torch.tensor(1.5, device=dev), x, t, w, lse, coef, denom, "mean", -100, 0.1, False))
-    loss, lse, coef, denom = ops.cross_entropy(x[:, :, 0], q, None, "none", -100, 0.0)
+                          (torch.tensor(1.5, device=dev), x, t, w, stats, "mean", -100, 0.1, False))
+    loss, stats = ops.cross_entropy(x[:, :, 0], q, None, "none", -100, 0.0)
     torch.library.opcheck(ops.cross_entropy_backward.default,
-                          (torch.randn(4, device=dev), x[:, :, 0], q, None, lse, coef, denom, "none", -100, 0.0, True))
+                          (torch.randn(4, device=dev), x[:, :, 0], q, None, stats, "none", -100, 0.0, True))
     y = torch.randn(4, 5, 3, device=dev)
     torch.library.opcheck(ops.mse_loss.default, (x, y, None, "mean"))
     torch.library.opcheck(ops.mse_loss.default, (x, y.expand(4, 5, 3), w[None, :, None].expand(4, 5, 3), "none"))

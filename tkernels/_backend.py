@@ -83,7 +83,9 @@ def use_backend(name: str) -> Iterator[str]:
 def resolve(op: str, *tensors: torch.Tensor | None) -> str:
     """Which concrete backend ('triton' or 'numpy') runs ``op`` on these tensors."""
     choice = getattr(_state, "backend", _default_backend)
-    if choice == "auto" and INTERPRET:  # the common cases first, without building the device set
+    if INTERPRET and choice != "numpy":  # the common cases first, without building the device set
+        return "triton"
+    if choice == "auto" and tensors and tensors[0] is not None and tensors[0].is_cuda:
         return "triton"
     devices = {t.device.type for t in tensors if t is not None}
     on_cuda = "cuda" in devices

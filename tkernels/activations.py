@@ -49,6 +49,8 @@ _KINDS = [
     ActivationKind("tanh", TANH, True, np_act.tanh, np_act.tanh_grad_from_output),
 ]
 REGISTRY = {k.name: k for k in _KINDS}
+_CODES = {k.name: k.code for k in _KINDS}
+_GRAD_FROM_OUTPUT = {k.name: k.grad_from_output for k in _KINDS}
 _BY_ALIAS = {alias: k for k in _KINDS for alias in (k.name, *k.aliases)}
 _BY_CODE = {k.code: k for k in _KINDS}
 
@@ -60,13 +62,15 @@ class Activation:
     name: str
     param: float = 0.0
 
+    # (one dict read each: every op reads these on every call. Not functools.cached_property: on
+    # Python 3.11 it takes a lock, which torch.compile cannot trace.)
     @property
     def kind(self) -> ActivationKind:
         return REGISTRY[self.name]
 
     @property
     def code(self) -> int:
-        return self.kind.code
+        return _CODES[self.name]
 
     @property
     def is_identity(self) -> bool:
@@ -74,7 +78,7 @@ class Activation:
 
     @property
     def grad_from_output(self) -> bool:
-        return self.kind.grad_from_output
+        return _GRAD_FROM_OUTPUT[self.name]
 
     def numpy_forward(self, z):
         return self.kind.numpy_forward(z, self.param)

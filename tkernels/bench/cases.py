@@ -236,9 +236,11 @@ def _batch_norm(spec, dims, p, dtype, device) -> Case:
     N, C, H, W = dims
     fn = spec.implementation()
     kw = dict(training=bool(p["training"]), momentum=float(p["momentum"]), eps=float(p["eps"]))
+    layout = torch.channels_last if int(p["channels_last"]) else torch.contiguous_format
 
     def make(rg):
-        return (_rand((N, C, H, W), dtype, device, rg), torch.zeros(C, dtype=dtype, device=device),
+        x = _rand((N, C, H, W), dtype, device).contiguous(memory_format=layout).requires_grad_(rg)
+        return (x, torch.zeros(C, dtype=dtype, device=device),
                 torch.ones(C, dtype=dtype, device=device), (1 + 0.1 * _rand((C,), dtype, device)).requires_grad_(rg),
                 _rand((C,), dtype, device, rg))
 
@@ -351,8 +353,8 @@ OPS: Dict[str, OpSpec] = {s.name: s for s in [
     OpSpec("conv2d", "functional", ("N", "C", "H", "W", "K", "R"),
           {"stride": 1, "padding": "half", "groups": 1, "bias": 0}, _conv2d,
           "input (N, C, H, W) * weight (K, C/groups, R, R); padding 'half' = R // 2"),
-    OpSpec("batch_norm", "functional", _IMAGE, {"training": 1, "momentum": 0.1, "eps": 1e-5}, _batch_norm,
-          "batch norm over (N, H, W) with running stats, affine"),
+    OpSpec("batch_norm", "functional", _IMAGE, {"training": 1, "momentum": 0.1, "eps": 1e-5, "channels_last": 0},
+          _batch_norm, "batch norm over (N, H, W) with running stats, affine; channels_last=1 for that layout"),
     OpSpec("max_pool2d", "functional", _IMAGE, {"kernel_size": 3, "stride": 2, "padding": 1}, _pool(F.max_pool2d),
           "max pooling"),
     OpSpec("avg_pool2d", "functional", _IMAGE, {"kernel_size": 2, "stride": 2, "padding": 0}, _pool(F.avg_pool2d),

@@ -83,6 +83,11 @@ RESNET50_BATCH_NORMS = [
     ("layer4 bn 512", 512, 7, 7),
     ("layer4 bn 2048", 2048, 7, 7),
 ]
+# Batch norm at full ResNet-50 training batch, both layouts: the largest spatial map (stem), a
+# middle one and the smallest (7x7, 49 positions per (n, c): short tiles); inputs of 100-400 MB
+# in bf16, far beyond L2, so GB/s against the copy bandwidth is what the kernels stream.
+RESNET50_BN_LARGE_BATCH = 256
+RESNET50_BN_LARGE = [("bn1 stem", 64, 112, 112), ("layer1 bn 256", 256, 56, 56), ("layer4 bn 2048", 2048, 7, 7)]
 
 # Pools: (label, op, N, C, H, W, params)
 POOLS = [
@@ -176,6 +181,10 @@ def _suites() -> Dict[str, Suite]:
         Suite("resnet50-bn", f"ResNet-50 batch norms in training mode, batch {RESNET50_BATCH}",
               tuple(Entry("batch_norm", (RESNET50_BATCH, c, h, w), {}, label)
                     for label, c, h, w in RESNET50_BATCH_NORMS)),
+        Suite("resnet50-bn-large", f"ResNet-50 batch norms at batch {RESNET50_BN_LARGE_BATCH}, NCHW and channels_last",
+              tuple(Entry("batch_norm", (RESNET50_BN_LARGE_BATCH, c, h, w), {"channels_last": cl},
+                          f"{label}{' channels_last' if cl else ''}")
+                    for label, c, h, w in RESNET50_BN_LARGE for cl in (0, 1))),
         Suite("pool", "max/avg/adaptive-avg pooling at ResNet and VGG shapes",
               tuple(Entry(op, (n, c, h, w), params, label) for label, op, n, c, h, w, params in POOLS)),
         Suite("classifier", "softmax, log_softmax and cross-entropy at classifier sizes C=10..128000",

@@ -6,7 +6,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -79,16 +79,23 @@ class Tuned:
     def interpreter_meta(self) -> dict:
         return dict(self.interpreter.kwargs)
 
-    def launcher(self, device: torch.device):
-        """(kernel, meta): launch as ``kernel[grid](*args, **meta)``; grid may read the chosen meta.
-        Callers unpack ``meta`` and never change it.
+    def launcher(self, where: Union[torch.Tensor, torch.device]):
+        """(kernel, meta) for a launch on ``where`` (a tensor of the launch, or its device): launch as
+        ``kernel[grid](*args, **meta)``; grid may read the chosen meta. Callers unpack ``meta`` and
+        never change it. (A tensor is cheaper on hot paths: ``is_cuda`` rather than the device's type string.)
 
         On CUDA the kernel is tuned once per bucketed key (see ops/_tuning.py)."""
-        if device.type != "cuda":
+        if isinstance(where, torch.Tensor):
+            if not where.is_cuda:
+                return self.kernel, self._interpreter_meta
+            index = where.get_device()
+        elif where.type != "cuda":
             return self.kernel, self._interpreter_meta
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        else:
+            index = where.index if where.index is not None else torch.cuda.current_device()
         fn = self._by_device.get(index)
         if fn is None:
+            device = torch.device("cuda", index)
             kwargs = {}
             if self.restore_value:
                 kwargs["restore_value"] = self.restore_value

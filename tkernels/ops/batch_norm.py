@@ -34,7 +34,7 @@ from ..activations import ActivationLike, resolve_activation
 from ..reference import batch_norm as ref
 from . import batch_norm_kernels as K
 from ._dispatch import custom_op, run_function
-from ._common import check_floating, check_triton_dtype, from_numpy, numpy_into, to_numpy
+from ._common import FLOAT_DTYPES, check_floating, check_triton_dtype, from_numpy, numpy_into, to_numpy
 
 OP = "batch_norm"
 _EMPTY = (0,)
@@ -407,10 +407,36 @@ class BatchNormFunction(torch.autograd.Function):
 _MIXED_OK = (torch.float16, torch.bfloat16)
 
 
+def _common_case(input, running_mean, running_var, weight, bias, training, momentum, eps) -> bool:
+    """Whether a call passes every check of :func:`validate`, read in a few attribute reads for the
+    commonest form: floating (N, C, ...) input; running stats both given or both None (and given in
+    eval); every given parameter and running stat a (C,) tensor on input's device, all of one dtype
+    (input's, or float32 for a half input); float momentum and eps; in training, more than one
+    value per channel. False sends the call through the full checks (and their errors)."""
+    if not (isinstance(input, Tensor) and input.dim() >= 2 and input.dtype in FLOAT_DTYPES
+            and type(momentum) is float and type(eps) is float and (running_mean is None) == (running_var is None)
+            and (running_mean is not None or training)):
+        return False
+    shape, device = input.shape[1:2], input.device
+    dtype = None
+    for t in (running_mean, running_var, weight, bias):
+        if t is None:
+            continue
+        if not (isinstance(t, Tensor) and t.shape == shape and (dtype is None or t.dtype == dtype)
+                and t.device == device):
+            return False
+        dtype = t.dtype
+    if dtype is not None and dtype != input.dtype and not (dtype == torch.float32 and input.dtype in _MIXED_OK):
+        return False
+    return not training or input.numel() != shape[0]  # (one value per channel: the full check raises)
+
+
 def validate(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Optional[Tensor],
              bias: Optional[Tensor], training: bool, momentum, eps, *, single_value_ok: bool = False) -> None:
     """Every check torch makes, raised with torch's exception types before anything runs.
     ``single_value_ok``: a synchronised batch norm may see one value per channel per process."""
+    if _common_case(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        return
     check_floating(OP, "input", input)
     if input.dim() < 2:
         raise RuntimeError(f"{OP}: input must have at least 2 dimensions (N, C, *), but got shape {tuple(input.shape)}")

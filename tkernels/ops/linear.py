@@ -26,29 +26,47 @@ from .reductions import column_sum
 _EMPTY = (0,)
 
 
-@custom_op("tkernels::linear", mutates_args=())
-def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float,
-                   save_preact: bool) -> Tuple[Tensor, Tensor]:
-    """x: (M, K) -> (y (M, N), z (M, N) if save_preact else an empty tensor)."""
-    M, N = x.shape[0], weight.shape[0]
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float,
+             save_preact: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(y, z or None) for x: (M, K); the implementation of both forward ops."""
     if _backend.resolve("linear", x) == "numpy":
         dtype = product_dtype(x)
         y, z = ref.linear_forward(to_numpy(x, dtype), to_numpy(weight, dtype), to_numpy(bias, dtype), activation,
                                   param, compute_dtype=dtype)
-        return from_numpy(y, x), (from_numpy(z, x) if save_preact else x.new_empty(_EMPTY))
+        return from_numpy(y, x), (from_numpy(z, x) if save_preact else None)
     check_triton_dtype("linear", x)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    z = torch.empty((M, N), device=x.device, dtype=x.dtype) if save_preact else x.new_empty(_EMPTY)
-    act = resolve_activation(activation)
-    matmul(x, weight.t(), y, bias=bias, activation_code=act.code, activation_param=param,
-           preact_out=z if save_preact else None)
+    shape = (x.shape[0], weight.shape[0])
+    y = x.new_empty(shape)
+    z = x.new_empty(shape) if save_preact else None
+    matmul(x, weight, y, bias=bias, activation_code=resolve_activation(activation).code,
+           activation_param=param, preact_out=z, b_transposed=True)
     return y, z
 
 
+# Two ops rather than one with an optional output: an activation whose gradient needs only y
+# (identity, relu, sigmoid, tanh) then allocates nothing it throws away.
+@custom_op("tkernels::linear", mutates_args=())
+def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float) -> Tensor:
+    """y = act(x @ W^T + b) for x: (M, K)."""
+    return _forward(x, weight, bias, activation, param, False)[0]
+
+
 @linear_forward.register_fake
-def _(x, weight, bias, activation, param, save_preact):
-    M, N = x.shape[0], weight.shape[0]
-    return x.new_empty((M, N)), x.new_empty((M, N) if save_preact else _EMPTY)
+def _(x, weight, bias, activation, param):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@custom_op("tkernels::linear_preact", mutates_args=())
+def linear_forward_preact(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                          param: float) -> Tuple[Tensor, Tensor]:
+    """(y, z = x @ W^T + b) for x: (M, K); backward of activations that need z reads it."""
+    return _forward(x, weight, bias, activation, param, True)
+
+
+@linear_forward_preact.register_fake
+def _(x, weight, bias, activation, param):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
 
 
 @custom_op("tkernels::linear_backward", mutates_args=())
@@ -67,17 +85,15 @@ def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
                 from_numpy(db, weight) if need_bias else x.new_empty(_EMPTY))
     act = resolve_activation(activation)
     gate = None if act.is_identity else saved
-    gate_t = None if gate is None else gate.t()
     # (each gradient tensor allocated once: the ones not asked for as empty tensors)
-    device = x.device
-    dx = torch.empty((M, K) if need_input else _EMPTY, device=device, dtype=x.dtype)
-    dw = torch.empty((N, K) if need_weight else _EMPTY, device=device, dtype=weight.dtype if need_weight else x.dtype)
-    db = torch.empty((N,) if need_bias else _EMPTY, device=device, dtype=weight.dtype if need_bias else x.dtype)
+    dx = x.new_empty((M, K) if need_input else _EMPTY)
+    dw = weight.new_empty((N, K)) if need_weight else x.new_empty(_EMPTY)
+    db = weight.new_empty((N,)) if need_bias else x.new_empty(_EMPTY)
     if need_input:  # dX = dZ @ W
         matmul(grad_y, weight, dx, gate=gate, gate_activation_code=act.code, activation_param=param)
     if need_weight:  # dW = dZ^T @ X, and db = row sums of dZ^T
-        matmul(grad_y.t(), x, dw, gate=gate_t, gate_activation_code=act.code, activation_param=param,
-               rowsum_out=db if need_bias else None)
+        matmul(grad_y, x, dw, gate=gate, gate_activation_code=act.code, activation_param=param,
+               rowsum_out=db if need_bias else None, a_transposed=True)
     elif need_bias:
         column_sum(grad_y, db, gate=gate, gate_activation_code=act.code, activation_param=param)
     return dx, dw, db
@@ -96,12 +112,14 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float):
         act = resolve_activation(activation)
-        save_preact = not act.grad_from_output
-        y, z = linear_forward(x, weight, bias, act.name, param, save_preact)
-        ctx.activation, ctx.param, ctx.has_bias = act.name, param, bias is not None
-        # Keep what torch's own ops would keep: nothing of the output for identity (so in-place
-        # ops on y, such as `y += residual`, stay legal), y where torch's relu/sigmoid/tanh keep it.
-        saved = z if save_preact else (None if act.is_identity else y)
+        if act.grad_from_output:
+            y = linear_forward(x, weight, bias, activation, param)
+            # Keep what torch's own ops would keep: nothing of the output for identity (so in-place
+            # ops on y, such as `y += residual`, stay legal), y where torch's relu/sigmoid/tanh keep it.
+            saved = None if act.is_identity else y
+        else:
+            y, saved = linear_forward_preact(x, weight, bias, activation, param)
+        ctx.activation, ctx.param, ctx.has_bias = activation, param, bias is not None
         ctx.save_for_backward(x, weight, bias, saved)
         return y
 

@@ -36,8 +36,8 @@ from .. import _backend
 from ..reference import losses as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
-from ._common import (KernelSpec, Tuned, check_triton_dtype, config, from_numpy, numpy_into, register_kernel,
-                      to_numpy)
+from ._common import (FLOAT_DTYPES, KernelSpec, Tuned, check_triton_dtype, config, from_numpy, numpy_into,
+                      register_kernel, to_numpy)
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
                       plan_rows, row_coordinates, row_offsets)
 
@@ -51,18 +51,20 @@ _EMPTY = (0,)
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def cross_entropy_forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, den_ptr, lse_ptr, coef_ptr,
-                                 C, n_inner, n_tiles, n_outer1,
+def cross_entropy_forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, den_ptr, stats_ptr,
+                                 C, n_inner, n_tiles, n_outer1, n_rows,
                                  sx0, sx1, sxi, sxc, st0, st1, sti, stc, ignore_index, eps,
                                  PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-                                 REDUCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                                 REDUCTION: tl.constexpr, ONE_PROGRAM: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-row loss_i = lse_i * B_i - A_i (see the module docstring), logits read once, online.
 
-    Writes lse_i and B_i (fp32) per row; the loss per row ('none', into the output) or, with
-    REDUCE, one partial sum of the program's losses and of their 'mean' weights (w_{t_i}, or 1
-    per row for probabilities). Tile [BLOCK_R, BLOCK_C]; grid = (outer0 * outer1 * cdiv(inner,
-    BLOCK_R),). Bytes: logits (and probability targets) read once, 8-12 bytes a row written;
-    memory-bound.
+    stats (fp32, 2 * n_rows + 1) = [lse_i | B_i | divisor]. Writes the loss per row ('none', into
+    the output, divisor 1) or, reduced: with ONE_PROGRAM (the grid is one program) the loss itself
+    and the divisor (sum of the 'mean' weights w_{t_i}, or 1 per row for probabilities), else one
+    partial sum per program of its losses and weights (``loss_finish_kernel`` adds them). Tile
+    [BLOCK_R, BLOCK_C]; grid = (outer0 * outer1 * cdiv(inner, BLOCK_R),). Bytes: logits (and
+    probability targets) read once, 8-12 bytes a row written; memory-bound.
     """
     o0, o1, inner, row_mask, row_id = row_coordinates(n_inner, n_tiles, n_outer1, BLOCK_R)
     x_row = x_ptr + row_offsets(o0, o1, inner, sx0, sx1, sxi)
@@ -116,19 +118,28 @@ def cross_entropy_forward_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, den_ptr, lse_ptr
         coef = tl.where(valid, coef, 0.0)
         den = w_t
     loss = tl.where(row_mask, loss, 0.0)
-    tl.store(lse_ptr + row_id, lse, mask=row_mask)
-    tl.store(coef_ptr + row_id, coef, mask=row_mask)
-    if REDUCE:
-        pid = tl.program_id(0)
+    tl.store(stats_ptr + row_id, lse, mask=row_mask)
+    tl.store(stats_ptr + n_rows + row_id, coef, mask=row_mask)
+    pid = tl.program_id(0)
+    if REDUCTION == 0:
+        tl.store(loss_ptr + row_id, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
+        if pid == 0:
+            tl.store(stats_ptr + 2 * n_rows, 1.0)  # 'none' has no divisor; the output stays defined
+    elif ONE_PROGRAM:
+        total = tl.sum(loss, axis=0)
+        denom = tl.sum(den, axis=0)
+        if REDUCTION == 1:
+            total = total / denom
+        tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
+        tl.store(stats_ptr + 2 * n_rows, denom)
+    else:
         tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
         tl.store(den_ptr + pid, tl.sum(den, axis=0))
-    else:
-        tl.store(loss_ptr + row_id, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
-def cross_entropy_backward_kernel(g_ptr, x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr, denom_ptr, dx_ptr, dt_ptr,
-                                  C, n_inner, n_tiles, n_outer1,
+def cross_entropy_backward_kernel(g_ptr, x_ptr, t_ptr, w_ptr, stats_ptr, dx_ptr, dt_ptr,
+                                  C, n_inner, n_tiles, n_outer1, n_rows,
                                   sg0, sg1, sgi, sx0, sx1, sxi, sxc, st0, st1, sti, stc, sd0, sd1, sdi, sdc,
                                   ignore_index, eps,
                                   PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
@@ -138,7 +149,8 @@ def cross_entropy_backward_kernel(g_ptr, x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr,
 
     With TARGET_GRAD (probability targets): d target_ic = -scale_i * (1 - eps) * w_c * (x_ic - lse_i),
     written with dx's strides. Tile and grid as the forward. Bytes: logits (+ targets) read once,
-    dx (+ d target) written once, 8 bytes a row of saved statistics; memory-bound.
+    dx (+ d target) written once, 8 bytes a row of saved statistics (the forward's stats:
+    [lse_i | B_i | divisor]); memory-bound.
     """
     o0, o1, inner, row_mask, row_id = row_coordinates(n_inner, n_tiles, n_outer1, BLOCK_R)
     x_row = x_ptr + row_offsets(o0, o1, inner, sx0, sx1, sxi)
@@ -149,10 +161,10 @@ def cross_entropy_backward_kernel(g_ptr, x_ptr, t_ptr, w_ptr, lse_ptr, coef_ptr,
     else:
         g = tl.load(g_ptr).to(tl.float32)
         if REDUCTION == 1:
-            g = g / tl.load(denom_ptr)
+            g = g / tl.load(stats_ptr + 2 * n_rows)
         scale = tl.full((BLOCK_R,), 0.0, tl.float32) + g
-    lse = tl.load(lse_ptr + row_id, mask=row_mask, other=0.0)
-    coef = tl.load(coef_ptr + row_id, mask=row_mask, other=0.0)
+    lse = tl.load(stats_ptr + row_id, mask=row_mask, other=0.0)
+    coef = tl.load(stats_ptr + n_rows + row_id, mask=row_mask, other=0.0)
     valid = row_mask
     if not PROB:
         t = tl.load(t_row, mask=row_mask, other=ignore_index).to(tl.int64)
@@ -222,37 +234,38 @@ _CE_FORWARD = Tuned(cross_entropy_forward_kernel, _num_warps_configs(), config(n
 _CE_BACKWARD = Tuned(cross_entropy_backward_kernel, _num_warps_configs(), config(num_warps=4, num_stages=1),
                      key=_CE_KEY)
 
-_ROW_SIG = {"C": "i32", "n_inner": "i32", "n_tiles": "i32", "n_outer1": "i32", "ignore_index": "i64",
-            "eps": "fp32"}
+_ROW_SIG = {"C": "i32", "n_inner": "i32", "n_tiles": "i32", "n_outer1": "i32", "n_rows": "i32",
+            "ignore_index": "i64", "eps": "fp32"}
 register_kernel(KernelSpec(
     name="cross_entropy_forward", kernel=cross_entropy_forward_kernel,
     signature={"x_ptr": "*{dtype}", "t_ptr": "*i64", "w_ptr": "*{dtype}", "loss_ptr": "*fp32", "den_ptr": "*fp32",
-               "lse_ptr": "*fp32", "coef_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
+               "stats_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
     configs_by_arch=_spec_configs(*SPEC_BLOCKS),
-    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCE=True, sxc=1, sti=1),
-              dict(PROB=False, HAS_WEIGHT=False, SMOOTH=False, REDUCE=False, sxi=1, sti=1)],
+    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, ONE_PROGRAM=False, sxc=1, sti=1),
+              dict(PROB=False, HAS_WEIGHT=False, SMOOTH=False, REDUCTION=MEAN, ONE_PROGRAM=True, sxc=1, sti=1),
+              dict(PROB=False, HAS_WEIGHT=False, SMOOTH=False, REDUCTION=NONE, ONE_PROGRAM=False, sxi=1, sti=1)],
     example_args={"C": 32000, "n_inner": 4096},
 ))
 register_kernel(KernelSpec(  # uint8 class indices (torch accepts Byte targets)
     name="cross_entropy_forward_u8", kernel=cross_entropy_forward_kernel,
     signature={"x_ptr": "*{dtype}", "t_ptr": "*u8", "w_ptr": "*{dtype}", "loss_ptr": "*fp32", "den_ptr": "*fp32",
-               "lse_ptr": "*fp32", "coef_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
+               "stats_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
     configs_by_arch=_spec_configs(SPEC_BLOCKS[0]),
-    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCE=True, sxc=1, sti=1)],
+    variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, ONE_PROGRAM=False, sxc=1, sti=1)],
     dtypes=("fp16",),
 ))
 register_kernel(KernelSpec(
     name="cross_entropy_forward_probs", kernel=cross_entropy_forward_kernel,
     signature={"x_ptr": "*{dtype}", "t_ptr": "*{dtype}", "w_ptr": "*{dtype}", "loss_ptr": "*fp32",
-               "den_ptr": "*fp32", "lse_ptr": "*fp32", "coef_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
+               "den_ptr": "*fp32", "stats_ptr": "*fp32", **_ROW_SIG, **_stride_sig("sx", "st")},
     configs_by_arch=_spec_configs(*SPEC_BLOCKS),
-    variants=[dict(PROB=True, HAS_WEIGHT=True, SMOOTH=True, REDUCE=True, sxc=1, stc=1)],
+    variants=[dict(PROB=True, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=SUM, ONE_PROGRAM=False, sxc=1, stc=1)],
     example_args={"C": 32000, "n_inner": 4096},
 ))
 register_kernel(KernelSpec(
     name="cross_entropy_backward", kernel=cross_entropy_backward_kernel,
-    signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*i64", "w_ptr": "*{dtype}", "lse_ptr": "*fp32",
-               "coef_ptr": "*fp32", "denom_ptr": "*fp32", "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG,
+    signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*i64", "w_ptr": "*{dtype}", "stats_ptr": "*fp32",
+               "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG,
                **_stride_sig("sg", with_class=False), **_stride_sig("sx", "st", "sd")},
     configs_by_arch=_spec_configs(*SPEC_BLOCKS),
     variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, TARGET_GRAD=False, sxc=1, sdc=1,
@@ -263,8 +276,8 @@ register_kernel(KernelSpec(
 ))
 register_kernel(KernelSpec(
     name="cross_entropy_backward_u8", kernel=cross_entropy_backward_kernel,
-    signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*u8", "w_ptr": "*{dtype}", "lse_ptr": "*fp32",
-               "coef_ptr": "*fp32", "denom_ptr": "*fp32", "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG,
+    signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*u8", "w_ptr": "*{dtype}", "stats_ptr": "*fp32",
+               "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG,
                **_stride_sig("sg", with_class=False), **_stride_sig("sx", "st", "sd")},
     configs_by_arch=_spec_configs(SPEC_BLOCKS[0]),
     variants=[dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=MEAN, TARGET_GRAD=False, sxc=1, sdc=1)],
@@ -273,8 +286,7 @@ register_kernel(KernelSpec(
 register_kernel(KernelSpec(
     name="cross_entropy_backward_probs", kernel=cross_entropy_backward_kernel,
     signature={"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "t_ptr": "*{dtype}", "w_ptr": "*{dtype}",
-               "lse_ptr": "*fp32", "coef_ptr": "*fp32", "denom_ptr": "*fp32", "dx_ptr": "*{dtype}",
-               "dt_ptr": "*{dtype}", **_ROW_SIG, **_stride_sig("sg", with_class=False),
+               "stats_ptr": "*fp32", "dx_ptr": "*{dtype}", "dt_ptr": "*{dtype}", **_ROW_SIG, **_stride_sig("sg", with_class=False),
                **_stride_sig("sx", "st", "sd")},
     configs_by_arch=_spec_configs(*SPEC_BLOCKS),
     variants=[dict(PROB=True, HAS_WEIGHT=True, SMOOTH=True, REDUCTION=SUM, TARGET_GRAD=True, sxc=1, stc=1, sdc=1)],
@@ -293,8 +305,11 @@ register_kernel(KernelSpec(
 # Cross-entropy: launchers and custom ops. x is (N, C, d1, ...) (class dim 1); target is (N, d1, ...)
 # of class indices or x's shape of probabilities.
 # ---------------------------------------------------------------------------------------------
+_REDUCTION_CODES = {"none": NONE, "mean": MEAN, "sum": SUM}
+
+
 def _reduction_code(reduction: str) -> int:
-    return {"none": NONE, "mean": MEAN, "sum": SUM}[reduction]
+    return _REDUCTION_CODES[reduction]
 
 
 def _row_count(x: Tensor) -> int:
@@ -302,7 +317,7 @@ def _row_count(x: Tensor) -> int:
 
 
 def _target_on_host(target: Tensor) -> bool:
-    return target.device.type == "cpu"
+    return target.is_cpu
 
 
 def _check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
@@ -359,10 +374,15 @@ def _class_stride(t: Tensor, prob: bool) -> int:
     return t.stride(1) if prob else 0
 
 
+def _stats_size(rows: int) -> int:
+    """Length of the fp32 statistics the forward keeps for backward: [lse (rows) | B (rows) | divisor]."""
+    return 2 * rows + 1
+
+
 @custom_op("tkernels::cross_entropy", mutates_args=())
 def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
-                          label_smoothing: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, lse (rows,) fp32, coef (rows,) fp32, divisor () fp32) for x (N, C, ...)."""
+                          label_smoothing: float) -> Tuple[Tensor, Tensor]:
+    """(loss, stats) for x (N, C, ...); stats fp32 (2 * rows + 1,) = [lse | B | divisor] (see the kernel)."""
     C, rows = x.shape[1], _row_count(x)
     prob = target.dim() == x.dim()
     loss_shape = target.shape if not prob else x.shape[:1] + x.shape[2:]
@@ -371,51 +391,50 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
         # everything from x, so the saved statistics stay unused.
         loss = ref.cross_entropy(to_numpy(x), target.numpy() if not prob else to_numpy(target),
                                  to_numpy(weight), ignore_index, reduction, label_smoothing)
-        return (from_numpy(loss, x).reshape(loss_shape) if reduction == "none" else from_numpy(loss, x),
-                x.new_zeros((rows,), dtype=torch.float32), x.new_zeros((rows,), dtype=torch.float32),
-                x.new_ones((), dtype=torch.float32))
+        stats = x.new_zeros((_stats_size(rows),), dtype=torch.float32)
+        stats[-1] = 1.0
+        return (from_numpy(loss, x).reshape(loss_shape) if reduction == "none" else from_numpy(loss, x)), stats
     _check_target_range(target, C, ignore_index)
-    stats = (x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
-    denom = x.new_ones((), dtype=torch.float32)  # 'none' has no divisor; keep the output defined
     check_triton_dtype("cross_entropy", x)
     reduce = reduction != "none"
-    loss = torch.empty(() if reduce else loss_shape, device=x.device, dtype=x.dtype)
-    if not reduce and rows == 0:
-        return loss, stats[0], stats[1], denom
+    loss = x.new_empty(() if reduce else loss_shape)
+    stats = x.new_empty((_stats_size(rows),), dtype=torch.float32)
+    if rows == 0:  # (no program runs: the kernels' results by hand; a mean over nothing is NaN, as torch)
+        stats.fill_(float(rows) if reduce else 1.0)
+        if reduce:
+            loss.fill_(float("nan") if reduction == "mean" else 0.0)
+        return loss, stats
     plan = _ce_plan(x, target)
     if plan is None:
         x, target = x.contiguous(), target.contiguous()
         plan = _ce_plan(x, target)
     grid = plan.grid
     n_parts = grid[0]
-    parts = ((x.new_empty((n_parts,), dtype=torch.float32), x.new_empty((n_parts,), dtype=torch.float32))
-             if reduce else (loss, loss))
+    one_program = n_parts == 1
+    parts = x.new_empty((2, n_parts), dtype=torch.float32) if reduce and not one_program else None
     eps = max(float(label_smoothing), 0.0)
-    kernel, meta = _CE_FORWARD.launcher(x.device)
-    if rows:
-        kernel[grid](x, target, weight if weight is not None else x, parts[0], parts[1], stats[0], stats[1],
-                          *plan.launch_args(), *plan.strides[0], x.stride(1), *plan.strides[1],
-                          _class_stride(target, prob), int(ignore_index), eps,
-                          PROB=prob, HAS_WEIGHT=weight is not None, SMOOTH=eps > 0, REDUCE=reduce,
-                          BLOCK_R=plan.BLOCK_R, BLOCK_C=plan.BLOCK_C, **meta)
-    if reduce:
-        loss_finish_kernel[(1,)](parts[0], parts[1], loss, denom, n_parts, float(rows), MEAN=reduction == "mean",
-                                 HAS_DEN=True, BLOCK=FINISH_BLOCK)
-    return loss, stats[0], stats[1], denom
+    kernel, meta = _CE_FORWARD.launcher(x)
+    kernel[grid](x, target, weight if weight is not None else x, parts[0] if parts is not None else loss,
+                 parts[1] if parts is not None else loss, stats, *plan.launch_args(), rows, *plan.strides[0],
+                 x.stride(1), *plan.strides[1], _class_stride(target, prob), int(ignore_index), eps,
+                 PROB=prob, HAS_WEIGHT=weight is not None, SMOOTH=eps > 0, REDUCTION=_reduction_code(reduction),
+                 ONE_PROGRAM=one_program, BLOCK_R=plan.BLOCK_R, BLOCK_C=plan.BLOCK_C, **meta)
+    if parts is not None:
+        loss_finish_kernel[(1,)](parts[0], parts[1], loss, stats[2 * rows:], n_parts, float(rows),
+                                 MEAN=reduction == "mean", HAS_DEN=True, BLOCK=FINISH_BLOCK)
+    return loss, stats
 
 
 @cross_entropy_forward.register_fake
 def _(x, target, weight, reduction, ignore_index, label_smoothing):
-    rows = _row_count(x)
     loss_shape = () if reduction != "none" else (target.shape if target.dim() != x.dim()
                                                  else x.shape[:1] + x.shape[2:])
-    return (x.new_empty(loss_shape), x.new_empty((rows,), dtype=torch.float32),
-            x.new_empty((rows,), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
+    return x.new_empty(loss_shape), x.new_empty((_stats_size(_row_count(x)),), dtype=torch.float32)
 
 
 @custom_op("tkernels::cross_entropy_backward", mutates_args=())
-def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
-                           coef: Tensor, denom: Tensor, reduction: str, ignore_index: int, label_smoothing: float,
+def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                           reduction: str, ignore_index: int, label_smoothing: float,
                            need_target: bool) -> Tuple[Tensor, Tensor]:
     """(grad_input, grad_target or an empty tensor)."""
     prob = target.dim() == x.dim()
@@ -438,26 +457,26 @@ def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Opti
         dx = torch.empty_like(x)
         dt = torch.empty_like(dx, dtype=target.dtype) if need_target else dt
         plan = _ce_plan(x, target, dx, *([grad] if per_row else []))
-        _launch_ce_backward(plan, grad, x, target, weight, lse, coef, denom, dx, dt, reduction, ignore_index,
+        _launch_ce_backward(plan, grad, x, target, weight, stats, dx, dt, reduction, ignore_index,
                             label_smoothing, need_target)
         dx_out.copy_(dx)
         if need_target:
             dt_out.copy_(dt)
         return dx_out, dt_out
-    _launch_ce_backward(plan, grad, x, target, weight, lse, coef, denom, dx, dt, reduction, ignore_index,
-                        label_smoothing, need_target)
+    _launch_ce_backward(plan, grad, x, target, weight, stats, dx, dt, reduction, ignore_index, label_smoothing,
+                        need_target)
     return dx, dt
 
 
-def _launch_ce_backward(plan, grad, x, target, weight, lse, coef, denom, dx, dt, reduction, ignore_index,
+def _launch_ce_backward(plan, grad, x, target, weight, stats, dx, dt, reduction, ignore_index,
                         label_smoothing, need_target):
     prob = target.dim() == x.dim()
     per_row = reduction == "none"
     g_strides = plan.strides[3] if per_row else (0, 0, 0)
-    kernel, meta = _CE_BACKWARD.launcher(x.device)
+    kernel, meta = _CE_BACKWARD.launcher(x)
     eps = max(float(label_smoothing), 0.0)
-    kernel[plan.grid](grad, x, target, weight if weight is not None else x, lse, coef, denom, dx,
-                      dt if need_target else dx, *plan.launch_args(), *g_strides,
+    kernel[plan.grid](grad, x, target, weight if weight is not None else x, stats, dx,
+                      dt if need_target else dx, *plan.launch_args(), plan.n_rows, *g_strides,
                       *plan.strides[0], x.stride(1), *plan.strides[1], _class_stride(target, prob),
                       *plan.strides[2], dx.stride(1), int(ignore_index), eps,
                       PROB=prob, HAS_WEIGHT=weight is not None, SMOOTH=eps > 0,
@@ -466,7 +485,7 @@ def _launch_ce_backward(plan, grad, x, target, weight, lse, coef, denom, dx, dt,
 
 
 @cross_entropy_backward.register_fake
-def _(grad, x, target, weight, lse, coef, denom, reduction, ignore_index, label_smoothing, need_target):
+def _(grad, x, target, weight, stats, reduction, ignore_index, label_smoothing, need_target):
     return torch.empty_like(x), (torch.empty_like(x, dtype=target.dtype) if need_target else x.new_empty(_EMPTY))
 
 
@@ -476,18 +495,16 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
                 label_smoothing: float):
-        loss, lse, coef, denom = cross_entropy_forward(x, target, weight, reduction, ignore_index,
-                                                       label_smoothing)
-        ctx.save_for_backward(x, target, weight, lse, coef, denom)
+        loss, stats = cross_entropy_forward(x, target, weight, reduction, ignore_index, label_smoothing)
+        ctx.save_for_backward(x, target, weight, stats)
         ctx.options = (reduction, ignore_index, label_smoothing)
         return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, target, weight, lse, coef, denom = ctx.saved_tensors
+        x, target, weight, stats = ctx.saved_tensors
         need_target = ctx.needs_input_grad[1]
-        dx, dt = cross_entropy_backward(grad, x, target, weight, lse, coef, denom, *ctx.options,
-                                        need_target)
+        dx, dt = cross_entropy_backward(grad, x, target, weight, stats, *ctx.options, need_target)
         return (dx if ctx.needs_input_grad[0] else None), (dt if need_target else None), None, None, None, None
 
 
@@ -526,6 +543,20 @@ def _promote(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     return a.to(dtype), b.to(dtype)
 
 
+def _common_case(input, target, weight, size_average, reduce, reduction, label_smoothing) -> bool:
+    """Whether every check of :func:`cross_entropy` passes for a call in the commonest form: batched
+    floating-point logits (N, C, ...), int64 class indices of the batch shape on the same device,
+    no class weights, no legacy arguments, a valid reduction and label smoothing. Read in one
+    expression; False sends the call through the full checks (and their errors)."""
+    return (weight is None and size_average is None and reduce is None and isinstance(input, Tensor)
+            and isinstance(target, Tensor) and input.dtype in FLOAT_DTYPES and target.dtype == torch.int64
+            and input.dim() >= 2 and input.shape[1] > 0 and target.dim() == input.dim() - 1
+            and target.shape[0] == input.shape[0] and target.shape[1:] == input.shape[2:]
+            and (reduction == "mean" or reduction == "sum" or reduction == "none")
+            and type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0
+            and input.device == target.device)
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
                   ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
                   label_smoothing: float = 0.0) -> Tensor:
@@ -537,6 +568,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     """
     op = "cross_entropy"
     input, target, weight = cast_inputs(op, input, target, weight)
+    if _common_case(input, target, weight, size_average, reduce, reduction, label_smoothing):
+        return run_function(CrossEntropyFunction, input, target, None, reduction, int(ignore_index),
+                            float(label_smoothing))
     reduction = _resolve_reduction(op, size_average, reduce, reduction)
     _check_float(op, "input", input)
     _check_tensor(op, "target", target)

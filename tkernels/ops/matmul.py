@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
+from . import matmul_tma as _tma_module
 from .matmul_tma import matmul_tma, tma_eligible
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, operand_class, register_kernel,
                       sm_count, tl_input_precision)
@@ -186,6 +187,9 @@ register_kernel(KernelSpec(
 ))
 
 
+_TMA_DTYPES = (torch.float16, torch.bfloat16)  # what the TMA kernel takes (tma_eligible checks the rest)
+
+
 def _choose_split_k(M: int, N: int, K: int, device: torch.device) -> int:
     """Split the reduction when the output has too few tiles to fill the GPU but K is long."""
     if device.type != "cuda":
@@ -203,51 +207,70 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
            preact_out: Optional[torch.Tensor] = None,
            gate: Optional[torch.Tensor] = None, gate_activation_code: int = 0,
            rowsum_out: Optional[torch.Tensor] = None,
-           split_k: Optional[int] = None, precision_of: str = "matmul") -> torch.Tensor:
+           split_k: Optional[int] = None, precision_of: str = "matmul",
+           a_transposed: bool = False, b_transposed: bool = False) -> torch.Tensor:
     """Launch C = act(gate(A) @ B + bias) into ``out``. A, B, C and gate may have any strides.
 
     a: (M, K), b: (K, N), out: (M, N), gate: like a, rowsum_out: (M,). ``precision_of``: whose
     torch precision flag an fp32 product follows ("matmul", or "conv" for a 1x1 convolution).
+    ``a_transposed`` / ``b_transposed``: a (and gate) hold A^T (K, M), b holds B^T (N, K); the
+    kernel reads them through swapped strides (no ``.t()`` view built per call on the hot path).
     """
-    M, K = a.shape
-    N = b.shape[1]
+    if a_transposed:
+        K, M = a.shape
+        sa = a.stride()[::-1]
+    else:
+        M, K = a.shape
+        sa = a.stride()
+    if b_transposed:
+        N = b.shape[0]
+        sb = b.stride()[::-1]
+    else:
+        N = b.shape[1]
+        sb = b.stride()
     if M == 0 or N == 0:
         if rowsum_out is not None:
             rowsum_out.zero_()
         return out
-    device = a.device
-    split = split_k if split_k is not None else _choose_split_k(M, N, K, device)
+    split = split_k if split_k is not None else (_choose_split_k(M, N, K, a.device) if a.is_cuda else 1)
     if split != 1:
         split = max(1, min(split, max(1, K)))
     if split > 1 and (bias is not None or activation_code != 0 or preact_out is not None):
         raise ValueError("split-K matmul has no epilogue; use it for gradients only")
 
-    if tma_eligible(a, b, out, gate, preact_out, split):
-        matmul_tma(a, b, out, bias=bias, activation_code=activation_code, activation_param=activation_param,
-                   preact_out=preact_out, gate=gate, gate_activation_code=gate_activation_code,
-                   rowsum_out=rowsum_out)
-        return out
+    if (a.is_cuda or _tma_module.FORCE_TMA) and a.dtype in _TMA_DTYPES:
+        a_view, b_view = (a.t() if a_transposed else a), (b.t() if b_transposed else b)
+        gate_view = gate.t() if gate is not None and a_transposed else gate
+        if tma_eligible(a_view, b_view, out, gate_view, preact_out, split):
+            matmul_tma(a_view, b_view, out, bias=bias, activation_code=activation_code,
+                       activation_param=activation_param, preact_out=preact_out, gate=gate_view,
+                       gate_activation_code=gate_activation_code, rowsum_out=rowsum_out)
+            return out
 
     dummy = out
     if split > 1:
-        c_target = torch.empty((split, M, N), device=device, dtype=torch.float32)
-        row_target = (torch.empty((split, M), device=device, dtype=torch.float32)
+        c_target = a.new_empty((split, M, N), dtype=torch.float32)
+        row_target = (a.new_empty((split, M), dtype=torch.float32)
                       if rowsum_out is not None else c_target)
     else:
         c_target = out
         row_target = rowsum_out if rowsum_out is not None else dummy
-    gate_t = gate if gate is not None else a
+    if gate is None:
+        gate_t, s_gate = a, sa
+    else:
+        gate_t, s_gate = gate, (gate.stride()[::-1] if a_transposed else gate.stride())
     preact_t = preact_out if preact_out is not None else dummy
 
     dtype = a.dtype
     precision = tl_input_precision(dtype, precision_of)
-    kernel, meta = TUNED_MATMUL[operand_class(dtype, precision)].launcher(device)
+    kernel, meta = TUNED_MATMUL[operand_class(dtype, precision)].launcher(a)
     grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
     # (one stride() tuple per tensor: stride(i) parses its argument on every call)
+    s_preact = preact_t.stride()
     kernel[grid](
         a, b, c_target, bias if bias is not None else dummy, gate_t, preact_t, row_target,
         M, N, K,
-        *a.stride(), *b.stride(), *out.stride(), *gate_t.stride(), preact_t.stride()[0], preact_t.stride()[-1],
+        *sa, *sb, *out.stride(), *s_gate, s_preact[0], s_preact[-1],
         M * N, M,
         float(activation_param),
         HAS_BIAS=bias is not None, ACT=activation_code, STORE_PREACT=preact_out is not None,

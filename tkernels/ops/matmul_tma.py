@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_grad, apply_activation
-from ._common import KernelSpec, Tuned, cdiv, config, grouped_tile, register_kernel, sm_count
+from ._common import KernelSpec, Tuned, cdiv, config, device_properties, grouped_tile, register_kernel, sm_count
 
 # triton >= 3.4 has device-side tensor descriptors (3.2/3.3 only an experimental spelling); without
 # them every launch takes the cp.async kernel.
@@ -240,7 +240,7 @@ def tma_eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, gate: Opti
     every operand TMA-addressable and the gate laid out like A."""
     if not HAS_TENSOR_DESCRIPTORS or split != 1 or a.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if not FORCE_TMA and (a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] != 9):
+    if not FORCE_TMA and (not a.is_cuda or device_properties(a.device).major != 9):
         return False
     a_unit = _tma_layout(a)
     if a_unit is None or _tma_layout(b) is None or _tma_layout(out, 1) is None:
@@ -261,7 +261,7 @@ def matmul_tma(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, bias, act
     gate_t = gate if gate is not None else a
     preact_t = preact_out if preact_out is not None else out
     family = "gated" if gate is not None else "plain"
-    kernel, meta = TUNED_TMA[family].launcher(a.device)
+    kernel, meta = TUNED_TMA[family].launcher(a)
     if a.device.type == "cuda":
         _ensure_scratch_allocator()
         programs = sm_count(a.device)

@@ -59,11 +59,12 @@ class RowPlan:
     BLOCK_R: int
     BLOCK_C: int
 
-    @property
+    # (cached: a plan is shared by every call of its layout, and these are read on each launch)
+    @functools.cached_property
     def n_tiles(self) -> int:
         return cdiv(self.n_inner, self.BLOCK_R)
 
-    @property
+    @functools.cached_property
     def grid(self) -> Tuple[int]:
         return (self.n_outer * self.n_tiles,)
 
@@ -76,6 +77,10 @@ class RowPlan:
         return self.n_outer * self.n_inner
 
     def launch_args(self) -> Tuple[int, int, int, int]:
+        return self._launch_args
+
+    @functools.cached_property
+    def _launch_args(self) -> Tuple[int, int, int, int]:
         return self.C, self.n_inner, self.n_tiles, self.n_outer1
 
     def meta(self) -> dict:
