@@ -522,6 +522,12 @@ def _opcheck_samples(device):
          (g, x, stats, p[0], p[1], None, None, sums, True, 1e-5, "gelu", 0.0)),
         (torch.ops.tkernels.batch_norm_backward_input.default,
          (g, x, None, None, None, rm, rv, None, False, 1e-5, "identity", 0.0)),
+        (torch.ops.tkernels.batch_norm_backward.default,
+         (g, x, stats, p[0], p[1], None, None, True, 1e-5, "relu", 0.0, True, True, True)),
+        (torch.ops.tkernels.batch_norm_backward.default,
+         (g, x, stats, None, p[1], None, None, True, 1e-5, "identity", 0.0, True, False, True)),
+        (torch.ops.tkernels.batch_norm_backward.default,
+         (g, x, None, p[0], None, rm, rv, False, 1e-5, "silu", 0.0, False, True, False)),
     ]
 
 
@@ -560,6 +566,44 @@ def test_torch_compile_fullgraph(backend, launched):
     assert_close(compiled(x), reference(x))
     with tkernels.use_backend("numpy"):
         assert_close(compiled(x), numpy64(x.cpu().double()), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "gelu"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True), (False, False, True)])
+def test_fused_backward_matches_the_two_ops(backend, launched, act, training, need):
+    """batch_norm_backward (one op: what BatchNorm's backward runs) gives what backward_reduce then
+    backward_input give (what SyncBatchNorm runs, with an all-reduce between them) and what the
+    whole-layer float64 reference gives; unrequested gradients come back empty."""
+    ops = torch.ops.tkernels
+    device = device_for(backend)
+    x = _values((6, 3, 4, 5), torch.float32).to(device)
+    g = torch.randn_like(x)
+    w, b = _per_channel(3, torch.float32).to(device), _per_channel(3, torch.float32).to(device)
+    rm, rv = _per_channel(3, torch.float32).to(device), _per_channel(3, torch.float32, positive=True).to(device)
+    stats = ops.batch_norm_stats(x, None, None, 0.1, 1e-5) if training else None
+    running = (None, None) if training else (rm, rv)
+    need_x, need_w, need_b = need
+    before = len(launched)
+    dx, dw, db = ops.batch_norm_backward(g, x, stats, w, b, *running, training, 1e-5, act, 0.0, need_x, need_w,
+                                         need_b)
+    fused_kernels = set(launched[before:])
+    sums, dw2, db2 = ops.batch_norm_backward_reduce(g, x, stats, w, b, *running, training, 1e-5, act, 0.0, True,
+                                                    True)
+    dx2 = ops.batch_norm_backward_input(g, x, stats, w, b, *running, sums if training else None, training, 1e-5,
+                                        act, 0.0)
+    expected = ref.batch_norm_backward(to_numpy64(g), to_numpy64(x), to_numpy64(w), to_numpy64(b), to_numpy64(rm),
+                                       to_numpy64(rv), training, 1e-5, act, 0.0)
+    for got, two_ops, exact, wanted in zip((dx, dw, db), (dx2, dw2, db2), expected, need):
+        if wanted:
+            assert_close(got, two_ops, reduction=x.numel() // 3)
+            assert_close(got, exact, reduction=x.numel() // 3)
+        else:
+            assert got.numel() == 0
+    if backend == "triton":  # the kernels the two ops launch, and only those needed
+        reduces = need_w or need_b or (need_x and training)
+        assert ("bn_backward_partial_kernel" in fused_kernels) == reduces, fused_kernels
+        assert ("bn_backward_input_kernel" in fused_kernels) == need_x, fused_kernels
 
 
 # ---------------------------------------------------------------------------------------------

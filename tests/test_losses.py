@@ -497,3 +497,22 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         (expected_dx,) = torch.autograd.grad(expected, x64)
     assert_close(loss, expected, dtype=torch.float32, reduction=42)
     assert_close(dx, expected_dx, dtype=torch.float32, reduction=42)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_reads_only_the_targets_class_weights(backend, reduction):
+    """Class indices without smoothing: each row reads the weight of its own target class only (as
+    torch does), so a NaN weight of a class no counted row targets leaves the loss finite."""
+    dev = device_for(backend)
+    x = torch.randn(6, 4, device=dev, requires_grad=True)
+    t = torch.tensor([0, 2, 3, 3, 0, 2], device=dev)
+    t_ignored = torch.tensor([0, 1, 3, 1, 0, 2], device=dev)  # class 1 only on ignored rows
+    w = torch.tensor([0.5, float("nan"), 2.0, 1.5], device=dev)
+    for target, ignore in ((t, -100), (t_ignored, 1)):
+        ours = F.cross_entropy(x, target, weight=w, ignore_index=ignore, reduction=reduction)
+        theirs = torch.nn.functional.cross_entropy(x, target, weight=w, ignore_index=ignore, reduction=reduction)
+        assert torch.isfinite(ours).all()
+        assert_close(ours, theirs, reduction=4)
+        g_ours, = torch.autograd.grad(ours.sum(), x)
+        g_theirs, = torch.autograd.grad(theirs.sum(), x)
+        assert_close(g_ours, g_theirs, reduction=4)

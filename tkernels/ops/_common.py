@@ -336,10 +336,26 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # NumPy bridge: the reference computes in float64 and results are cast back to the input dtype.
 # ---------------------------------------------------------------------------------------------
-def to_numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+# dtypes NumPy can view directly: a CPU tensor of one of these converts in one NumPy cast
+_NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.float16)
+_TORCH_DTYPES = {np.float64: torch.float64, np.float32: torch.float32}
+
+
+def to_numpy(t: Optional[torch.Tensor], dtype=np.float64) -> Optional[np.ndarray]:
+    """t's values as an array of `dtype` (float64 or float32); a CPU tensor of that dtype is viewed,
+    not copied (callers do not write into it)."""
     if t is None:
         return None
-    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if t.is_cpu and t.dtype in _NUMPY_VIEWABLE:  # (half the cost of torch's .to())
+        return (t.detach() if t.requires_grad else t).numpy().astype(dtype, copy=False)
+    return t.detach().to(device="cpu", dtype=_TORCH_DTYPES[dtype]).numpy()
+
+
+def product_dtype(t: torch.Tensor):
+    """The precision the NumPy backend computes matrix products (linear, conv) of `t` in: float32 for
+    float32 tensors, as torch's CPU kernels do (single-precision BLAS runs twice as fast as double
+    here), float64 for the others. Reductions stay float64."""
+    return np.float32 if t.dtype == torch.float32 else np.float64
 
 
 def _wrappable(a: np.ndarray) -> np.ndarray:

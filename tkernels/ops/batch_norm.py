@@ -7,11 +7,13 @@ Training forward of small inputs (``K.single_launch_fits``: at most 8192 values 
 2^22 in all) is one custom op, ``batch_norm_train`` (one kernel: statistics, running-stat update
 and y); larger inputs take two: ``batch_norm_stats`` (split reduction + stable combine,
 running-stat update in place) and ``batch_norm_apply`` (one elementwise pass). Both write the same
-(5, C) statistics for backward. Eval is ``batch_norm_apply`` alone. Backward is
-``batch_norm_backward_reduce`` (two-stage deterministic sums of dz and dz * x_hat, which are dbeta
-and dgamma) and ``batch_norm_backward_input`` (one pass for dx). SyncBatchNorm
-(:mod:`tkernels.nn.batchnorm`) calls the split ops with collectives in between, plus
-``batch_norm_gather_stats`` to merge per-process statistics.
+(5, C) statistics for backward. Eval is ``batch_norm_apply`` alone. Backward is one op,
+``batch_norm_backward``, running two kernels: the reduce (two-stage deterministic sums of dz and
+dz * x_hat, which are dbeta and dgamma) and the input pass (one pass for dx). SyncBatchNorm
+(:mod:`tkernels.nn.batchnorm`) calls them as two ops, ``batch_norm_backward_reduce`` and
+``batch_norm_backward_input``, with the sums all-reduced in between, plus ``batch_norm_gather_stats``
+to merge per-process statistics. On the NumPy backend the one op converts each tensor once and
+computes x - mean and dz once for both halves (``reference.batch_norm.backward_local``).
 
 What backward keeps: x, the (5, C) statistics, and the parameters; the pre-activation z is
 recomputed from them. Keeping y instead (possible for relu) would not save any traffic: dx needs
@@ -49,14 +51,16 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # NumPy-backend glue: the (5, C) stats layout <-> the reference's (count, mean, m2, invstd).
 # ---------------------------------------------------------------------------------------------
-def _numpy_stats_rows(count, mean, m2, eps: float, like: Tensor) -> Tuple[Tensor, np.ndarray]:
-    """(the (5, C) stats tensor, its values as float64 rows: what a reader of the tensor sees)."""
+def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
+    """The (5, C) stats tensor of float64 statistics."""
     dtype = _stats_dtype(like)
     stats_np = np.float32 if dtype == torch.float32 else np.float64
+    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]))
     with np.errstate(all="ignore"):  # inf - inf is NaN, as in the kernels, and torch does not warn
-        hi = mean.astype(stats_np).astype(np.float64)
-        rows = np.stack([count, hi, mean - hi, m2, ref.invstd_from_m2(count, m2, eps)]).astype(stats_np)
-    return from_numpy(rows, like, dtype=dtype), rows.astype(np.float64, copy=False)
+        rows[0], rows[3], rows[4] = count, m2, invstd
+        rows[1] = mean.astype(stats_np)  # the mean in two parts: its rounding, then the rest
+        np.subtract(mean, rows[1], out=rows[2])
+    return from_numpy(rows, like, dtype=dtype)
 
 
 def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: float):
@@ -70,12 +74,13 @@ def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: 
     if running_mean is None:
         return
     new_mean, new_var = ref.update_running(to_numpy(running_mean), to_numpy(running_var), count, mean, m2, momentum)
-    running_mean.copy_(from_numpy(new_mean, running_mean))
-    running_var.copy_(from_numpy(new_var, running_var))
+    numpy_into(running_mean, new_mean)
+    numpy_into(running_var, new_var)
 
 
 def _like_input(a, x: Tensor) -> Tensor:
-    return numpy_into(K.empty_like_dense(x), a)
+    """The float64 array a (x's shape) as a tensor of x's dtype in x's storage order."""
+    return from_numpy(a, x) if x.is_contiguous() else numpy_into(K.empty_like_dense(x), a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,18 +127,11 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 def _numpy_batch_stats(input: Tensor, x: np.ndarray, running_mean, running_var, momentum: float,
-                       eps: float) -> Tuple[Tensor, np.ndarray]:
-    """(stats tensor, its float64 rows) of input, whose float64 copy is x; running stats updated."""
+                       eps: float) -> Tensor:
+    """The stats tensor of input, whose float64 copy is x; running stats updated."""
     count, mean, m2 = ref.channel_stats(x)
     _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-    return _numpy_stats_rows(count, mean, m2, eps, input)
-
-
-def _numpy_apply_training(input: Tensor, x: np.ndarray, rows: np.ndarray, weight, bias, activation: str,
-                          param: float) -> Tensor:
-    """y from input (float64 copy x) and the float64 rows of its stats."""
-    y = ref.normalize(x, rows[1] + rows[2], rows[4], to_numpy(weight), to_numpy(bias), activation, param)
-    return _like_input(y, input)
+    return _numpy_stats_rows(count, mean, m2, ref.invstd_from_m2(count, m2, eps), input)
 
 
 @custom_op("tkernels::batch_norm_stats", mutates_args=("running_mean", "running_var"))
@@ -141,7 +139,7 @@ def batch_norm_stats(input: Tensor, running_mean: Optional[Tensor], running_var:
                      eps: float) -> Tensor:
     """Batch statistics (5, C) of input; running stats (if given) updated in place."""
     if _use_numpy(input):
-        return _numpy_batch_stats(input, to_numpy(input), running_mean, running_var, momentum, eps)[0]
+        return _numpy_batch_stats(input, to_numpy(input), running_mean, running_var, momentum, eps)
     check_triton_dtype(OP, input)
     (x,), geom = _geometry(input)
     return _run_with_running(lambda rm, rv: K.launch_stats(x, geom, rm, rv, momentum, eps), running_mean, running_var)
@@ -160,7 +158,7 @@ def batch_norm_gather_stats(gathered: Tensor, running_mean: Optional[Tensor], ru
         g = to_numpy(gathered)
         count, mean, m2 = ref.merge_stats(g[:, 0], g[:, 1] + g[:, 2], g[:, 3])
         _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-        return _numpy_stats_rows(count, mean, m2, eps, gathered)[0]
+        return _numpy_stats_rows(count, mean, m2, ref.invstd_from_m2(count, m2, eps), gathered)
     parts = gathered.contiguous()
     P, C = parts.shape[0], parts.shape[2]
     return _run_with_running(
@@ -179,7 +177,9 @@ def batch_norm_apply(input: Tensor, stats: Optional[Tensor], weight: Optional[Te
     """y = act(normalise(x) * gamma + beta), from batch stats (training) or running stats (eval)."""
     if _use_numpy(input):
         if training:
-            return _numpy_apply_training(input, to_numpy(input), to_numpy(stats), weight, bias, activation, param)
+            s = to_numpy(stats)
+            y = ref.normalize(to_numpy(input), s[1] + s[2], s[4], to_numpy(weight), to_numpy(bias), activation, param)
+            return _like_input(y, input)
         y = ref.batch_norm_forward(to_numpy(input), to_numpy(running_mean), to_numpy(running_var),
                                    to_numpy(weight), to_numpy(bias), False, 0.0, eps, activation, param)[0]
         return _like_input(y, input)
@@ -201,9 +201,12 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     """Training forward in one launch: (y, stats (5, C)); running stats (if given) updated in place.
     For non-empty inputs that ``K.single_launch_fits``; the result equals batch_norm_stats + apply."""
     if _use_numpy(input):
-        x = to_numpy(input)  # converted once for both passes
-        stats, rows = _numpy_batch_stats(input, x, running_mean, running_var, momentum, eps)
-        return _numpy_apply_training(input, x, rows, weight, bias, activation, param), stats
+        # statistics and y from one conversion of x; y from the float64 statistics, the tensor
+        # holds them rounded as the kernels store them
+        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input), to_numpy(weight), to_numpy(bias), eps,
+                                                       activation, param)
+        _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
+        return _like_input(y, input), _numpy_stats_rows(count, mean, m2, invstd, input)
     check_triton_dtype(OP, input)
     if not input.numel():
         raise ValueError(f"{OP}: the single-launch training forward needs a non-empty input, got shape "
@@ -224,22 +227,14 @@ def _(input, weight, bias, running_mean, running_var, momentum, eps, activation,
     return K.empty_like_dense(input), input.new_empty((K.STATS_ROWS, input.shape[1]), dtype=_stats_dtype(input))
 
 
-@custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())
-def batch_norm_backward_reduce(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
-                               bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                               training: bool, eps: float, activation: str, param: float, need_weight: bool,
-                               need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(sums (2, C) = (sum dz, sum dz * x_hat), grad_weight, grad_bias); unrequested grads are empty."""
-    pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
-    if _use_numpy(input):
-        mean, invstd = _numpy_mean_invstd(stats, running_mean, running_var, training, eps)
-        s_dz, s_dzx = ref.backward_reduce(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight),
-                                          to_numpy(bias), activation, param)
-        return (from_numpy(np.stack([s_dz, s_dzx]), input, dtype=_stats_dtype(input)),
-                from_numpy(s_dzx, input, dtype=pdtype) if need_weight else input.new_empty(_EMPTY),
-                from_numpy(s_dz, input, dtype=pdtype) if need_bias else input.new_empty(_EMPTY))
+def _param_dtype(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> torch.dtype:
+    return weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
+
+
+def _triton_backward_reduce(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation,
+                            param, need_weight, need_bias):
     check_triton_dtype(OP, input)
-    C = input.shape[1]
+    C, pdtype = input.shape[1], _param_dtype(input, weight, bias)
     dw = torch.empty((C,), device=input.device, dtype=pdtype) if need_weight else None
     db = torch.empty((C,), device=input.device, dtype=pdtype) if need_bias else None
     (x, g), geom = _geometry(input, grad)
@@ -248,11 +243,53 @@ def batch_norm_backward_reduce(grad: Tensor, input: Tensor, stats: Optional[Tens
     return (sums, dw if need_weight else input.new_empty(_EMPTY), db if need_bias else input.new_empty(_EMPTY))
 
 
+def _triton_backward_input(grad, input, stats, weight, bias, running_mean, running_var, sums, training, eps,
+                           activation, param):
+    check_triton_dtype(OP, input)
+    params = (stats, _contig(running_mean), _contig(running_var), _contig(weight), _contig(bias), sums)
+    code = resolve_activation(activation).code
+    return _elementwise(lambda x, g, dx, geom: K.launch_backward_input(g, x, dx, geom, *params, training, eps, code,
+                                                                       param), input, grad)
+
+
+def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param,
+                    need_input, need_sums, out=None):
+    """(dx or None, sum dz, sum dz * x_hat) on the NumPy backend, each tensor converted once; dx is
+    written into the array `out` if given."""
+    if training:
+        s = to_numpy(stats)
+        mean, invstd, count = s[1] + s[2], s[4], s[0]
+    else:
+        mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
+    return ref.backward_local(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias), count,
+                              activation, param, need_input, need_sums, out)
+
+
+def _numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias):
+    """(grad_weight, grad_bias) from the per-channel sums; unrequested ones empty."""
+    return (from_numpy(s_dzx, input, dtype=pdtype) if need_weight else input.new_empty(_EMPTY),
+            from_numpy(s_dz, input, dtype=pdtype) if need_bias else input.new_empty(_EMPTY))
+
+
+@custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())
+def batch_norm_backward_reduce(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
+                               bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                               training: bool, eps: float, activation: str, param: float, need_weight: bool,
+                               need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(sums (2, C) = (sum dz, sum dz * x_hat), grad_weight, grad_bias); unrequested grads are empty."""
+    if _use_numpy(input):
+        _, s_dz, s_dzx = _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
+                                         activation, param, False, True)
+        return (from_numpy(np.stack([s_dz, s_dzx]), input, dtype=_stats_dtype(input)),
+                *_numpy_grad_params(s_dz, s_dzx, input, _param_dtype(input, weight, bias), need_weight, need_bias))
+    return _triton_backward_reduce(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
+                                   activation, param, need_weight, need_bias)
+
+
 @batch_norm_backward_reduce.register_fake
 def _(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param, need_weight,
       need_bias):
-    C = input.shape[1]
-    pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else input.dtype)
+    C, pdtype = input.shape[1], _param_dtype(input, weight, bias)
     return (input.new_empty((2, C), dtype=_stats_dtype(input)),
             input.new_empty((C,) if need_weight else _EMPTY, dtype=pdtype),
             input.new_empty((C,) if need_bias else _EMPTY, dtype=pdtype))
@@ -271,11 +308,8 @@ def batch_norm_backward_input(grad: Tensor, input: Tensor, stats: Optional[Tenso
         dx = ref.backward_input(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias),
                                 s[0], s[1], count, activation, param)
         return _like_input(dx, input)
-    check_triton_dtype(OP, input)
-    params = (stats, _contig(running_mean), _contig(running_var), _contig(weight), _contig(bias), sums)
-    code = resolve_activation(activation).code
-    return _elementwise(lambda x, g, dx, geom: K.launch_backward_input(g, x, dx, geom, *params, training, eps, code,
-                                                                       param), input, grad)
+    return _triton_backward_input(grad, input, stats, weight, bias, running_mean, running_var, sums, training, eps,
+                                  activation, param)
 
 
 @batch_norm_backward_input.register_fake
@@ -283,26 +317,61 @@ def _(grad, input, stats, weight, bias, running_mean, running_var, sums, trainin
     return K.empty_like_dense(input)
 
 
+@custom_op("tkernels::batch_norm_backward", mutates_args=())
+def batch_norm_backward(grad: Tensor, input: Tensor, stats: Optional[Tensor], weight: Optional[Tensor],
+                        bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        training: bool, eps: float, activation: str, param: float, need_input: bool,
+                        need_weight: bool, need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, grad_weight, grad_bias) of one process, unrequested ones empty: batch_norm_backward_reduce
+    then batch_norm_backward_input in one op. The NumPy backend converts each tensor once and
+    computes x - mean and dz once; the Triton backend runs the same two kernels as the two ops."""
+    pdtype = _param_dtype(input, weight, bias)
+    if _use_numpy(input):
+        # a contiguous float32/float64 dx is written by the last pass of the reference, not copied after it
+        direct = need_input and input.is_contiguous() and input.dtype in (torch.float32, torch.float64)
+        dx_out = torch.empty_like(input) if direct else None
+        dx, s_dz, s_dzx = _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
+                                          activation, param, need_input, need_weight or need_bias,
+                                          dx_out.numpy() if direct else None)
+        return (dx_out if direct else (_like_input(dx, input) if need_input else input.new_empty(_EMPTY)),
+                *_numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias))
+    sums, dw, db = None, input.new_empty(_EMPTY), input.new_empty(_EMPTY)
+    if need_weight or need_bias or (need_input and training):
+        sums, dw, db = _triton_backward_reduce(grad, input, stats, weight, bias, running_mean, running_var, training,
+                                               eps, activation, param, need_weight, need_bias)
+    dx = input.new_empty(_EMPTY)
+    if need_input:
+        dx = _triton_backward_input(grad, input, stats, weight, bias, running_mean, running_var,
+                                    sums if training else None, training, eps, activation, param)
+    return dx, dw, db
+
+
+@batch_norm_backward.register_fake
+def _(grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param, need_input,
+      need_weight, need_bias):
+    C, pdtype = input.shape[1], _param_dtype(input, weight, bias)
+    return (K.empty_like_dense(input) if need_input else input.new_empty(_EMPTY),
+            input.new_empty((C,) if need_weight else _EMPTY, dtype=pdtype),
+            input.new_empty((C,) if need_bias else _EMPTY, dtype=pdtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
 def backward(ctx, grad: Tensor, input, weight, bias, stats, running_mean, running_var, reduce_hook=None):
-    """Shared by BatchNorm and SyncBatchNorm: `reduce_hook(sums)` all-reduces the two dx terms."""
+    """Shared by BatchNorm and SyncBatchNorm: `reduce_hook(sums)` all-reduces the two dx terms
+    (between the two backward ops); without it one op does the whole backward."""
     training, eps, activation, param = ctx.bn_config
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_w, need_b = need_w and weight is not None, need_b and bias is not None
-    sums = dw = db = None
-    if need_w or need_b or (need_x and training):
-        sums, dw, db = batch_norm_backward_reduce(
-            grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param,
-            need_w, need_b)
-        if reduce_hook is not None and need_x and training:
-            sums = reduce_hook(sums)
-    dx = None
-    if need_x:
-        dx = batch_norm_backward_input(
-            grad, input, stats, weight, bias, running_mean, running_var, sums if training else None, training, eps,
-            activation, param)
+    if reduce_hook is None or not (need_x and training):
+        dx, dw, db = batch_norm_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
+                                         activation, param, need_x, need_w, need_b)
+        return (dx if need_x else None), (dw if need_w else None), (db if need_b else None)
+    sums, dw, db = batch_norm_backward_reduce(
+        grad, input, stats, weight, bias, running_mean, running_var, training, eps, activation, param, need_w, need_b)
+    dx = batch_norm_backward_input(grad, input, stats, weight, bias, running_mean, running_var, reduce_hook(sums),
+                                   training, eps, activation, param)
     return dx, (dw if need_w else None), (db if need_b else None)
 
 

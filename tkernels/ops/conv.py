@@ -45,8 +45,8 @@ from ..reference import conv as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
 from ._common import (grouped_tile, KernelSpec, cdiv, check_floating, check_same, check_triton_dtype, config,
-                      from_numpy, operand_class, register_kernel, suggests_channels_last, tl_input_precision,
-                      to_numpy)
+                      from_numpy, operand_class, product_dtype, register_kernel, suggests_channels_last,
+                      tl_input_precision, to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, as_channels_last, channels_last_pays, check_pixel_count,
                             depthwise_family, gather_k_major, is_pointwise, load_channel_run, register_family,
@@ -380,8 +380,9 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Li
     oh, ow = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
     shape = (x.shape[0], weight.shape[0], oh, ow)
     if _backend.resolve("conv2d", x) == "numpy":
-        y, z = ref.conv2d_forward(to_numpy(x), to_numpy(weight), to_numpy(bias), stride, padding, dilation, groups,
-                                  activation, param)
+        dtype = product_dtype(x)
+        y, z = ref.conv2d_forward(to_numpy(x, dtype), to_numpy(weight, dtype), to_numpy(bias, dtype), stride, padding,
+                                  dilation, groups, activation, param, compute_dtype=dtype)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return (from_numpy(y, x).contiguous(memory_format=fmt),
                 from_numpy(z, x).contiguous(memory_format=fmt) if save_preact else x.new_empty(_EMPTY))
@@ -409,8 +410,10 @@ def conv2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     """(grad_x, grad_weight, grad_bias); those not asked for come back as empty tensors."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if _backend.resolve("conv2d", x) == "numpy":
-        dx, dw, db = ref.conv2d_backward(to_numpy(grad_y), to_numpy(x), to_numpy(weight), to_numpy(bias), stride,
-                                         padding, dilation, groups, activation, param, need_input)
+        dtype = product_dtype(x)
+        dx, dw, db = ref.conv2d_backward(to_numpy(grad_y, dtype), to_numpy(x, dtype), to_numpy(weight, dtype),
+                                         to_numpy(bias, dtype), stride, padding, dilation, groups, activation, param,
+                                         need_input, compute_dtype=dtype)
         return (from_numpy(dx, x).contiguous(memory_format=fmt) if need_input else x.new_empty(_EMPTY),
                 from_numpy(dw, weight) if need_weight else x.new_empty(_EMPTY),
                 from_numpy(db, weight) if need_bias else x.new_empty(_EMPTY))

@@ -18,7 +18,8 @@ from ..activations import ActivationLike, resolve_activation
 from ..reference import linear as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
-from ._common import FLOAT_DTYPES, check_floating, check_same, check_triton_dtype, from_numpy, to_numpy
+from ._common import (FLOAT_DTYPES, check_floating, check_same, check_triton_dtype, from_numpy, product_dtype,
+                      to_numpy)
 from .matmul import matmul
 from .reductions import column_sum
 
@@ -29,7 +30,9 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
              save_preact: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """(y, z or None) for x: (M, K); the implementation of both forward ops."""
     if _backend.resolve("linear", x) == "numpy":
-        y, z = ref.linear_forward(to_numpy(x), to_numpy(weight), to_numpy(bias), activation, param)
+        dtype = product_dtype(x)
+        y, z = ref.linear_forward(to_numpy(x, dtype), to_numpy(weight, dtype), to_numpy(bias, dtype), activation,
+                                  param, compute_dtype=dtype)
         return from_numpy(y, x), (from_numpy(z, x) if save_preact else None)
     check_triton_dtype("linear", x)
     shape = (x.shape[0], weight.shape[0])
@@ -74,8 +77,9 @@ def linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     M, K = x.shape
     N = weight.shape[0]
     if _backend.resolve("linear", x) == "numpy":
-        dx, dw, db = ref.linear_backward(to_numpy(grad_y), to_numpy(x), to_numpy(weight), to_numpy(bias),
-                                         activation, param)
+        dtype = product_dtype(x)
+        dx, dw, db = ref.linear_backward(to_numpy(grad_y, dtype), to_numpy(x, dtype), to_numpy(weight, dtype),
+                                         to_numpy(bias, dtype), activation, param, compute_dtype=dtype)
         return (from_numpy(dx, x) if need_input else x.new_empty(_EMPTY),
                 from_numpy(dw, weight) if need_weight else x.new_empty(_EMPTY),
                 from_numpy(db, weight) if need_bias else x.new_empty(_EMPTY))

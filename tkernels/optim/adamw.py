@@ -63,7 +63,8 @@ class AdamW(torch.optim.AdamW):
             lists = {key: [s[key] for s in states] for key in ("exp_avg", "exp_avg_sq")}
             lists["max_exp_avg_sq"] = [s["max_exp_avg_sq"] for s in states] if amsgrad else []
             steps = [s["step"] for s in states]
-            validate("AdamW", params, grads, lists if amsgrad else dict(list(lists.items())[:2]), steps)
+            if len(self.param_groups) > 1:  # (one group: the step op's own check runs before anything moves)
+                validate("AdamW", params, grads, lists if amsgrad else dict(list(lists.items())[:2]), steps)
             plans.append((group, params, grads, states, lists, steps))
         for group, params, grads, states, lists, steps in plans:
             if not params:

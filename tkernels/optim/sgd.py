@@ -63,7 +63,8 @@ class SGD(torch.optim.SGD):
                     first.append(buffer is None)
                     buffers.append(new_buffer(p, memory_format=torch.preserve_format) if buffer is None
                                    else buffer)
-            validate("SGD", params, grads, {"momentum_buffer": buffers} if group["momentum"] != 0 else {})
+            if len(self.param_groups) > 1:  # (one group: the step op's own check runs before anything moves)
+                validate("SGD", params, grads, {"momentum_buffer": buffers} if group["momentum"] != 0 else {})
             plans.append((group, params, grads, buffers, first))
         for group, params, grads, buffers, first in plans:
             if not params:

@@ -40,8 +40,10 @@ def _flat(x):
 def _spread(v, positions):
     """A per-channel vector repeated over its `positions` values per channel: (C * positions,), to
     broadcast against :func:`_flat`'s rows. Elementwise passes then run over whole rows; a (C, 1)
-    column against (N, C, M) would run NumPy's inner loop only M values at a time (1 for BatchNorm1d)."""
-    return np.repeat(np.asarray(v, np.float64), positions)
+    column against (N, C, M) would run NumPy's inner loop only M values at a time (1 for BatchNorm1d).
+    With one position it is v itself (callers only read it)."""
+    v = np.asarray(v, np.float64)
+    return v if positions == 1 else np.repeat(v, positions)
 
 
 def _positions(x):
@@ -126,17 +128,34 @@ def batch_norm_backward(grad_y, x, weight=None, bias=None, running_mean=None, ru
 # ---------------------------------------------------------------------------------------------
 # Pieces: per-channel statistics, their stable merge, and the two halves of backward.
 # ---------------------------------------------------------------------------------------------
-@silent
-def channel_stats(x):
-    """(count, mean, m2) per channel: m2 is the sum of squared deviations from the mean."""
+def _centered_stats(x):
+    """(count, mean, m2, x - mean as (N, C * M) rows) per channel; the rows are None for an empty batch."""
     rows = _rows_view(x)
     channels, count = rows.shape[1], rows.shape[0] * rows.shape[2]
     if count == 0:
         zeros = np.zeros(channels)
-        return np.zeros(channels), zeros, zeros.copy()
+        return np.zeros(channels), zeros, zeros.copy(), None
     mean = np.einsum("ncm->c", rows) / count
-    centered = (_flat(x) - _spread(mean, rows.shape[2])).reshape(rows.shape)
-    return np.full(channels, float(count)), mean, np.einsum("ncm,ncm->c", centered, centered)
+    centered = _flat(x) - _spread(mean, rows.shape[2])
+    m2 = np.einsum("ncm,ncm->c", centered.reshape(rows.shape), centered.reshape(rows.shape))
+    return np.full(channels, float(count)), mean, m2, centered
+
+
+@silent
+def channel_stats(x):
+    """(count, mean, m2) per channel: m2 is the sum of squared deviations from the mean."""
+    return _centered_stats(x)[:3]
+
+
+@silent
+def train_forward(x, weight=None, bias=None, eps=1e-5, activation="identity", param=0.0):
+    """Training forward of one process from its own statistics: (y, count, mean, m2, invstd), with
+    x - mean computed once, for m2 and for y (= :func:`normalize` with these statistics)."""
+    count, mean, m2, centered = _centered_stats(x)
+    invstd = invstd_from_m2(count, m2, eps)
+    if centered is None:  # an empty batch
+        return normalize(x, mean, invstd, weight, bias, activation, param), count, mean, m2, invstd
+    return _scale_shift(centered, invstd, weight, bias, activation, param, x), count, mean, m2, invstd
 
 
 @silent
@@ -159,48 +178,76 @@ def update_running(running_mean, running_var, count, mean, m2, momentum):
     """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0."""
     rm, rv = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
     count = np.asarray(count, np.float64)
+    new_mean = (1.0 - momentum) * rm + momentum * np.asarray(mean, np.float64)
+    new_var = (1.0 - momentum) * rv + momentum * (np.asarray(m2, np.float64) / (count - 1.0))
     seen = count > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        unbiased = np.asarray(m2, np.float64) / (count - 1.0)
-    new_mean = np.where(seen, (1.0 - momentum) * rm + momentum * np.asarray(mean, np.float64), rm)
-    new_var = np.where(seen, (1.0 - momentum) * rv + momentum * unbiased, rv)
+    if not seen.all():
+        new_mean, new_var = np.where(seen, new_mean, rm), np.where(seen, new_var, rv)
     return new_mean, new_var
+
+
+def _scale_shift(centered, invstd, weight, bias, activation, param, x):
+    """act(centered * gamma * invstd + beta) in centered's memory, shaped as x."""
+    m = _positions(x)
+    scale = np.asarray(invstd, np.float64)
+    if weight is not None:
+        scale = np.asarray(weight, np.float64) * scale
+    centered *= _spread(scale, m)
+    if bias is not None:
+        centered += _spread(bias, m)
+    return ACTIVATIONS[activation][0](centered, param).reshape(np.shape(x))
 
 
 @silent
 def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
     """y = act(gamma * (x - mean) * invstd + beta) with given per-channel statistics."""
-    m = _positions(x)
-    scale = np.asarray(invstd, np.float64)
-    if weight is not None:
-        scale = np.asarray(weight, np.float64) * scale
-    z = _flat(x) - _spread(mean, m)
-    z *= _spread(scale, m)
-    if bias is not None:
-        z += _spread(bias, m)
-    return ACTIVATIONS[activation][0](z, param).reshape(np.shape(x))
+    return _scale_shift(_flat(x) - _spread(mean, _positions(x)), invstd, weight, bias, activation, param, x)
 
 
-def _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param):
-    """(x_hat, dz) as (N, C * M): dz = dy * act'(z) with z = gamma * x_hat + beta recomputed."""
+def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param):
+    """(x - mean, dz) as (N, C * M) rows: dz = dy * act'(z), z = gamma * invstd * (x - mean) + beta
+    recomputed as the forward computed it. x_hat = invstd * (x - mean) is never formed: the sums and dx
+    apply invstd per channel instead, which saves a pass over the values."""
     m = _positions(x)
-    x_hat = _flat(x) - _spread(mean, m)
-    x_hat *= _spread(invstd, m)
+    centered = _flat(x) - _spread(mean, m)
     dz = _flat(grad_y)
     if activation != "identity":  # act' is 1 everywhere for identity
-        z = x_hat if weight is None else x_hat * _spread(weight, m)
+        invstd = np.asarray(invstd, np.float64)
+        z = centered * _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m)
         if bias is not None:
-            z = z + _spread(bias, m)
+            z += _spread(bias, m)
         dz = dz * ACTIVATIONS[activation][1](z, param)
-    return x_hat, dz
+    return centered, dz
+
+
+def _channel_sums(centered, dz, invstd, shape):
+    """Per-channel (sum dz, sum dz * x_hat) of :func:`_centered_and_dz`'s rows for an input of `shape`."""
+    rows = (shape[0], shape[1], math.prod(shape[2:]))
+    dz, centered = dz.reshape(rows), centered.reshape(rows)
+    return np.einsum("ncm->c", dz), np.einsum("ncm,ncm->c", dz, centered) * np.asarray(invstd, np.float64)
+
+
+def _input_grad(centered, dz, invstd, weight, sum_dz, sum_dz_xhat, count, m, out=None):
+    """dx as (N, C * M) rows from the sums over `count` values per channel, built in centered's memory
+    (which it overwrites) and written to `out` if given; without the sums (eval) dx = gamma * invstd * dz."""
+    invstd = np.asarray(invstd, np.float64)
+    scale = _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m)
+    if sum_dz is None:
+        return np.multiply(dz, scale, out=out)
+    count = np.maximum(np.asarray(count, np.float64), 1.0)
+    # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), x_hat = invstd * centered
+    dx = centered
+    dx *= _spread(-invstd * np.asarray(sum_dz_xhat, np.float64) / count, m)
+    dx += dz
+    dx -= _spread(np.asarray(sum_dz, np.float64) / count, m)
+    return np.multiply(dx, scale, out=dx if out is None else out)
 
 
 @silent
 def backward_reduce(grad_y, x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
     """Per-channel (sum dz, sum dz * x_hat): dbeta and dgamma, and the two terms dx needs."""
-    x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    rows = _rows_view(x).shape
-    return np.einsum("ncm->c", dz.reshape(rows)), np.einsum("ncm,ncm->c", dz.reshape(rows), x_hat.reshape(rows))
+    centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    return _channel_sums(centered, dz, invstd, np.shape(x))
 
 
 @silent
@@ -208,20 +255,26 @@ def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None,
                    activation="identity", param=0.0):
     """dx from the (possibly all-reduced) sums over `count` values per channel; without the sums
     (eval) the statistics are constants and dx = gamma * invstd * dz."""
-    x_hat, dz = _normalized_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    m = _positions(x)
-    invstd = np.asarray(invstd, np.float64)
-    gamma = np.ones(invstd.shape[0]) if weight is None else np.asarray(weight, np.float64)
-    scale = _spread(gamma * invstd, m)
-    if sum_dz is None:
-        return (scale * dz).reshape(np.shape(x))
-    count = np.maximum(np.asarray(count, np.float64), 1.0)
-    # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), built in place
-    dx = x_hat * _spread(-np.asarray(sum_dz_xhat, np.float64) / count, m)
-    dx += dz
-    dx -= _spread(np.asarray(sum_dz, np.float64) / count, m)
-    dx *= scale
-    return dx.reshape(np.shape(x))
+    centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    return _input_grad(centered, dz, invstd, weight, sum_dz, sum_dz_xhat, count, _positions(x)).reshape(np.shape(x))
+
+
+@silent
+def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, activation="identity", param=0.0,
+                   need_input=True, need_sums=True, out=None):
+    """(dx, sum dz, sum dz * x_hat) of one process: :func:`backward_reduce` then :func:`backward_input`
+    from one x - mean and dz. Training when `count` (values per channel) is given, eval (constant
+    statistics) when it is None; what is not needed comes back as None. `out`, a C-ordered array of
+    x's shape (of any float dtype), receives dx: the last pass writes it, saving a copy."""
+    centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    sum_dz = sum_dz_xhat = dx = None
+    if need_sums or (need_input and count is not None):
+        sum_dz, sum_dz_xhat = _channel_sums(centered, dz, invstd, np.shape(x))
+    if need_input:
+        sums = (sum_dz, sum_dz_xhat) if count is not None else (None, None)
+        rows = None if out is None else out.reshape(centered.shape)
+        dx = _input_grad(centered, dz, invstd, weight, *sums, count, _positions(x), rows).reshape(np.shape(x))
+    return dx, sum_dz, sum_dz_xhat
 
 
 @silent

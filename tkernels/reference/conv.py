@@ -19,11 +19,16 @@ batch-innermost layout cost more than they save.
 Shapes: x (N, C_in, H, W), weight (C_out, C_in/groups, KH, KW), bias (C_out,),
 padding (top, bottom, left, right), stride (sh, sw), dilation (dh, dw).
 The results are (N, C, H, W) views of arrays laid out channels first, then the positions' order.
+
+Everything is computed in float64 unless the caller asks for another ``compute_dtype`` for the
+unfold and the products: the NumPy backend runs float32 inputs' products in float32, as torch's CPU
+convolution does (single-precision BLAS, twice as fast as double). The bias and activation run in
+:func:`~.activations.epilogue_dtype`; the bias gradient is summed in float64.
 """
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .activations import activation_backward, activation_forward
+from .activations import activation_backward, activation_forward, epilogue_dtype
 from ._errstate import silent
 
 
@@ -34,7 +39,7 @@ def padded(x, padding, fill=0.0):
     if not any(padding):
         return x
     n, c, h, w = x.shape
-    xp = np.full((n, c, top + h + bottom, left + w + right), fill)
+    xp = np.full((n, c, top + h + bottom, left + w + right), fill, dtype=x.dtype)
     xp[:, :, top:top + h, left:left + w] = x
     return xp
 
@@ -80,11 +85,12 @@ def _by_group(product, a, b, groups):
     return np.concatenate([product(a_g, b_g) for a_g, b_g in zip(np.split(a, groups), np.split(b, groups))])
 
 
-def _preactivation(weight, bias, columns, groups, shape):
-    """z laid out (C_out, *positions), `shape` being that layout's shape."""
+def _preactivation(weight, bias, columns, groups, shape, activation):
+    """z laid out (C_out, *positions), `shape` being that layout's shape, in the activation's epilogue dtype."""
     z = _by_group(np.matmul, weight.reshape(weight.shape[0], -1), columns, groups).reshape(shape)
+    z = z.astype(epilogue_dtype(activation, z.dtype), copy=False)
     if bias is not None:
-        z += np.asarray(bias, np.float64).reshape((-1, 1, 1, 1))
+        z += np.asarray(bias, z.dtype).reshape((-1, 1, 1, 1))
     return z
 
 
@@ -94,12 +100,13 @@ def _layout_shape(channels, n, h, w, order):
 
 @silent
 def conv2d_forward(x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
-                   activation="identity", param=0.0):
+                   activation="identity", param=0.0, compute_dtype=np.float64):
     """Returns (y, z): the output act(z) and the pre-activation z, both (N, C_out, OH, OW)."""
-    x = np.asarray(x, np.float64)
-    weight = np.asarray(weight, np.float64)
+    x = np.asarray(x, compute_dtype)
+    weight = np.asarray(weight, compute_dtype)
     columns, (oh, ow), order = _columns(padded(x, padding), weight.shape[2:], stride, dilation)
-    z = _preactivation(weight, bias, columns, groups, _layout_shape(weight.shape[0], x.shape[0], oh, ow, order))
+    z = _preactivation(weight, bias, columns, groups, _layout_shape(weight.shape[0], x.shape[0], oh, ow, order),
+                       activation)
     z = _from_layout(z, order)
     return activation_forward(activation, z, param), z
 
@@ -110,7 +117,7 @@ def _fold(grad_columns, padded_shape, kernel, stride, dilation, out_size, order)
     n, c, hp, wp = padded_shape
     (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_size
     blocks = grad_columns.reshape((c, kh, kw) + _layout_shape(c, n, oh, ow, order)[1:])
-    grad = np.zeros(_layout_shape(c, n, hp, wp, order))
+    grad = np.zeros(_layout_shape(c, n, hp, wp, order), grad_columns.dtype)
     h_axis, w_axis = 1 + order.index(_H), 1 + order.index(_W)
     for i in range(kh):
         for j in range(kw):
@@ -123,24 +130,26 @@ def _fold(grad_columns, padded_shape, kernel, stride, dilation, out_size, order)
 
 @silent
 def conv2d_backward(grad_y, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
-                    activation="identity", param=0.0, need_input=True):
+                    activation="identity", param=0.0, need_input=True, compute_dtype=np.float64):
     """Returns (grad_x, grad_weight, grad_bias); z is recomputed from the inputs. Without
     need_input grad_x is None: a network's first layer skips a product and the fold."""
-    x = np.asarray(x, np.float64)
-    weight = np.asarray(weight, np.float64)
+    x = np.asarray(x, compute_dtype)
+    weight = np.asarray(weight, compute_dtype)
     c_out = weight.shape[0]
     xp = padded(x, padding)
     columns, (oh, ow), order = _columns(xp, weight.shape[2:], stride, dilation)
-    grad_z = np.asarray(grad_y, np.float64).transpose((1,) + order)  # laid out (C_out, *positions)
+    grad_z = np.asarray(grad_y, compute_dtype).transpose((1,) + order)  # laid out (C_out, *positions)
     if activation != "identity":  # only an activation needs the pre-activation
-        z = _preactivation(weight, bias, columns, groups, grad_z.shape)
+        z = _preactivation(weight, bias, columns, groups, grad_z.shape, activation)
         grad_z = activation_backward(activation, grad_z, z, param)
     grad_z = grad_z.reshape(c_out, columns.shape[1])
+    grad_b = grad_z.sum(axis=1, dtype=np.float64)
+    grad_z = grad_z.astype(compute_dtype, copy=False)  # (the products' precision)
 
     grad_w = _by_group(lambda g, col: g @ col.T, grad_z, columns, groups).reshape(weight.shape)
     if not need_input:
-        return None, grad_w, grad_z.sum(axis=1)
+        return None, grad_w, grad_b
     grad_columns = _by_group(lambda w, g: w.T @ g, weight.reshape(c_out, -1), grad_z, groups)
     grad_xp = _from_layout(_fold(grad_columns, xp.shape, weight.shape[2:], stride, dilation, (oh, ow), order), order)
     top, _, left, _ = padding
-    return grad_xp[:, :, top:top + x.shape[2], left:left + x.shape[3]], grad_w, grad_z.sum(axis=1)
+    return grad_xp[:, :, top:top + x.shape[2], left:left + x.shape[3]], grad_w, grad_b

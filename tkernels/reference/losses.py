@@ -31,6 +31,14 @@ def _log_softmax_last(z):
     return z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
 
 
+def _check_classes(t, C, ignore_index):
+    """IndexError (torch's message) for the first class index in t outside [0, C)."""
+    bad = t[(t < 0) | (t >= C)]
+    if bad.size:
+        raise IndexError(f"Target {bad[0]} is out of bounds: expected a class index in [0, {C - 1}] or "
+                         f"ignore_index={ignore_index}")
+
+
 def _distribution(z, target, ignore_index, label_smoothing, probabilities):
     """(q, valid) with the class axis last: q is (..., C), valid is (...)."""
     C = z.shape[-1]
@@ -40,8 +48,7 @@ def _distribution(z, target, ignore_index, label_smoothing, probabilities):
         return q, np.ones(z.shape[:-1], dtype=bool)
     t = np.asarray(target).astype(np.int64)
     valid = t != ignore_index
-    if np.any((t[valid] < 0) | (t[valid] >= C)):
-        raise IndexError("target out of range")
+    _check_classes(t[valid], C, ignore_index)
     onehot = (np.arange(C) == np.where(valid, t, -1)[..., None]).astype(np.float64)
     if eps == 0.0:  # the mix below would reproduce onehot exactly (ignored rows are already 0)
         return onehot, valid
@@ -65,37 +72,93 @@ def _prepare(x, target, weight, ignore_index, label_smoothing):
     return axis, z, q, valid, w, denom, probabilities
 
 
+def _one_hot(x, target, label_smoothing):
+    """Whether the target distribution is one-hot: class indices without label smoothing."""
+    return float(label_smoothing) <= 0.0 and np.asarray(target).dtype.kind != "f"
+
+
+def _picked(x, target, weight, ignore_index):
+    """For one-hot targets the sum over classes is one gathered term per row. Returns (z (R, C) with
+    the class axis last, moved shape, rows, t (R,) with ignored rows pointing at class 0, valid (R,),
+    w_t (R,): the target's class weight, 0 on ignored rows, denom)."""
+    x = np.asarray(x, np.float64)
+    z = _move(x, _class_axis(x), -1)
+    given = np.asarray(target, np.int64).reshape(-1)
+    valid = given != ignore_index
+    t = given if valid.all() else np.where(valid, given, 0)
+    if t.size and t.view(np.uint64).max() >= z.shape[-1]:  # (as unsigned, a negative index is huge)
+        _check_classes(given[valid], z.shape[-1], ignore_index)
+    if weight is None:
+        w_t = valid.astype(np.float64)
+    else:  # (a where, not a product: an ignored row must not pick up a NaN or Inf weight)
+        w_t = np.where(valid, np.asarray(weight, np.float64)[t], 0.0)
+    return z.reshape(-1, z.shape[-1]), z.shape, np.arange(t.size), t, valid, w_t, float(w_t.sum())
+
+
+def _exp_shifted(z):
+    """(z - max, exp(z - max), its row sums) per row of z (R, C): log_softmax = shifted - log(sums)[:, None],
+    softmax = exps / sums[:, None]."""
+    shifted = z - z.max(axis=-1, keepdims=True)
+    exps = np.exp(shifted)
+    return shifted, exps, exps.sum(axis=-1)
+
+
+def _reduce(per_row, reduction, denom):
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return np.asarray(total)
+    return np.asarray(np.float64(total) / np.float64(denom))
+
+
+def _row_scale(grad, reduction, shape, denom):
+    """d total / d loss_i for each row: the incoming gradient, divided by the divisor for 'mean'."""
+    g = np.asarray(grad, np.float64)
+    if reduction == "none":
+        return g
+    if reduction == "sum":
+        return np.full(shape, float(g))
+    return np.full(shape, np.float64(g) / np.float64(denom))
+
+
 @silent
 def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Loss: a scalar for 'mean'/'sum', per-sample (target's batch shape) for 'none'."""
+    if _one_hot(x, target, label_smoothing):
+        z, _, rows, t, valid, w_t, denom = _picked(x, target, weight, ignore_index)
+        shifted, _, sums = _exp_shifted(z)
+        per_row = w_t * (np.log(sums) - shifted[rows, t])  # -w_t log p_t
+        if not w_t.all():  # a zero weight contributes 0 even where log p = -inf
+            per_row[w_t == 0.0] = 0.0
+        return _reduce(per_row.reshape(np.shape(target)), reduction, denom)
     _, z, q, valid, w, denom, _ = _prepare(x, target, weight, ignore_index, label_smoothing)
     logp = _log_softmax_last(z)
     wq = w * q
     # a class the target distribution does not touch contributes 0 even where log p = -inf
     per_row = -np.sum(np.where(wq != 0.0, wq * logp, 0.0), axis=-1)
-    per_row = np.where(valid, per_row, 0.0)
-    if reduction == "none":
-        return per_row
-    total = np.sum(per_row)
-    if reduction == "sum":
-        return np.asarray(total)
-    return np.asarray(np.float64(total) / np.float64(denom))
+    return _reduce(np.where(valid, per_row, 0.0), reduction, denom)
 
 
 @silent
 def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, reduction="mean",
                            label_smoothing=0.0):
     """(grad_input, grad_target); grad_target is None for class-index targets."""
+    if _one_hot(x, target, label_smoothing):
+        z, moved, rows, t, valid, w_t, denom = _picked(x, target, weight, ignore_index)
+        _, dz, sums = _exp_shifted(z)
+        # d loss_i / d x_ic = w_t (p_ic - [c == t]), times the row's scale
+        g = np.asarray(grad, np.float64)
+        coef = w_t * (g.reshape(-1) if reduction == "none" else (g / np.float64(denom) if reduction == "mean" else g))
+        dz *= (coef / sums)[:, None]  # p = exps / sums
+        dz[rows, t] -= coef
+        if not valid.all():
+            dz[~valid] = 0.0
+        return _move(dz.reshape(moved), -1, _class_axis(np.asarray(x))), None
     axis, z, q, valid, w, denom, probabilities = _prepare(x, target, weight, ignore_index, label_smoothing)
     logp = _log_softmax_last(z)
     p = np.exp(logp)
-    g = np.asarray(grad, np.float64)
-    if reduction == "none":
-        scale = g
-    elif reduction == "sum":
-        scale = np.full(valid.shape, float(g))
-    else:
-        scale = np.full(valid.shape, np.float64(g) / np.float64(denom))
+    scale = _row_scale(grad, reduction, valid.shape, denom)
     wq = w * q
     # d loss_i / d x_ic = p_ic * sum_k w_k q_ik - w_c q_ic
     dz = np.where(valid[..., None], scale[..., None] * (p * np.sum(wq, axis=-1, keepdims=True) - wq), 0.0)
