@@ -32,9 +32,11 @@ from torch import Tensor
 from .. import _backend
 from ..activations import ActivationLike, resolve_activation
 from ..reference import batch_norm as ref
+from ..reference.activations import epilogue_dtype
 from . import batch_norm_kernels as K
 from ._dispatch import custom_op, run_function
-from ._common import FLOAT_DTYPES, check_floating, check_triton_dtype, from_numpy, numpy_into, to_numpy
+from ._common import (FLOAT_DTYPES, check_floating, check_triton_dtype, from_numpy, numpy_into, product_dtype,
+                      to_numpy)
 
 OP = "batch_norm"
 _EMPTY = (0,)
@@ -61,6 +63,13 @@ def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
         rows[1] = mean.astype(stats_np)  # the mean in two parts: its rounding, then the rest
         np.subtract(mean, rows[1], out=rows[2])
     return from_numpy(rows, like, dtype=dtype)
+
+
+def _compute_dtype(input: Tensor, activation: str):
+    """The precision of the NumPy backend's elementwise passes (the reference's ``compute_dtype``):
+    float32 for float32 tensors with an identity or relu activation, as linear and conv apply their
+    epilogues, else float64. Statistics and per-channel sums are float64 either way."""
+    return epilogue_dtype(activation, product_dtype(input))
 
 
 def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: float):
@@ -203,8 +212,9 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     if _use_numpy(input):
         # statistics and y from one conversion of x; y from the float64 statistics, the tensor
         # holds them rounded as the kernels store them
-        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input), to_numpy(weight), to_numpy(bias), eps,
-                                                       activation, param)
+        dtype = _compute_dtype(input, activation)
+        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input, dtype), to_numpy(weight), to_numpy(bias), eps,
+                                                       activation, param, dtype)
         _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
         return _like_input(y, input), _numpy_stats_rows(count, mean, m2, invstd, input)
     check_triton_dtype(OP, input)
@@ -261,8 +271,9 @@ def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var,
         mean, invstd, count = s[1] + s[2], s[4], s[0]
     else:
         mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
-    return ref.backward_local(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias), count,
-                              activation, param, need_input, need_sums, out)
+    dtype = _compute_dtype(input, activation)
+    return ref.backward_local(to_numpy(grad, dtype), to_numpy(input, dtype), mean, invstd, to_numpy(weight),
+                              to_numpy(bias), count, activation, param, need_input, need_sums, out, dtype)
 
 
 def _numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias):
