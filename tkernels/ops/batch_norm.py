@@ -54,21 +54,28 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # NumPy-backend glue: the (5, C) stats layout <-> the reference's (count, mean, m2, invstd).
 # ---------------------------------------------------------------------------------------------
 def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
-    """The (5, C) stats tensor of float64 statistics."""
-    dtype = _stats_dtype(like)
-    stats_np = np.float32 if dtype == torch.float32 else np.float64
-    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]))
-    with np.errstate(all="ignore"):  # inf - inf is NaN, as in the kernels, and torch does not warn
-        rows[0], rows[3], rows[4] = count, m2, invstd
-        rows[1] = mean.astype(stats_np)  # the mean in two parts: its rounding, then the rest
-        np.subtract(mean, rows[1], out=rows[2])
-    return from_numpy(rows, like, dtype=dtype)
+    """The (5, C) stats tensor of float64 statistics, built in its dtype (the NumPy backend runs on CPU)."""
+    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]), np.float32 if _stats_dtype(like) == torch.float32 else np.float64)
+    # inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and torch
+    # does not warn about either
+    with np.errstate(all="ignore"):
+        rows[0], rows[1], rows[3], rows[4] = count, mean, m2, invstd
+        rows[2] = mean - rows[1]  # the mean in two parts: its rounding (row 1), then the rest
+    return torch.from_numpy(rows)
+
+
+# Below this many values float64 passes are cheaper overall: the float32 path's extra per-channel
+# steps (the split mean, float64 totals of float32 partial sums) cost more than its passes save.
+FLOAT32_MIN_NUMEL = 1 << 14
 
 
 def _compute_dtype(input: Tensor, activation: str):
     """The precision of the NumPy backend's elementwise passes (the reference's ``compute_dtype``):
-    float32 for float32 tensors with an identity or relu activation, as linear and conv apply their
-    epilogues, else float64. Statistics and per-channel sums are float64 either way."""
+    float32 for float32 tensors of at least FLOAT32_MIN_NUMEL values with an identity or relu
+    activation, as linear and conv apply their epilogues, else float64. Statistics and per-channel
+    sums are float64 either way."""
+    if input.numel() < FLOAT32_MIN_NUMEL:
+        return np.float64
     return epilogue_dtype(activation, product_dtype(input))
 
 
@@ -79,10 +86,16 @@ def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: fl
     return to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps)
 
 
+def _numpy_dtype(t: Tensor):
+    return np.float32 if t.dtype == torch.float32 else np.float64
+
+
 def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: float) -> None:
     if running_mean is None:
         return
-    new_mean, new_var = ref.update_running(to_numpy(running_mean), to_numpy(running_var), count, mean, m2, momentum)
+    # (float32 buffers are read as they are: the reference converts both at once)
+    new_mean, new_var = ref.update_running(to_numpy(running_mean, _numpy_dtype(running_mean)),
+                                           to_numpy(running_var, _numpy_dtype(running_var)), count, mean, m2, momentum)
     numpy_into(running_mean, new_mean)
     numpy_into(running_var, new_var)
 
