@@ -7,7 +7,8 @@ Training forward of small inputs (``K.single_launch_fits``: at most 8192 values 
 2^22 in all) is one custom op, ``batch_norm_train`` (one kernel: statistics, running-stat update
 and y); larger inputs take two: ``batch_norm_stats`` (split reduction + stable combine,
 running-stat update in place) and ``batch_norm_apply`` (one elementwise pass). Both write the same
-(5, C) statistics for backward. Eval is ``batch_norm_apply`` alone. Backward is one op,
+(5, C) statistics for backward (the NumPy backend takes ``batch_norm_train`` at every size). Eval is
+``batch_norm_apply`` alone. Backward is one op,
 ``batch_norm_backward``, running two kernels: the reduce (two-stage deterministic sums of dz and
 dz * x_hat, which are dbeta and dgamma) and the input pass (one pass for dx). SyncBatchNorm
 (:mod:`tkernels.nn.batchnorm`) calls them as two ops, ``batch_norm_backward_reduce`` and
@@ -405,7 +406,8 @@ class BatchNormFunction(torch.autograd.Function):
                 running_var: Optional[Tensor], training: bool, momentum: float, eps: float, activation: str,
                 param: float):
         stats = None
-        if training and K.single_launch_fits(input.shape):
+        # (the NumPy backend takes the one-op forward at any size: one conversion of x, x - mean once)
+        if training and (K.single_launch_fits(input.shape) or _use_numpy(input)):
             y, stats = batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, activation,
                                         param)
         else:

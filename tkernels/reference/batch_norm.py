@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .activations import ACTIVATIONS
+from .activations import ACTIVATIONS, relu
 from ._errstate import silent
 
 
@@ -240,6 +240,8 @@ def _scale_shift(centered, invstd, weight, bias, activation, param, x, lo=None):
     shift = _shift(bias, lo, scale)
     if shift is not None:
         centered += _spread(shift, m, centered.dtype)
+    if activation == "relu":  # in place: a fresh array of x's size costs more than the pass itself
+        return relu(centered, out=centered).reshape(np.shape(x))
     return ACTIVATIONS[activation][0](centered, param).reshape(np.shape(x))
 
 
@@ -265,7 +267,8 @@ def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, c
         shift = _shift(bias, lo, scale)
         if shift is not None:
             z += _spread(shift, m, compute_dtype)
-        dz = dz * ACTIVATIONS[activation][1](z, param)
+        derivative = ACTIVATIONS[activation][1](z, param)  # a fresh array: dz is built in it
+        dz = np.multiply(dz, derivative, out=derivative)
     return centered, dz, lo
 
 
