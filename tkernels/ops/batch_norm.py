@@ -56,7 +56,8 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
     """The (5, C) stats tensor of float64 statistics, built in its dtype (the NumPy backend runs on CPU)."""
-    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]), np.float32 if _stats_dtype(like) == torch.float32 else np.float64)
+    dtype = np.float32 if _stats_dtype(like) == torch.float32 else np.float64
+    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]), dtype)
     # inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and torch
     # does not warn about either
     with np.errstate(all="ignore"):
