@@ -7,7 +7,8 @@ Training forward of small inputs (``K.single_launch_fits``: at most 8192 values 
 2^22 in all) is one custom op, ``batch_norm_train`` (one kernel: statistics, running-stat update
 and y); larger inputs take two: ``batch_norm_stats`` (split reduction + stable combine,
 running-stat update in place) and ``batch_norm_apply`` (one elementwise pass). Both write the same
-(5, C) statistics for backward. Eval is ``batch_norm_apply`` alone. Backward is one op,
+(5, C) statistics for backward (the NumPy backend takes ``batch_norm_train`` at every size). Eval is
+``batch_norm_apply`` alone. Backward is one op,
 ``batch_norm_backward``, running two kernels: the reduce (two-stage deterministic sums of dz and
 dz * x_hat, which are dbeta and dgamma) and the input pass (one pass for dx). SyncBatchNorm
 (:mod:`tkernels.nn.batchnorm`) calls them as two ops, ``batch_norm_backward_reduce`` and
@@ -32,9 +33,11 @@ from torch import Tensor
 from .. import _backend
 from ..activations import ActivationLike, resolve_activation
 from ..reference import batch_norm as ref
+from ..reference.activations import epilogue_dtype
 from . import batch_norm_kernels as K
 from ._dispatch import custom_op, run_function
-from ._common import FLOAT_DTYPES, check_floating, check_triton_dtype, from_numpy, numpy_into, to_numpy
+from ._common import (FLOAT_DTYPES, check_floating, check_triton_dtype, from_numpy, numpy_into, product_dtype,
+                      to_numpy)
 
 OP = "batch_norm"
 _EMPTY = (0,)
@@ -52,15 +55,30 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # NumPy-backend glue: the (5, C) stats layout <-> the reference's (count, mean, m2, invstd).
 # ---------------------------------------------------------------------------------------------
 def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
-    """The (5, C) stats tensor of float64 statistics."""
-    dtype = _stats_dtype(like)
-    stats_np = np.float32 if dtype == torch.float32 else np.float64
-    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]))
-    with np.errstate(all="ignore"):  # inf - inf is NaN, as in the kernels, and torch does not warn
-        rows[0], rows[3], rows[4] = count, m2, invstd
-        rows[1] = mean.astype(stats_np)  # the mean in two parts: its rounding, then the rest
-        np.subtract(mean, rows[1], out=rows[2])
-    return from_numpy(rows, like, dtype=dtype)
+    """The (5, C) stats tensor of float64 statistics, built in its dtype (the NumPy backend runs on CPU)."""
+    dtype = np.float32 if _stats_dtype(like) == torch.float32 else np.float64
+    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]), dtype)
+    # inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and torch
+    # does not warn about either
+    with np.errstate(all="ignore"):
+        rows[0], rows[1], rows[3], rows[4] = count, mean, m2, invstd
+        rows[2] = mean - rows[1]  # the mean in two parts: its rounding (row 1), then the rest
+    return torch.from_numpy(rows)
+
+
+# Below this many values float64 passes are cheaper overall: the float32 path's extra per-channel
+# steps (the split mean, float64 totals of float32 partial sums) cost more than its passes save.
+FLOAT32_MIN_NUMEL = 1 << 14
+
+
+def _compute_dtype(input: Tensor, activation: str):
+    """The precision of the NumPy backend's elementwise passes (the reference's ``compute_dtype``):
+    float32 for float32 tensors of at least FLOAT32_MIN_NUMEL values with an identity or relu
+    activation, as linear and conv apply their epilogues, else float64. Statistics and per-channel
+    sums are float64 either way."""
+    if input.numel() < FLOAT32_MIN_NUMEL:
+        return np.float64
+    return epilogue_dtype(activation, product_dtype(input))
 
 
 def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: float):
@@ -70,10 +88,16 @@ def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: fl
     return to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps)
 
 
+def _numpy_dtype(t: Tensor):
+    return np.float32 if t.dtype == torch.float32 else np.float64
+
+
 def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: float) -> None:
     if running_mean is None:
         return
-    new_mean, new_var = ref.update_running(to_numpy(running_mean), to_numpy(running_var), count, mean, m2, momentum)
+    # (float32 buffers are read as they are: the reference converts both at once)
+    new_mean, new_var = ref.update_running(to_numpy(running_mean, _numpy_dtype(running_mean)),
+                                           to_numpy(running_var, _numpy_dtype(running_var)), count, mean, m2, momentum)
     numpy_into(running_mean, new_mean)
     numpy_into(running_var, new_var)
 
@@ -203,8 +227,9 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     if _use_numpy(input):
         # statistics and y from one conversion of x; y from the float64 statistics, the tensor
         # holds them rounded as the kernels store them
-        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input), to_numpy(weight), to_numpy(bias), eps,
-                                                       activation, param)
+        dtype = _compute_dtype(input, activation)
+        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input, dtype), to_numpy(weight), to_numpy(bias), eps,
+                                                       activation, param, dtype)
         _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
         return _like_input(y, input), _numpy_stats_rows(count, mean, m2, invstd, input)
     check_triton_dtype(OP, input)
@@ -261,8 +286,9 @@ def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var,
         mean, invstd, count = s[1] + s[2], s[4], s[0]
     else:
         mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
-    return ref.backward_local(to_numpy(grad), to_numpy(input), mean, invstd, to_numpy(weight), to_numpy(bias), count,
-                              activation, param, need_input, need_sums, out)
+    dtype = _compute_dtype(input, activation)
+    return ref.backward_local(to_numpy(grad, dtype), to_numpy(input, dtype), mean, invstd, to_numpy(weight),
+                              to_numpy(bias), count, activation, param, need_input, need_sums, out, dtype)
 
 
 def _numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias):
@@ -381,7 +407,8 @@ class BatchNormFunction(torch.autograd.Function):
                 running_var: Optional[Tensor], training: bool, momentum: float, eps: float, activation: str,
                 param: float):
         stats = None
-        if training and K.single_launch_fits(input.shape):
+        # (the NumPy backend takes the one-op forward at any size: one conversion of x, x - mean once)
+        if training and (K.single_launch_fits(input.shape) or _use_numpy(input)):
             y, stats = batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, activation,
                                         param)
         else:

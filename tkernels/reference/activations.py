@@ -19,10 +19,10 @@ def identity_grad(saved, param=0.0):
     return np.ones_like(saved)
 
 
-def relu(z, param=0.0):
+def relu(z, param=0.0, out=None):
     # against an array of zeros (one row, broadcast): NumPy's maximum with a scalar operand runs a
     # loop about half as fast
-    return np.maximum(z, np.zeros(np.shape(z)[-1:], np.result_type(z)))
+    return np.maximum(z, np.zeros(np.shape(z)[-1:], np.result_type(z)), out=out)
 
 
 def relu_grad_from_output(y, param=0.0):

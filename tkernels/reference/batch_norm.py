@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .activations import ACTIVATIONS
+from .activations import ACTIVATIONS, relu
 from ._errstate import silent
 
 
@@ -24,25 +24,25 @@ def _per_channel(x):
     return np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
 
 
-def _rows_view(x):
-    """(N, C, *S) -> (N, C, prod(S)) without a copy (for a contiguous x): reductions over axes 0
-    and 2 then stay passes over memory in order, with no transposed copy per call."""
-    x = np.asarray(x, np.float64)
+def _rows_view(x, dtype=np.float64):
+    """(N, C, *S) -> (N, C, prod(S)) without a copy (for a contiguous x of `dtype`): reductions over
+    axes 0 and 2 then stay passes over memory in order, with no transposed copy per call."""
+    x = np.asarray(x, dtype)
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
-def _flat(x):
-    """(N, C, *S) -> (N, C * prod(S)) without a copy (for a contiguous x)."""
-    x = np.asarray(x, np.float64)
+def _flat(x, dtype=np.float64):
+    """(N, C, *S) -> (N, C * prod(S)) without a copy (for a contiguous x of `dtype`)."""
+    x = np.asarray(x, dtype)
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
-def _spread(v, positions):
+def _spread(v, positions, dtype=np.float64):
     """A per-channel vector repeated over its `positions` values per channel: (C * positions,), to
     broadcast against :func:`_flat`'s rows. Elementwise passes then run over whole rows; a (C, 1)
     column against (N, C, M) would run NumPy's inner loop only M values at a time (1 for BatchNorm1d).
-    With one position it is v itself (callers only read it)."""
-    v = np.asarray(v, np.float64)
+    With one position it is v itself (callers only read it). In `dtype`, that of the rows it meets."""
+    v = np.asarray(v, dtype)
     return v if positions == 1 else np.repeat(v, positions)
 
 
@@ -127,18 +127,53 @@ def batch_norm_backward(grad_y, x, weight=None, bias=None, running_mean=None, ru
 
 # ---------------------------------------------------------------------------------------------
 # Pieces: per-channel statistics, their stable merge, and the two halves of backward.
+#
+# These take a ``compute_dtype`` (float64 unless given), the precision of the elementwise passes:
+# the NumPy backend passes float32 for float32 tensors with an identity or relu activation, whose
+# passes (x - mean, an affine step, a comparison) then run at twice the speed on half the memory.
+# The per-channel sums are float64 whatever it is (:func:`_channel_sum`), and the mean is split as
+# the kernels split it (:func:`_split_mean`), so that large means with small spreads stay exact.
 # ---------------------------------------------------------------------------------------------
-def _centered_stats(x):
-    """(count, mean, m2, x - mean as (N, C * M) rows) per channel; the rows are None for an empty batch."""
-    rows = _rows_view(x)
-    channels, count = rows.shape[1], rows.shape[0] * rows.shape[2]
+def _split_mean(mean, dtype):
+    """(hi, lo): the mean rounded to `dtype`, which the rows subtract (x - hi is exact for x near the
+    mean), and the float64 rest mean - hi, which per-channel terms take up; lo is None in float64."""
+    mean = np.asarray(mean, np.float64)
+    if dtype == np.float64:
+        return mean, None
+    hi = mean.astype(dtype)
+    return hi, mean - hi
+
+
+def _channel_sum(rows, other=None):
+    """Per-channel sum of (N, C, M) rows, or of rows * other, as float64. float64 rows are summed in
+    float64; float32 rows in float32 over each sample's M positions only (one einsum, at float32
+    speed: a float64 einsum of float32 operands runs twice as slow), and those N partial sums in
+    float64. Used for centred values and gradients, where float32 partials lose nothing visible."""
+    if rows.dtype == np.float64:
+        return np.einsum("ncm->c", rows) if other is None else np.einsum("ncm,ncm->c", rows, other)
+    partial = np.einsum("ncm->nc", rows) if other is None else np.einsum("ncm,ncm->nc", rows, other)
+    return np.add.reduce(partial, axis=0, dtype=np.float64)
+
+
+def _centered_stats(x, compute_dtype=np.float64):
+    """(count, mean, m2, rows, lo) per channel: rows = x - hi as (N, C * M) rows, where (hi, lo) is the
+    mean split by :func:`_split_mean` (so x - mean = rows - lo); the rows are None for an empty batch."""
+    rows = _rows_view(x, compute_dtype)
+    n, channels, m = rows.shape
+    count = n * m
     if count == 0:
         zeros = np.zeros(channels)
-        return np.zeros(channels), zeros, zeros.copy(), None
-    mean = np.einsum("ncm->c", rows) / count
-    centered = _flat(x) - _spread(mean, rows.shape[2])
-    m2 = np.einsum("ncm,ncm->c", centered.reshape(rows.shape), centered.reshape(rows.shape))
-    return np.full(channels, float(count)), mean, m2, centered
+        return np.zeros(channels), zeros, zeros.copy(), None, None
+    # the sum of x accumulates in float64 throughout: float32 partial sums of values far from zero
+    # (a mean of 1e4, a spread of 1e-2) would lose the spread (the other sums are of centred values)
+    mean = np.einsum("ncm->c", rows, dtype=np.float64) / count
+    hi, lo = _split_mean(mean, compute_dtype)
+    centered = rows.reshape(n, channels * m) - _spread(hi, m, compute_dtype)
+    per_channel = centered.reshape(rows.shape)
+    m2 = _channel_sum(per_channel, per_channel)
+    if lo is not None:  # sum (x - hi)^2 = m2 + count * lo^2 (clamped: a constant channel may round below)
+        m2 = np.maximum(m2 - count * lo * lo, 0.0)
+    return np.full(channels, float(count)), mean, m2, centered, lo
 
 
 @silent
@@ -148,14 +183,16 @@ def channel_stats(x):
 
 
 @silent
-def train_forward(x, weight=None, bias=None, eps=1e-5, activation="identity", param=0.0):
+def train_forward(x, weight=None, bias=None, eps=1e-5, activation="identity", param=0.0,
+                  compute_dtype=np.float64):
     """Training forward of one process from its own statistics: (y, count, mean, m2, invstd), with
-    x - mean computed once, for m2 and for y (= :func:`normalize` with these statistics)."""
-    count, mean, m2, centered = _centered_stats(x)
-    invstd = invstd_from_m2(count, m2, eps)
+    x - mean computed once, for m2 and for y (= :func:`normalize` with these statistics). y is of
+    `compute_dtype`; the statistics are float64."""
+    count, mean, m2, centered, lo = _centered_stats(x, compute_dtype)
+    invstd = _invstd_from_m2(count, m2, eps)
     if centered is None:  # an empty batch
         return normalize(x, mean, invstd, weight, bias, activation, param), count, mean, m2, invstd
-    return _scale_shift(centered, invstd, weight, bias, activation, param, x), count, mean, m2, invstd
+    return _scale_shift(centered, invstd, weight, bias, activation, param, x, lo), count, mean, m2, invstd
 
 
 @silent
@@ -176,25 +213,35 @@ def merge_stats(counts, means, m2s):
 @silent
 def update_running(running_mean, running_var, count, mean, m2, momentum):
     """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0."""
-    rm, rv = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
     count = np.asarray(count, np.float64)
-    new_mean = (1.0 - momentum) * rm + momentum * np.asarray(mean, np.float64)
-    new_var = (1.0 - momentum) * rv + momentum * (np.asarray(m2, np.float64) / (count - 1.0))
+    running = np.array([running_mean, running_var], np.float64)  # (2, C): both moved in one pass
+    batch = np.array([mean, np.asarray(m2, np.float64) / (count - 1.0)], np.float64)
+    new = (1.0 - momentum) * running + momentum * batch
     seen = count > 0
     if not seen.all():
-        new_mean, new_var = np.where(seen, new_mean, rm), np.where(seen, new_var, rv)
-    return new_mean, new_var
+        new = np.where(seen, new, running)
+    return new[0], new[1]
 
 
-def _scale_shift(centered, invstd, weight, bias, activation, param, x):
-    """act(centered * gamma * invstd + beta) in centered's memory, shaped as x."""
+def _shift(bias, lo, scale):
+    """The per-channel shift after the scale: beta - lo * scale for rows that hold x - hi (None: no shift)."""
+    if lo is None:
+        return bias
+    return -lo * scale if bias is None else np.asarray(bias, np.float64) - lo * scale
+
+
+def _scale_shift(centered, invstd, weight, bias, activation, param, x, lo=None):
+    """act((centered - lo) * gamma * invstd + beta) in centered's memory, shaped as x."""
     m = _positions(x)
     scale = np.asarray(invstd, np.float64)
     if weight is not None:
         scale = np.asarray(weight, np.float64) * scale
-    centered *= _spread(scale, m)
-    if bias is not None:
-        centered += _spread(bias, m)
+    centered *= _spread(scale, m, centered.dtype)
+    shift = _shift(bias, lo, scale)
+    if shift is not None:
+        centered += _spread(shift, m, centered.dtype)
+    if activation == "relu":  # in place: a fresh array of x's size costs more than the pass itself
+        return relu(centered, out=centered).reshape(np.shape(x))
     return ACTIVATIONS[activation][0](centered, param).reshape(np.shape(x))
 
 
@@ -204,50 +251,62 @@ def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", pa
     return _scale_shift(_flat(x) - _spread(mean, _positions(x)), invstd, weight, bias, activation, param, x)
 
 
-def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param):
-    """(x - mean, dz) as (N, C * M) rows: dz = dy * act'(z), z = gamma * invstd * (x - mean) + beta
-    recomputed as the forward computed it. x_hat = invstd * (x - mean) is never formed: the sums and dx
-    apply invstd per channel instead, which saves a pass over the values."""
+def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype=np.float64):
+    """(x - hi, dz, lo) with (hi, lo) the mean split by :func:`_split_mean`, as (N, C * M) rows:
+    dz = dy * act'(z), z = gamma * invstd * (x - mean) + beta recomputed as the forward computed it.
+    x_hat = invstd * (x - mean) is never formed: the sums and dx apply invstd per channel instead,
+    which saves a pass over the values."""
     m = _positions(x)
-    centered = _flat(x) - _spread(mean, m)
-    dz = _flat(grad_y)
+    hi, lo = _split_mean(mean, compute_dtype)
+    centered = _flat(x, compute_dtype) - _spread(hi, m, compute_dtype)
+    dz = _flat(grad_y, compute_dtype)
     if activation != "identity":  # act' is 1 everywhere for identity
         invstd = np.asarray(invstd, np.float64)
-        z = centered * _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m)
-        if bias is not None:
-            z += _spread(bias, m)
-        dz = dz * ACTIVATIONS[activation][1](z, param)
-    return centered, dz
+        scale = invstd if weight is None else np.asarray(weight, np.float64) * invstd
+        z = centered * _spread(scale, m, compute_dtype)
+        shift = _shift(bias, lo, scale)
+        if shift is not None:
+            z += _spread(shift, m, compute_dtype)
+        derivative = ACTIVATIONS[activation][1](z, param)  # a fresh array: dz is built in it
+        dz = np.multiply(dz, derivative, out=derivative)
+    return centered, dz, lo
 
 
-def _channel_sums(centered, dz, invstd, shape):
+def _channel_sums(centered, dz, lo, invstd, shape):
     """Per-channel (sum dz, sum dz * x_hat) of :func:`_centered_and_dz`'s rows for an input of `shape`."""
     rows = (shape[0], shape[1], math.prod(shape[2:]))
     dz, centered = dz.reshape(rows), centered.reshape(rows)
-    return np.einsum("ncm->c", dz), np.einsum("ncm,ncm->c", dz, centered) * np.asarray(invstd, np.float64)
+    sum_dz, sum_dz_centered = _channel_sum(dz), _channel_sum(dz, centered)
+    if lo is not None:  # sum dz * (x - mean) = sum dz * (x - hi) - lo * sum dz
+        sum_dz_centered -= lo * sum_dz
+    return sum_dz, sum_dz_centered * np.asarray(invstd, np.float64)
 
 
-def _input_grad(centered, dz, invstd, weight, sum_dz, sum_dz_xhat, count, m, out=None):
+def _input_grad(centered, dz, lo, invstd, weight, sum_dz, sum_dz_xhat, count, m, out=None):
     """dx as (N, C * M) rows from the sums over `count` values per channel, built in centered's memory
-    (which it overwrites) and written to `out` if given; without the sums (eval) dx = gamma * invstd * dz."""
+    (which it overwrites, in its dtype) and written to `out` if given; without the sums (eval)
+    dx = gamma * invstd * dz."""
     invstd = np.asarray(invstd, np.float64)
-    scale = _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m)
+    dtype = centered.dtype
+    scale = _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m, dtype)
     if sum_dz is None:
         return np.multiply(dz, scale, out=out)
     count = np.maximum(np.asarray(count, np.float64), 1.0)
-    # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), x_hat = invstd * centered
+    # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), x_hat = invstd * (centered - lo)
     dx = centered
-    dx *= _spread(-invstd * np.asarray(sum_dz_xhat, np.float64) / count, m)
+    slope = -invstd * np.asarray(sum_dz_xhat, np.float64) / count
+    dx *= _spread(slope, m, dtype)
     dx += dz
-    dx -= _spread(np.asarray(sum_dz, np.float64) / count, m)
+    offset = np.asarray(sum_dz, np.float64) / count
+    dx -= _spread(offset if lo is None else offset + lo * slope, m, dtype)
     return np.multiply(dx, scale, out=dx if out is None else out)
 
 
 @silent
 def backward_reduce(grad_y, x, mean, invstd, weight=None, bias=None, activation="identity", param=0.0):
     """Per-channel (sum dz, sum dz * x_hat): dbeta and dgamma, and the two terms dx needs."""
-    centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    return _channel_sums(centered, dz, invstd, np.shape(x))
+    centered, dz, lo = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    return _channel_sums(centered, dz, lo, invstd, np.shape(x))
 
 
 @silent
@@ -255,33 +314,39 @@ def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None,
                    activation="identity", param=0.0):
     """dx from the (possibly all-reduced) sums over `count` values per channel; without the sums
     (eval) the statistics are constants and dx = gamma * invstd * dz."""
-    centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
-    return _input_grad(centered, dz, invstd, weight, sum_dz, sum_dz_xhat, count, _positions(x)).reshape(np.shape(x))
+    centered, dz, lo = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    return _input_grad(centered, dz, lo, invstd, weight, sum_dz, sum_dz_xhat, count,
+                       _positions(x)).reshape(np.shape(x))
 
 
 @silent
 def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, activation="identity", param=0.0,
-                   need_input=True, need_sums=True, out=None):
+                   need_input=True, need_sums=True, out=None, compute_dtype=np.float64):
     """(dx, sum dz, sum dz * x_hat) of one process: :func:`backward_reduce` then :func:`backward_input`
     from one x - mean and dz. Training when `count` (values per channel) is given, eval (constant
     statistics) when it is None; what is not needed comes back as None. `out`, a C-ordered array of
-    x's shape (of any float dtype), receives dx: the last pass writes it, saving a copy."""
-    centered, dz = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param)
+    x's shape (of any float dtype), receives dx: the last pass writes it, saving a copy. The elementwise
+    passes run in `compute_dtype` (dx is of that dtype without `out`), the sums in float64."""
+    centered, dz, lo = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype)
     sum_dz = sum_dz_xhat = dx = None
     if need_sums or (need_input and count is not None):
-        sum_dz, sum_dz_xhat = _channel_sums(centered, dz, invstd, np.shape(x))
+        sum_dz, sum_dz_xhat = _channel_sums(centered, dz, lo, invstd, np.shape(x))
     if need_input:
         sums = (sum_dz, sum_dz_xhat) if count is not None else (None, None)
         rows = None if out is None else out.reshape(centered.shape)
-        dx = _input_grad(centered, dz, invstd, weight, *sums, count, _positions(x), rows).reshape(np.shape(x))
+        dx = _input_grad(centered, dz, lo, invstd, weight, *sums, count, _positions(x), rows).reshape(np.shape(x))
     return dx, sum_dz, sum_dz_xhat
+
+
+def _invstd_from_m2(count, m2, eps):
+    count = np.asarray(count, np.float64)
+    return 1.0 / np.sqrt(np.asarray(m2, np.float64) / np.maximum(count, 1.0) + eps)
 
 
 @silent
 def invstd_from_m2(count, m2, eps):
     """1 / sqrt(biased variance + eps) from merged statistics (variance 0 where count is 0)."""
-    count = np.asarray(count, np.float64)
-    return 1.0 / np.sqrt(np.asarray(m2, np.float64) / np.maximum(count, 1.0) + eps)
+    return _invstd_from_m2(count, m2, eps)
 
 
 @silent
