@@ -14,14 +14,15 @@ probability tensor is ever stored. scale_i is the incoming gradient, divided for
 sum of w_{t_i} over non-ignored rows (class indices) or by the number of rows (probabilities),
 as torch does.
 
-Reductions are deterministic: each forward program writes one partial sum of its rows (and of
-their weights), and a one-program kernel (``loss_finish_kernel``, shared with :mod:`.mse`) adds
-the partials in a fixed order. No atomics.
+Reductions are deterministic: a one-program grid reduces its rows itself; otherwise each forward
+program writes one partial sum of its rows (and of their weights), and a one-program kernel
+(``loss_finish_kernel``, shared with :mod:`.mse`) adds the partials in a fixed order. No atomics.
 
-Targets out of range: torch's CPU kernels raise, and a device-side assert would be unreasonable
-here, so the range of the non-ignored targets is checked on the host (one small reduction and a
-host sync per call, inside the custom op so torch.compile still captures the whole graph).
-The kernels also mask the gathered load, so an unchecked target can never read out of bounds.
+Targets out of range: torch raises. A target in host memory is checked on the host (torch's
+IndexError; reading host memory waits for nothing). A target on the GPU is checked by the forward
+kernel itself, which counts the non-ignored indices outside [0, C), and one torch._assert_async on
+the resulting flag fails the step as torch's device-side assert does, without a host sync. The
+kernels mask the gathered load either way, so a bad target can never read out of bounds.
 """
 from __future__ import annotations
 
@@ -604,7 +605,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 
     input (C,), (N, C) or (N, C, d1, ...); target class indices (int64 or uint8) of the batch shape, or
     class probabilities of input's shape. Targets outside [0, C) (other than ignore_index) raise
-    IndexError, checked on the host.
+    IndexError (host targets; a GPU target fails through a device-side assert, as torch's).
     """
     op = "cross_entropy"
     input, target, weight = cast_inputs(op, input, target, weight)
