@@ -452,10 +452,10 @@ def test_opcheck(backend):
                                                       -100, 0.0))  # several programs, finish kernel
     loss, stats = ops.cross_entropy(x, t, w, "mean", -100, 0.1)
     torch.library.opcheck(ops.cross_entropy_backward.default,
-                          (torch.tensor(1.5, device=dev), x, t, w, stats, "mean", -100, 0.1, False))
+                          (torch.tensor(1.5, device=dev), x, t, w, stats, "mean", -100, 0.1, False, backend))
     loss, stats = ops.cross_entropy(x[:, :, 0], q, None, "none", -100, 0.0)
     torch.library.opcheck(ops.cross_entropy_backward.default,
-                          (torch.randn(4, device=dev), x[:, :, 0], q, None, stats, "none", -100, 0.0, True))
+                          (torch.randn(4, device=dev), x[:, :, 0], q, None, stats, "none", -100, 0.0, True, ""))
     y = torch.randn(4, 5, 3, device=dev)
     torch.library.opcheck(ops.mse_loss.default, (x, y, None, "mean"))
     torch.library.opcheck(ops.mse_loss.default, (x, y.expand(4, 5, 3), w[None, :, None].expand(4, 5, 3), "none"))
