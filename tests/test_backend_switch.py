@@ -5,7 +5,7 @@ both backends run on CPU tensors.
 
 Where the two backends' forwards keep different state for backward (cross-entropy's NumPy forward
 keeps placeholder statistics; dropout's two backends draw different masks from one seed), the
-backward runs on the forward's backend (``ops/_common.backend_for_backward``); every other op keeps
+backward runs on the forward's backend (``ops/_common.forward_backend``); every other op keeps
 backend-independent state and its backward runs on the backend in force. The launch records check
 which backend each phase really ran on."""
 from dataclasses import dataclass

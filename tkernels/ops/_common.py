@@ -203,13 +203,14 @@ _dispatch_stack_depth = torch._C._len_torch_dispatch_stack
 CONCRETE_BACKENDS = ("triton", "numpy")
 
 
-def backend_for_backward(op: str, ctx, *tensors: Optional[torch.Tensor]) -> str:
+def forward_backend(op: str, ctx, *tensors: Optional[torch.Tensor]) -> str:
     """What a Function's forward records for its backward op: the backend that runs ``op`` now.
     The two backends' forwards may keep different state (cross-entropy's NumPy forward keeps no
     statistics, dropout's masks come from different generators), so a backward must run on its
     forward's backend even if the backend was switched in between (``tkernels.use_backend``).
     '' while torch.compile or make_fx traces the call (the traced graph's ops each choose when
-    they run, forward op included, so the backward op does too) and when no gradient is needed."""
+    they run, forward op included, so the backward op does too: a switch between a compiled forward
+    and its backward is not covered) and when no gradient is needed."""
     if not any(ctx.needs_input_grad) or _is_compiling() or _dispatch_stack_depth():
         return ""
     if tensors[0].is_cuda:  # (the NumPy backend refuses CUDA tensors: no call to resolve, ~0.4 us)
@@ -217,8 +218,8 @@ def backend_for_backward(op: str, ctx, *tensors: Optional[torch.Tensor]) -> str:
     return _backend.resolve(op, *tensors)
 
 
-def backend_of_backward(op: str, recorded: str, *tensors: Optional[torch.Tensor]) -> str:
-    """The backend a backward op runs on: ``recorded`` by its forward (:func:`backend_for_backward`),
+def backward_backend(op: str, recorded: str, *tensors: Optional[torch.Tensor]) -> str:
+    """The backend a backward op runs on: ``recorded`` by its forward (:func:`forward_backend`),
     or, if that is '', the one in force now."""
     if not recorded:
         return _backend.resolve(op, *tensors)

@@ -28,7 +28,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import dropout as ref
 from ._dispatch import custom_op, run_function
-from ._common import (KernelSpec, backend_for_backward, backend_of_backward, cdiv, check_triton_dtype, config,
+from ._common import (KernelSpec, backward_backend, cdiv, check_triton_dtype, config, forward_backend,
                       from_numpy, register_kernel, to_numpy)
 from .elementwise import _collapse, _strided_offsets
 
@@ -167,7 +167,7 @@ def _(x, seed, p):
 def dropout_backward(grad_y: Tensor, seed: Tensor, p: float, backend: str) -> Tensor:
     """grad_y * keep(seed) / (1 - p), the mask recomputed from the seed by `backend`, the one the forward
     ran on ('' for the one in force): the two draw different masks from one seed."""
-    if backend_of_backward("dropout", backend, grad_y) == "numpy":
+    if backward_backend("dropout", backend, grad_y) == "numpy":
         keep = ref.keep_mask(tuple(grad_y.shape), p, int(seed.item()))
         dx = torch.empty_like(grad_y)
         dx.copy_(from_numpy(ref.dropout_backward(to_numpy(grad_y), keep, p), grad_y).reshape(grad_y.shape))
@@ -191,7 +191,7 @@ class DropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, seed: Tensor, p: float, inplace: bool):
         ctx.p = p
-        ctx.backend = backend_for_backward("dropout", ctx, x)
+        ctx.backend = forward_backend("dropout", ctx, x)
         ctx.save_for_backward(seed)
         if inplace:
             dropout_forward_inplace(x, seed, p)

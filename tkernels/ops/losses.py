@@ -40,7 +40,7 @@ from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
 from ._common import (FLOAT_DTYPES, KernelSpec, Tuned, check_triton_dtype, config, from_numpy, numpy_into,
                       register_kernel, to_numpy)
-from ._common import backend_for_backward, backend_of_backward
+from ._common import backward_backend, forward_backend
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
                       plan_rows, row_coordinates, row_offsets)
 
@@ -481,7 +481,7 @@ def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Opti
     """(grad_input, grad_target or an empty tensor); `backend`: the one the forward ran on ('' for the
     one in force): the NumPy forward's stats are placeholders that only the NumPy backward accepts."""
     prob = target.dim() == x.dim()
-    if backend_of_backward("cross_entropy", backend, x) == "numpy":
+    if backward_backend("cross_entropy", backend, x) == "numpy":
         dx, dt = ref.cross_entropy_backward(to_numpy(grad), to_numpy(x),
                                             to_numpy(target) if prob else target.numpy(),
                                             to_numpy(weight), ignore_index, reduction, label_smoothing)
@@ -541,7 +541,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss, stats = cross_entropy_forward(x, target, weight, reduction, ignore_index, label_smoothing)
         ctx.save_for_backward(x, target, weight, stats)
         ctx.options = (reduction, ignore_index, label_smoothing)
-        ctx.backend = backend_for_backward("cross_entropy", ctx, x)
+        ctx.backend = forward_backend("cross_entropy", ctx, x)
         return loss
 
     @staticmethod
