@@ -6,7 +6,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ def gpu_name(device: torch.device) -> str:
     """The device model and capability, which is what a tuned config depends on."""
     props = device_properties(device)
     return f"{props.name} sm_{props.major}{props.minor}"
+
+
+_NO_META: Dict[str, Any] = {}  # (one shared object: callers may key caches on the meta's identity)
 
 
 class Tuned:
@@ -106,7 +109,7 @@ class Tuned:
                                         **kwargs)(self.kernel)
             fn = BucketedLauncher(self.kernel.__name__, self.kernel, autotuner, self.key, gpu_name(device))
             self._by_device[index] = fn
-        return fn, {}
+        return fn, _NO_META
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ needs no exception: the public functions cast their inputs before any op runs (o
 and the custom ops have no Autocast kernel.
 
 A forward that :func:`run_function` runs eagerly has just been checked, so the custom ops it calls
-skip the check (a per-thread flag, ``_inside``); anything a forward runs through ``run_function``
-again takes the full ``Function.apply``.
+skip the check (a per-thread flag, ``_inside``), and an op it calls through
+:meth:`EagerCustomOp.in_forward` on the forward's own first argument goes straight to the
+implementation; anything a forward runs through ``run_function`` again takes the full ``Function.apply``.
 
 The direct path keeps one thing the dispatcher did: arguments the op declares as mutated get their
 version counter bumped (a Triton kernel writing in place does not), so autograd still detects an
@@ -112,14 +113,30 @@ class EagerCustomOp:
                 return self.packet(*args, **kwargs)
             cuda = device == "cuda"
         result = (self.cuda_impl if cuda else self.impl)(*args, **kwargs)
-        if not self.mutated:
-            return result
+        if self.mutated:
+            self._bump_versions(args, kwargs)
+        return result
+
+    def in_forward(self, *args):
+        """The op called from an ``autograd.Function`` forward on that forward's own (checked)
+        arguments: the implementation directly while :func:`run_function` runs the forward eagerly,
+        the op otherwise (tracing, fake tensors, a forward run by plain ``apply``)."""
+        first = args[0]
+        # (an identity test, not the flag alone: autograd runs saved-tensor hooks inside the eager
+        # apply, and an op a hook calls on other tensors or under a mode needs the full check)
+        if _inside.checked is not first or _dispatch_stack_depth():
+            return self(*args)
+        result = (self.cuda_impl if first.is_cuda else self.impl)(*args)
+        if self.mutated:
+            self._bump_versions(args, {})
+        return result
+
+    def _bump_versions(self, args, kwargs) -> None:
         for i, name in self.mutated:
             value = args[i] if i < len(args) else kwargs.get(name)
             for t in (value if isinstance(value, (list, tuple)) else (value,)):
                 if t is not None:
                     _increment_version(t)
-        return result
 
     def __getattr__(self, name: str):
         return getattr(self.op, name)
@@ -161,8 +178,10 @@ _grad_enabled = torch.is_grad_enabled
 
 class _Inside(threading.local):
     """Per thread: whether the code running is a forward that run_function called eagerly (its
-    custom ops then skip the plain-eager check run_function has just made)."""
+    custom ops then skip the plain-eager check run_function has just made), and the first tensor
+    argument of that forward, which run_function checked."""
     forward = False
+    checked: Optional[Tensor] = None
 
 
 _inside = _Inside()
@@ -178,9 +197,11 @@ def _eager_apply(function: type):
 
 def run_function(function: type, *args):
     """``function.apply(*args)``, or ``function.forward`` called directly when no gradient can be needed."""
-    if eager_device(args) is None or _inside.forward:
+    inside = _inside
+    if inside.forward or eager_device(args) is None:
         return function.apply(*args)
-    _inside.forward = True
+    inside.forward = True
+    inside.checked = args[0]
     try:
         if _grad_enabled():
             for a in args:
@@ -188,4 +209,5 @@ def run_function(function: type, *args):
                     return _eager_apply(function)(*args)
         return function.forward(_NoGradContext(len(args)), *args)
     finally:
-        _inside.forward = False
+        inside.forward = False
+        inside.checked = None

@@ -194,10 +194,10 @@ class DropoutFunction(torch.autograd.Function):
         ctx.backend = forward_backend("dropout", ctx, x)
         ctx.save_for_backward(seed)
         if inplace:
-            dropout_forward_inplace(x, seed, p)
+            dropout_forward_inplace.in_forward(x, seed, p)
             ctx.mark_dirty(x)
             return x
-        return dropout_forward(x, seed, p)
+        return dropout_forward.in_forward(x, seed, p)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):

@@ -538,7 +538,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
                 label_smoothing: float):
-        loss, stats = cross_entropy_forward(x, target, weight, reduction, ignore_index, label_smoothing)
+        loss, stats = cross_entropy_forward.in_forward(x, target, weight, reduction, ignore_index, label_smoothing)
         ctx.save_for_backward(x, target, weight, stats)
         ctx.options = (reduction, ignore_index, label_smoothing)
         ctx.backend = forward_backend("cross_entropy", ctx, x)
