@@ -12,11 +12,14 @@ several times what torch spends on a small layer. So:
   none can be, e.g. under ``torch.no_grad()`` or for inputs that do not require grad.
 
 "Plain eager" (:func:`plain_eager`) means: not tracing for torch.compile/export, no
-``TorchDispatchMode`` active (fake tensors, make_fx, FlopCounter...), no functorch transform, and a
-first tensor argument that is an ordinary CPU or CUDA tensor (not a subclass, not on the meta
-device). Everything else keeps the exact torch.library behaviour. Autocast needs no exception: the
-public functions cast their inputs before any op runs (ops/_autocast.py), and the custom ops have no
-Autocast kernel.
+``TorchDispatchMode`` active (fake tensors, make_fx, FlopCounter...), no functorch transform, no
+forward-mode AD level entered (``torch.autograd.forward_ad.dual_level``), and a first tensor
+argument that is an ordinary CPU or CUDA tensor (not a subclass, not on the meta device).
+Everything else keeps the exact torch.library behaviour. Forward AD is excluded because a dual
+tensor need not require grad: the direct call of ``forward`` would return a result without its
+tangent, where ``Function.apply`` raises torch's error for a Function without ``jvp``. Autocast
+needs no exception: the public functions cast their inputs before any op runs (ops/_autocast.py),
+and the custom ops have no Autocast kernel.
 
 A forward that :func:`run_function` runs eagerly has just been checked, so the custom ops it calls
 skip the check (a per-thread flag, ``_inside``), and an op it calls through
@@ -52,12 +55,15 @@ _is_compiling = torch.compiler.is_compiling
 _dispatch_stack_depth = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 _increment_version = torch.autograd.graph.increment_version
+# forward_ad._current_level is -1 outside every dual_level (dynamo's guards read it too): one module
+# attribute read, ~10 ns, where asking each tensor for its tangent would cost per argument
+_forward_ad = torch.autograd.forward_ad
 
 
 def eager_device(args: Sequence[Any]) -> Optional[str]:
     """'cpu' or 'cuda' when a call with these arguments may skip torch.library's dispatch (see the
     module docstring), with the device type its first tensor is on; None when it must dispatch."""
-    if _is_compiling() or _dispatch_stack_depth() or _functorch_active():
+    if _is_compiling() or _dispatch_stack_depth() or _functorch_active() or _forward_ad._current_level >= 0:
         return None
     t = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(args)
     if t is None:
