@@ -171,7 +171,8 @@ NO_FLOPS = {"fwd": None, "bwd": None, "fwd+bwd": None, STEP: None}
 # ---------------------------------------------------------------------------------------------
 # Builders
 # ---------------------------------------------------------------------------------------------
-_TORCH_ACTIVATIONS = {
+# torch's own computation of each activation, for the torch side of a fused layer
+TORCH_ACTIVATIONS = {
     "identity": lambda z, p: z,
     "relu": lambda z, p: F.relu(z),
     "leaky_relu": lambda z, p: F.leaky_relu(z, p),
@@ -191,7 +192,7 @@ def _linear(spec, dims, p, dtype, device) -> Case:
         act = resolve_activation(p["activation"])
     except ValueError as exc:
         raise BenchError(f"linear: {exc}") from None
-    fn, torch_act, has_bias = spec.implementation(), _TORCH_ACTIVATIONS[act.name], bool(p["bias"])
+    fn, torch_act, has_bias = spec.implementation(), TORCH_ACTIVATIONS[act.name], bool(p["bias"])
 
     def make(rg):
         return (_rand((M, K), dtype, device, rg), _rand((N, K), dtype, device, rg, K ** -0.5),
