@@ -56,8 +56,7 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
     """The (5, C) stats tensor of float64 statistics, built in its dtype (the NumPy backend runs on CPU)."""
-    dtype = np.float32 if _stats_dtype(like) == torch.float32 else np.float64
-    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]), dtype)
+    rows = np.empty((K.STATS_ROWS, mean.shape[0]), np.float64 if like.dtype == torch.float64 else np.float32)
     # inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and torch
     # does not warn about either
     with np.errstate(all="ignore"):
@@ -92,14 +91,44 @@ def _numpy_dtype(t: Tensor):
     return np.float32 if t.dtype == torch.float32 else np.float64
 
 
+# dtypes whose CPU tensors the NumPy backend reads and writes through views: NumPy rounds float64
+# into them exactly as torch's copy_ does (float16 goes through copy_, which rounds via float32)
+_VIEWED_DTYPES = (torch.float32, torch.float64)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _writable_view(t: Tensor) -> np.ndarray:
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
 def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: float) -> None:
+    """The running stats moved towards the batch's, in place. float32/float64 buffers (on the CPU: the
+    NumPy backend) are read and written through NumPy views, of any strides: the tensor objects and
+    storages stay the same, so state_dict entries and optimizer references keep pointing at them."""
     if running_mean is None:
         return
-    # (float32 buffers are read as they are: the reference converts both at once)
-    new_mean, new_var = ref.update_running(to_numpy(running_mean, _numpy_dtype(running_mean)),
-                                           to_numpy(running_var, _numpy_dtype(running_var)), count, mean, m2, momentum)
+    if running_mean.dtype in _VIEWED_DTYPES and running_var.dtype in _VIEWED_DTYPES:
+        mean_view, var_view = _writable_view(running_mean), _writable_view(running_var)
+        # float64 from the buffers' values, rounded once to their dtype on the way back
+        mean_view[...], var_view[...] = ref.update_running(mean_view, var_view, count, mean, m2, momentum)
+        return
+    new_mean, new_var = ref.update_running(to_numpy(running_mean), to_numpy(running_var), count, mean, m2, momentum)
     numpy_into(running_mean, new_mean)
     numpy_into(running_var, new_var)
+
+
+def _empty_output(input: Tensor) -> Optional[Tensor]:
+    """An empty tensor like input for the reference's last pass to write into (through its NumPy view),
+    or None where it cannot: a non-contiguous input (the output keeps its layout) or another dtype."""
+    if input.dtype in _VIEWED_DTYPES and input.is_contiguous():
+        return torch.empty_like(input)
+    return None
+
+
+def _numpy_param(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    """A per-channel parameter for the reference: float32 ones are viewed, not converted (the reference
+    computes its per-channel terms in float64, where they are exact)."""
+    return to_numpy(t, np.float32 if t is not None and t.dtype == torch.float32 else np.float64)
 
 
 def _like_input(a, x: Tensor) -> Tensor:
@@ -228,10 +257,12 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
         # statistics and y from one conversion of x; y from the float64 statistics, the tensor
         # holds them rounded as the kernels store them
         dtype = _compute_dtype(input, activation)
-        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input, dtype), to_numpy(weight), to_numpy(bias), eps,
-                                                       activation, param, dtype)
+        out = _empty_output(input)
+        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input, dtype), _numpy_param(weight), _numpy_param(bias),
+                                                       eps, activation, param, dtype,
+                                                       None if out is None else out.numpy())
         _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-        return _like_input(y, input), _numpy_stats_rows(count, mean, m2, invstd, input)
+        return (_like_input(y, input) if out is None else out), _numpy_stats_rows(count, mean, m2, invstd, input)
     check_triton_dtype(OP, input)
     if not input.numel():
         raise ValueError(f"{OP}: the single-launch training forward needs a non-empty input, got shape "
@@ -287,14 +318,19 @@ def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var,
     else:
         mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
     dtype = _compute_dtype(input, activation)
-    return ref.backward_local(to_numpy(grad, dtype), to_numpy(input, dtype), mean, invstd, to_numpy(weight),
-                              to_numpy(bias), count, activation, param, need_input, need_sums, out, dtype)
+    return ref.backward_local(to_numpy(grad, dtype), to_numpy(input, dtype), mean, invstd, _numpy_param(weight),
+                              _numpy_param(bias), count, activation, param, need_input, need_sums, out, dtype)
 
 
 def _numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias):
-    """(grad_weight, grad_bias) from the per-channel sums; unrequested ones empty."""
-    return (from_numpy(s_dzx, input, dtype=pdtype) if need_weight else input.new_empty(_EMPTY),
-            from_numpy(s_dz, input, dtype=pdtype) if need_bias else input.new_empty(_EMPTY))
+    """(grad_weight, grad_bias) from the per-channel sums (fresh float64 arrays, which a float64
+    gradient takes over); unrequested ones empty."""
+    viewed = _NUMPY_DTYPES.get(pdtype)
+    if viewed is None:  # (float16/bfloat16 parameters)
+        return (from_numpy(s_dzx, input, dtype=pdtype) if need_weight else input.new_empty(_EMPTY),
+                from_numpy(s_dz, input, dtype=pdtype) if need_bias else input.new_empty(_EMPTY))
+    return (torch.from_numpy(s_dzx.astype(viewed, copy=False)) if need_weight else input.new_empty(_EMPTY),
+            torch.from_numpy(s_dz.astype(viewed, copy=False)) if need_bias else input.new_empty(_EMPTY))
 
 
 @custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())

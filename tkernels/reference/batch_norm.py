@@ -156,14 +156,15 @@ def _channel_sum(rows, other=None):
 
 
 def _centered_stats(x, compute_dtype=np.float64):
-    """(count, mean, m2, rows, lo) per channel: rows = x - hi as (N, C * M) rows, where (hi, lo) is the
+    """(count, mean, m2, rows, lo): count is the number of values per channel (one float, the same for
+    every channel), mean and m2 per channel; rows = x - hi as (N, C * M) rows, where (hi, lo) is the
     mean split by :func:`_split_mean` (so x - mean = rows - lo); the rows are None for an empty batch."""
     rows = _rows_view(x, compute_dtype)
     n, channels, m = rows.shape
     count = n * m
     if count == 0:
         zeros = np.zeros(channels)
-        return np.zeros(channels), zeros, zeros.copy(), None, None
+        return 0.0, zeros, zeros.copy(), None, None
     # the sum of x accumulates in float64 throughout: float32 partial sums of values far from zero
     # (a mean of 1e4, a spread of 1e-2) would lose the spread (the other sums are of centred values)
     mean = np.einsum("ncm->c", rows, dtype=np.float64) / count
@@ -173,26 +174,33 @@ def _centered_stats(x, compute_dtype=np.float64):
     m2 = _channel_sum(per_channel, per_channel)
     if lo is not None:  # sum (x - hi)^2 = m2 + count * lo^2 (clamped: a constant channel may round below)
         m2 = np.maximum(m2 - count * lo * lo, 0.0)
-    return np.full(channels, float(count)), mean, m2, centered, lo
+    return float(count), mean, m2, centered, lo
 
 
 @silent
 def channel_stats(x):
     """(count, mean, m2) per channel: m2 is the sum of squared deviations from the mean."""
-    return _centered_stats(x)[:3]
+    count, mean, m2 = _centered_stats(x)[:3]
+    return np.full(np.shape(mean), count), mean, m2
 
 
 @silent
 def train_forward(x, weight=None, bias=None, eps=1e-5, activation="identity", param=0.0,
-                  compute_dtype=np.float64):
+                  compute_dtype=np.float64, out=None):
     """Training forward of one process from its own statistics: (y, count, mean, m2, invstd), with
     x - mean computed once, for m2 and for y (= :func:`normalize` with these statistics). y is of
-    `compute_dtype`; the statistics are float64."""
+    `compute_dtype`, or is `out` when given: a C-ordered array of x's shape (of any float dtype) that
+    the last pass writes, saving a copy. The statistics are float64; count, the number of values per
+    channel, is one float."""
     count, mean, m2, centered, lo = _centered_stats(x, compute_dtype)
     invstd = _invstd_from_m2(count, m2, eps)
     if centered is None:  # an empty batch
-        return normalize(x, mean, invstd, weight, bias, activation, param), count, mean, m2, invstd
-    return _scale_shift(centered, invstd, weight, bias, activation, param, x, lo), count, mean, m2, invstd
+        y = normalize(x, mean, invstd, weight, bias, activation, param)
+        if out is not None:
+            out[...] = y
+            y = out
+        return y, count, mean, m2, invstd
+    return _scale_shift(centered, invstd, weight, bias, activation, param, x, lo, out), count, mean, m2, invstd
 
 
 @silent
@@ -212,14 +220,15 @@ def merge_stats(counts, means, m2s):
 
 @silent
 def update_running(running_mean, running_var, count, mean, m2, momentum):
-    """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0."""
+    """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0.
+    `count`: values per channel, one number for all or one per channel."""
     count = np.asarray(count, np.float64)
-    running = np.array([running_mean, running_var], np.float64)  # (2, C): both moved in one pass
-    batch = np.array([mean, np.asarray(m2, np.float64) / (count - 1.0)], np.float64)
-    new = (1.0 - momentum) * running + momentum * batch
-    seen = count > 0
-    if not seen.all():
-        new = np.where(seen, new, running)
+    running = np.array((running_mean, running_var), np.float64)  # (2, C): both moved in one pass
+    batch = np.array((mean, np.divide(m2, count - 1.0)))
+    new = running * (1.0 - momentum)
+    new += batch * momentum
+    if count.ndim or count <= 0:  # where a batch was empty the running stats stay as they are
+        new = np.where(count > 0, new, running)
     return new[0], new[1]
 
 
@@ -230,19 +239,27 @@ def _shift(bias, lo, scale):
     return -lo * scale if bias is None else np.asarray(bias, np.float64) - lo * scale
 
 
-def _scale_shift(centered, invstd, weight, bias, activation, param, x, lo=None):
-    """act((centered - lo) * gamma * invstd + beta) in centered's memory, shaped as x."""
+def _scale_shift(centered, invstd, weight, bias, activation, param, x, lo=None, out=None):
+    """act((centered - lo) * gamma * invstd + beta) in centered's memory, shaped as x; written into
+    `out` (a C-ordered array of x's shape) if given. gamma and beta may be float32 (they are exact in
+    float64, which the per-channel terms are computed in)."""
     m = _positions(x)
     scale = np.asarray(invstd, np.float64)
     if weight is not None:
-        scale = np.asarray(weight, np.float64) * scale
+        scale = np.multiply(scale, weight)  # (float64: the float32 weight is promoted)
     centered *= _spread(scale, m, centered.dtype)
     shift = _shift(bias, lo, scale)
     if shift is not None:
         centered += _spread(shift, m, centered.dtype)
+    rows = None if out is None else out.reshape(centered.shape)
     if activation == "relu":  # in place: a fresh array of x's size costs more than the pass itself
-        return relu(centered, out=centered).reshape(np.shape(x))
-    return ACTIVATIONS[activation][0](centered, param).reshape(np.shape(x))
+        y = relu(centered, out=centered if rows is None else rows)
+    else:
+        y = ACTIVATIONS[activation][0](centered, param)
+        if rows is not None:
+            rows[...] = y
+            y = rows
+    return y.reshape(np.shape(x))
 
 
 @silent
@@ -262,7 +279,7 @@ def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, c
     dz = _flat(grad_y, compute_dtype)
     if activation != "identity":  # act' is 1 everywhere for identity
         invstd = np.asarray(invstd, np.float64)
-        scale = invstd if weight is None else np.asarray(weight, np.float64) * invstd
+        scale = invstd if weight is None else np.multiply(invstd, weight)
         z = centered * _spread(scale, m, compute_dtype)
         shift = _shift(bias, lo, scale)
         if shift is not None:
@@ -288,7 +305,7 @@ def _input_grad(centered, dz, lo, invstd, weight, sum_dz, sum_dz_xhat, count, m,
     dx = gamma * invstd * dz."""
     invstd = np.asarray(invstd, np.float64)
     dtype = centered.dtype
-    scale = _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m, dtype)
+    scale = _spread(invstd if weight is None else np.multiply(invstd, weight), m, dtype)
     if sum_dz is None:
         return np.multiply(dz, scale, out=out)
     count = np.maximum(np.asarray(count, np.float64), 1.0)
@@ -339,8 +356,9 @@ def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, 
 
 
 def _invstd_from_m2(count, m2, eps):
-    count = np.asarray(count, np.float64)
-    return 1.0 / np.sqrt(np.asarray(m2, np.float64) / np.maximum(count, 1.0) + eps)
+    variance = np.divide(m2, np.maximum(count, 1.0), dtype=np.float64)  # biased: over count values (0: none)
+    variance += eps
+    return np.reciprocal(np.sqrt(variance, out=variance), out=variance)
 
 
 @silent
