@@ -33,6 +33,7 @@ from torch import Tensor
 from .. import _backend
 from ..activations import ActivationLike, resolve_activation
 from ..reference import batch_norm as ref
+from ..reference._errstate import silent
 from ..reference.activations import epilogue_dtype
 from . import batch_norm_kernels as K
 from ._dispatch import custom_op, run_function
@@ -54,14 +55,13 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # NumPy-backend glue: the (5, C) stats layout <-> the reference's (count, mean, m2, invstd).
 # ---------------------------------------------------------------------------------------------
+@silent  # inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and torch
+# does not warn about either
 def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
     """The (5, C) stats tensor of float64 statistics, built in its dtype (the NumPy backend runs on CPU)."""
     rows = np.empty((K.STATS_ROWS, mean.shape[0]), np.float64 if like.dtype == torch.float64 else np.float32)
-    # inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and torch
-    # does not warn about either
-    with np.errstate(all="ignore"):
-        rows[0], rows[1], rows[3], rows[4] = count, mean, m2, invstd
-        rows[2] = mean - rows[1]  # the mean in two parts: its rounding (row 1), then the rest
+    rows[0], rows[1], rows[3], rows[4] = count, mean, m2, invstd
+    np.subtract(mean, rows[1], out=rows[2])  # the mean in two parts: its rounding (row 1), then the rest
     return torch.from_numpy(rows)
 
 
@@ -85,6 +85,41 @@ def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: fl
         s = to_numpy(stats)
         return s[1] + s[2], s[4]
     return to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps)
+
+
+# Training forwards of at most this many values keep their rows x - mean and z (float64, 16 bytes a
+# value) for backward, on the stats tensor that backward receives: at these sizes recomputing them
+# costs more in fixed per-call work than in passes, and the memory held until backward is small.
+KEEP_ROWS_MAX_NUMEL = FLOAT32_MIN_NUMEL
+_KEPT_ATTRIBUTE = "_tkernels_kept_rows"
+
+
+def _version(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t._version
+
+
+def _forward_inputs(input, weight, bias, stats, eps, activation, param) -> tuple:
+    """What the kept rows were computed from: the tensors (compared by identity) with their versions
+    (an in-place change moves them), and the options."""
+    versions = (input._version, _version(weight), _version(bias), stats._version)
+    return (input, weight, bias), versions, (eps, activation, param)
+
+
+def _keep_rows(stats: Tensor, kept, input, weight, bias, eps, activation, param) -> None:
+    setattr(stats, _KEPT_ATTRIBUTE, (kept, _forward_inputs(input, weight, bias, stats, eps, activation, param)))
+
+
+def _kept_rows(stats: Tensor, input, weight, bias, eps, activation, param):
+    """The rows the training forward that returned `stats` kept (see KEEP_ROWS_MAX_NUMEL), taken off it
+    (backward consumes them: a second backward recomputes), if this backward is of that forward: the
+    same input and parameters, unchanged since, and the same options. Else None."""
+    entry = stats.__dict__.pop(_KEPT_ATTRIBUTE, None)
+    if entry is None:
+        return None
+    kept, (tensors, versions, options) = entry
+    now = _forward_inputs(input, weight, bias, stats, eps, activation, param)
+    same = all(a is b for a, b in zip(tensors, now[0])) and versions == now[1] and options == now[2]
+    return kept if same else None
 
 
 def _numpy_dtype(t: Tensor):
@@ -126,9 +161,11 @@ def _empty_output(input: Tensor) -> Optional[Tensor]:
 
 
 def _numpy_param(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    """A per-channel parameter for the reference: float32 ones are viewed, not converted (the reference
-    computes its per-channel terms in float64, where they are exact)."""
-    return to_numpy(t, np.float32 if t is not None and t.dtype == torch.float32 else np.float64)
+    """A per-channel parameter for the reference: float32 and float64 ones are viewed, not converted
+    (the reference computes its per-channel terms in float64, where float32 values are exact)."""
+    if t is not None and t.dtype in _VIEWED_DTYPES and t.is_cpu:
+        return (t.detach() if t.requires_grad else t).numpy()
+    return to_numpy(t)
 
 
 def _like_input(a, x: Tensor) -> Tensor:
@@ -185,6 +222,25 @@ def _numpy_batch_stats(input: Tensor, x: np.ndarray, running_mean, running_var, 
     count, mean, m2 = ref.channel_stats(x)
     _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
     return _numpy_stats_rows(count, mean, m2, ref.invstd_from_m2(count, m2, eps), input)
+
+
+@silent  # (one np.errstate for all the reference calls)
+def _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param, need_stats):
+    """batch_norm_train on the NumPy backend: statistics and y from one conversion of x; y from the
+    float64 statistics, the stats tensor holds them rounded as the kernels store them."""
+    dtype = _compute_dtype(input, activation)
+    out = _empty_output(input)
+    keep = need_stats and input.numel() <= KEEP_ROWS_MAX_NUMEL
+    y, count, mean, m2, invstd, *kept = ref.train_forward(
+        to_numpy(input, dtype), _numpy_param(weight), _numpy_param(bias), eps, activation, param, dtype,
+        None if out is None else out.numpy(), keep)
+    _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
+    if not need_stats:
+        return (_like_input(y, input) if out is None else out), input.new_empty(_EMPTY)
+    stats = _numpy_stats_rows(count, mean, m2, invstd, input)
+    if keep and kept[0] is not None:
+        _keep_rows(stats, kept[0], input, weight, bias, eps, activation, param)
+    return (_like_input(y, input) if out is None else out), stats
 
 
 @custom_op("tkernels::batch_norm_stats", mutates_args=("running_mean", "running_var"))
@@ -250,19 +306,13 @@ def _(input, stats, weight, bias, running_mean, running_var, training, eps, acti
 @custom_op("tkernels::batch_norm_train", mutates_args=("running_mean", "running_var"))
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                      running_var: Optional[Tensor], momentum: float, eps: float, activation: str,
-                     param: float) -> Tuple[Tensor, Tensor]:
+                     param: float, need_stats: bool = True) -> Tuple[Tensor, Tensor]:
     """Training forward in one launch: (y, stats (5, C)); running stats (if given) updated in place.
-    For non-empty inputs that ``K.single_launch_fits``; the result equals batch_norm_stats + apply."""
+    For non-empty inputs that ``K.single_launch_fits``; the result equals batch_norm_stats + apply.
+    Without `need_stats` (no backward will run) stats is empty: the NumPy backend then skips building it."""
     if _use_numpy(input):
-        # statistics and y from one conversion of x; y from the float64 statistics, the tensor
-        # holds them rounded as the kernels store them
-        dtype = _compute_dtype(input, activation)
-        out = _empty_output(input)
-        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input, dtype), _numpy_param(weight), _numpy_param(bias),
-                                                       eps, activation, param, dtype,
-                                                       None if out is None else out.numpy())
-        _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-        return (_like_input(y, input) if out is None else out), _numpy_stats_rows(count, mean, m2, invstd, input)
+        return _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param,
+                            need_stats)
     check_triton_dtype(OP, input)
     if not input.numel():
         raise ValueError(f"{OP}: the single-launch training forward needs a non-empty input, got shape "
@@ -275,12 +325,13 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                                              param), running_mean, running_var)
     if y is not out:
         out.copy_(y)
-    return out, stats
+    return out, (stats if need_stats else stats.new_empty(_EMPTY))
 
 
 @batch_norm_train.register_fake
-def _(input, weight, bias, running_mean, running_var, momentum, eps, activation, param):
-    return K.empty_like_dense(input), input.new_empty((K.STATS_ROWS, input.shape[1]), dtype=_stats_dtype(input))
+def _(input, weight, bias, running_mean, running_var, momentum, eps, activation, param, need_stats=True):
+    return K.empty_like_dense(input), input.new_empty((K.STATS_ROWS, input.shape[1]) if need_stats else _EMPTY,
+                                                      dtype=_stats_dtype(input))
 
 
 def _param_dtype(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> torch.dtype:
@@ -318,8 +369,11 @@ def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var,
     else:
         mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
     dtype = _compute_dtype(input, activation)
-    return ref.backward_local(to_numpy(grad, dtype), to_numpy(input, dtype), mean, invstd, _numpy_param(weight),
-                              _numpy_param(bias), count, activation, param, need_input, need_sums, out, dtype)
+    kept = _kept_rows(stats, input, weight, bias, eps, activation, param) if training else None
+    # (with the forward's rows, x is read for its shape only: no float64 copy)
+    x = to_numpy(input, dtype if kept is None else _numpy_dtype(input))
+    return ref.backward_local(to_numpy(grad, dtype), x, mean, invstd, _numpy_param(weight), _numpy_param(bias), count,
+                              activation, param, need_input, need_sums, out, dtype, kept)
 
 
 def _numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias):
@@ -445,8 +499,10 @@ class BatchNormFunction(torch.autograd.Function):
         stats = None
         # (the NumPy backend takes the one-op forward at any size: one conversion of x, x - mean once)
         if training and (K.single_launch_fits(input.shape) or _use_numpy(input)):
+            # stats are for backward: none runs when no input needs a gradient (as under torch.no_grad())
+            need_stats = any(ctx.needs_input_grad[:3])
             y, stats = batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, activation,
-                                        param)
+                                        param, need_stats)
         else:
             if training:
                 stats = batch_norm_stats(input, running_mean, running_var, momentum, eps)

@@ -11,6 +11,7 @@ Eval normalises with the running statistics. An activation, if any, follows the 
 y = act(gamma * x_hat + beta).
 """
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -167,7 +168,10 @@ def _centered_stats(x, compute_dtype=np.float64):
         return 0.0, zeros, zeros.copy(), None, None
     # the sum of x accumulates in float64 throughout: float32 partial sums of values far from zero
     # (a mean of 1e4, a spread of 1e-2) would lose the spread (the other sums are of centred values)
-    mean = np.einsum("ncm->c", rows, dtype=np.float64) / count
+    if m == 1 and rows.dtype == np.float64:  # (N, C) rows: a plain reduction costs less to set up
+        mean = np.add.reduce(rows.reshape(n, channels), axis=0) / count
+    else:
+        mean = np.einsum("ncm->c", rows, dtype=np.float64) / count
     hi, lo = _split_mean(mean, compute_dtype)
     centered = rows.reshape(n, channels * m) - _spread(hi, m, compute_dtype)
     per_channel = centered.reshape(rows.shape)
@@ -184,14 +188,23 @@ def channel_stats(x):
     return np.full(np.shape(mean), count), mean, m2
 
 
+class KeptRows(NamedTuple):
+    """What a training forward computed that its backward computes again (:func:`backward_local`'s
+    `kept`): the rows x - hi and the pre-activation z, (N, C * M) arrays, and lo (see _centered_stats)."""
+    centered: np.ndarray
+    z: np.ndarray
+    lo: Optional[np.ndarray]
+
+
 @silent
 def train_forward(x, weight=None, bias=None, eps=1e-5, activation="identity", param=0.0,
-                  compute_dtype=np.float64, out=None):
+                  compute_dtype=np.float64, out=None, keep=False):
     """Training forward of one process from its own statistics: (y, count, mean, m2, invstd), with
     x - mean computed once, for m2 and for y (= :func:`normalize` with these statistics). y is of
     `compute_dtype`, or is `out` when given: a C-ordered array of x's shape (of any float dtype) that
     the last pass writes, saving a copy. The statistics are float64; count, the number of values per
-    channel, is one float."""
+    channel, is one float. With `keep`, a sixth item: the :class:`KeptRows` for backward (None for an
+    empty batch); z then takes an array of its own instead of x - hi's."""
     count, mean, m2, centered, lo = _centered_stats(x, compute_dtype)
     invstd = _invstd_from_m2(count, m2, eps)
     if centered is None:  # an empty batch
@@ -199,8 +212,11 @@ def train_forward(x, weight=None, bias=None, eps=1e-5, activation="identity", pa
         if out is not None:
             out[...] = y
             y = out
-        return y, count, mean, m2, invstd
-    return _scale_shift(centered, invstd, weight, bias, activation, param, x, lo, out), count, mean, m2, invstd
+        return (y, count, mean, m2, invstd) + ((None,) if keep else ())
+    if not keep:
+        return _scale_shift(centered, invstd, weight, bias, activation, param, x, lo, out), count, mean, m2, invstd
+    y, z = _scale_shift(centered, invstd, weight, bias, activation, param, x, lo, out, keep=True)
+    return y, count, mean, m2, invstd, KeptRows(centered, z, lo)
 
 
 @silent
@@ -221,14 +237,17 @@ def merge_stats(counts, means, m2s):
 @silent
 def update_running(running_mean, running_var, count, mean, m2, momentum):
     """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0.
-    `count`: values per channel, one number for all or one per channel."""
-    count = np.asarray(count, np.float64)
+    `count`: values per channel, one float for all or one per channel."""
+    if not isinstance(count, float):
+        count = np.asarray(count, np.float64)
     running = np.array((running_mean, running_var), np.float64)  # (2, C): both moved in one pass
     batch = np.array((mean, np.divide(m2, count - 1.0)))
     new = running * (1.0 - momentum)
     new += batch * momentum
-    if count.ndim or count <= 0:  # where a batch was empty the running stats stay as they are
-        new = np.where(count > 0, new, running)
+    # where a batch was empty the running stats stay as they are
+    if isinstance(count, float):
+        return (new[0], new[1]) if count > 0 else (running[0], running[1])
+    new = np.where(count > 0, new, running)
     return new[0], new[1]
 
 
@@ -239,27 +258,30 @@ def _shift(bias, lo, scale):
     return -lo * scale if bias is None else np.asarray(bias, np.float64) - lo * scale
 
 
-def _scale_shift(centered, invstd, weight, bias, activation, param, x, lo=None, out=None):
-    """act((centered - lo) * gamma * invstd + beta) in centered's memory, shaped as x; written into
-    `out` (a C-ordered array of x's shape) if given. gamma and beta may be float32 (they are exact in
+def _scale_shift(centered, invstd, weight, bias, activation, param, x, lo=None, out=None, keep=False):
+    """act((centered - lo) * gamma * invstd + beta), shaped as x, written into `out` (a C-ordered array
+    of x's shape) if given; built in centered's memory, or with `keep` in a fresh z, centered left as
+    it was: then (y, z), z the pre-activation rows. gamma and beta may be float32 (they are exact in
     float64, which the per-channel terms are computed in)."""
-    m = _positions(x)
+    shape = np.shape(x)
+    m = math.prod(shape[2:])
     scale = np.asarray(invstd, np.float64)
     if weight is not None:
         scale = np.multiply(scale, weight)  # (float64: the float32 weight is promoted)
-    centered *= _spread(scale, m, centered.dtype)
+    z = np.multiply(centered, _spread(scale, m, centered.dtype), out=None if keep else centered)
     shift = _shift(bias, lo, scale)
     if shift is not None:
-        centered += _spread(shift, m, centered.dtype)
-    rows = None if out is None else out.reshape(centered.shape)
+        z += _spread(shift, m, z.dtype)
+    rows = None if out is None else out.reshape(z.shape)
     if activation == "relu":  # in place: a fresh array of x's size costs more than the pass itself
-        y = relu(centered, out=centered if rows is None else rows)
+        y = relu(z, out=rows if rows is not None else (None if keep else z))
     else:
-        y = ACTIVATIONS[activation][0](centered, param)
+        y = ACTIVATIONS[activation][0](z, param)  # (identity: z itself)
         if rows is not None:
             rows[...] = y
             y = rows
-    return y.reshape(np.shape(x))
+    y = y.reshape(shape)
+    return (y, z) if keep else y
 
 
 @silent
@@ -268,22 +290,28 @@ def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", pa
     return _scale_shift(_flat(x) - _spread(mean, _positions(x)), invstd, weight, bias, activation, param, x)
 
 
-def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype=np.float64):
+def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype=np.float64,
+                     kept=None):
     """(x - hi, dz, lo) with (hi, lo) the mean split by :func:`_split_mean`, as (N, C * M) rows:
-    dz = dy * act'(z), z = gamma * invstd * (x - mean) + beta recomputed as the forward computed it.
+    dz = dy * act'(z), z = gamma * invstd * (x - mean) + beta recomputed as the forward computed it,
+    or taken with x - hi from the forward's :class:`KeptRows` `kept`.
     x_hat = invstd * (x - mean) is never formed: the sums and dx apply invstd per channel instead,
     which saves a pass over the values."""
     m = _positions(x)
-    hi, lo = _split_mean(mean, compute_dtype)
-    centered = _flat(x, compute_dtype) - _spread(hi, m, compute_dtype)
     dz = _flat(grad_y, compute_dtype)
+    if kept is not None:
+        centered, z, lo = kept
+    else:
+        hi, lo = _split_mean(mean, compute_dtype)
+        centered = _flat(x, compute_dtype) - _spread(hi, m, compute_dtype)
     if activation != "identity":  # act' is 1 everywhere for identity
-        invstd = np.asarray(invstd, np.float64)
-        scale = invstd if weight is None else np.multiply(invstd, weight)
-        z = centered * _spread(scale, m, compute_dtype)
-        shift = _shift(bias, lo, scale)
-        if shift is not None:
-            z += _spread(shift, m, compute_dtype)
+        if kept is None:
+            invstd = np.asarray(invstd, np.float64)
+            scale = invstd if weight is None else np.multiply(invstd, weight)
+            z = centered * _spread(scale, m, compute_dtype)
+            shift = _shift(bias, lo, scale)
+            if shift is not None:
+                z += _spread(shift, m, compute_dtype)
         derivative = ACTIVATIONS[activation][1](z, param)  # a fresh array: dz is built in it
         dz = np.multiply(dz, derivative, out=derivative)
     return centered, dz, lo
@@ -338,13 +366,16 @@ def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None,
 
 @silent
 def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, activation="identity", param=0.0,
-                   need_input=True, need_sums=True, out=None, compute_dtype=np.float64):
+                   need_input=True, need_sums=True, out=None, compute_dtype=np.float64, kept=None):
     """(dx, sum dz, sum dz * x_hat) of one process: :func:`backward_reduce` then :func:`backward_input`
     from one x - mean and dz. Training when `count` (values per channel) is given, eval (constant
     statistics) when it is None; what is not needed comes back as None. `out`, a C-ordered array of
     x's shape (of any float dtype), receives dx: the last pass writes it, saving a copy. The elementwise
-    passes run in `compute_dtype` (dx is of that dtype without `out`), the sums in float64."""
-    centered, dz, lo = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype)
+    passes run in `compute_dtype` (dx is of that dtype without `out`), the sums in float64. `kept`, the
+    :class:`KeptRows` of the training forward of this x with these statistics, parameters and
+    activation, stands in for x - mean and z; its rows are consumed (dx is built in them)."""
+    centered, dz, lo = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype,
+                                        kept)
     sum_dz = sum_dz_xhat = dx = None
     if need_sums or (need_input and count is not None):
         sum_dz, sum_dz_xhat = _channel_sums(centered, dz, lo, invstd, np.shape(x))
@@ -356,7 +387,8 @@ def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, 
 
 
 def _invstd_from_m2(count, m2, eps):
-    variance = np.divide(m2, np.maximum(count, 1.0), dtype=np.float64)  # biased: over count values (0: none)
+    values = max(count, 1.0) if isinstance(count, float) else np.maximum(count, 1.0)  # (0: none)
+    variance = np.divide(m2, values, dtype=np.float64)  # biased: over count values
     variance += eps
     return np.reciprocal(np.sqrt(variance, out=variance), out=variance)
 
