@@ -87,12 +87,6 @@ def resolve(op: str, *tensors: torch.Tensor | None) -> str:
         return "triton"
     if choice == "auto" and tensors and tensors[0] is not None and tensors[0].is_cuda:
         return "triton"
-    if choice != "triton":  # the NumPy backend's common case, without building the device set
-        for t in tensors:
-            if t is not None and not t.is_cpu:
-                break
-        else:
-            return "numpy"
     devices = {t.device.type for t in tensors if t is not None}
     on_cuda = "cuda" in devices
     if choice == "auto":

@@ -143,20 +143,22 @@ def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: 
     if running_mean is None:
         return
     if running_mean.dtype in _VIEWED_DTYPES and running_var.dtype in _VIEWED_DTYPES:
-        mean_view, var_view = _writable_view(running_mean), _writable_view(running_var)
+        views = (_writable_view(running_mean), _writable_view(running_var))
         # float64 from the buffers' values, rounded once to their dtype on the way back
-        mean_view[...], var_view[...] = ref.update_running(mean_view, var_view, count, mean, m2, momentum)
+        ref.update_running(*views, count, mean, m2, momentum, out=views)
         return
     new_mean, new_var = ref.update_running(to_numpy(running_mean), to_numpy(running_var), count, mean, m2, momentum)
     numpy_into(running_mean, new_mean)
     numpy_into(running_var, new_var)
 
 
-def _empty_output(input: Tensor) -> Optional[Tensor]:
-    """An empty tensor like input for the reference's last pass to write into (through its NumPy view),
-    or None where it cannot: a non-contiguous input (the output keeps its layout) or another dtype."""
-    if input.dtype in _VIEWED_DTYPES and input.is_contiguous():
-        return torch.empty_like(input)
+def _empty_output(input: Tensor) -> Optional[np.ndarray]:
+    """An empty array of input's shape and dtype for the reference's last pass to write into (the
+    output tensor is then made on it with torch.from_numpy, no copy), or None where it cannot: a
+    non-contiguous input (the output keeps its layout) or another dtype."""
+    dtype = _NUMPY_DTYPES.get(input.dtype)
+    if dtype is not None and input.is_contiguous():
+        return np.empty(input.shape, dtype)
     return None
 
 
@@ -232,15 +234,15 @@ def _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, 
     out = _empty_output(input)
     keep = need_stats and input.numel() <= KEEP_ROWS_MAX_NUMEL
     y, count, mean, m2, invstd, *kept = ref.train_forward(
-        to_numpy(input, dtype), _numpy_param(weight), _numpy_param(bias), eps, activation, param, dtype,
-        None if out is None else out.numpy(), keep)
+        to_numpy(input, dtype), _numpy_param(weight), _numpy_param(bias), eps, activation, param, dtype, out, keep)
     _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
+    y = _like_input(y, input) if out is None else torch.from_numpy(out)
     if not need_stats:
-        return (_like_input(y, input) if out is None else out), input.new_empty(_EMPTY)
+        return y, input.new_empty(_EMPTY)
     stats = _numpy_stats_rows(count, mean, m2, invstd, input)
     if keep and kept[0] is not None:
         _keep_rows(stats, kept[0], input, weight, bias, eps, activation, param)
-    return (_like_input(y, input) if out is None else out), stats
+    return y, stats
 
 
 @custom_op("tkernels::batch_norm_stats", mutates_args=("running_mean", "running_var"))
@@ -365,7 +367,8 @@ def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var,
     written into the array `out` if given."""
     if training:
         s = to_numpy(stats)
-        mean, invstd, count = s[1] + s[2], s[4], s[0]
+        # (one count for all channels, as a float: the reference's per-channel steps are then cheaper)
+        mean, invstd, count = s[1] + s[2], s[4], float(s[0, 0]) if s.shape[1] else 0.0
     else:
         mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
     dtype = _compute_dtype(input, activation)
@@ -444,13 +447,14 @@ def batch_norm_backward(grad: Tensor, input: Tensor, stats: Optional[Tensor], we
     pdtype = _param_dtype(input, weight, bias)
     if _use_numpy(input):
         # a contiguous float32/float64 dx is written by the last pass of the reference, not copied after it
-        direct = need_input and input.is_contiguous() and input.dtype in (torch.float32, torch.float64)
-        dx_out = torch.empty_like(input) if direct else None
+        dx_out = _empty_output(input) if need_input else None
         dx, s_dz, s_dzx = _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
-                                          activation, param, need_input, need_weight or need_bias,
-                                          dx_out.numpy() if direct else None)
-        return (dx_out if direct else (_like_input(dx, input) if need_input else input.new_empty(_EMPTY)),
-                *_numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias))
+                                          activation, param, need_input, need_weight or need_bias, dx_out)
+        if not need_input:
+            dx = input.new_empty(_EMPTY)
+        else:
+            dx = torch.from_numpy(dx_out) if dx_out is not None else _like_input(dx, input)
+        return dx, *_numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias)
     sums, dw, db = None, input.new_empty(_EMPTY), input.new_empty(_EMPTY)
     if need_weight or need_bias or (need_input and training):
         sums, dw, db = _triton_backward_reduce(grad, input, stats, weight, bias, running_mean, running_var, training,
@@ -536,13 +540,15 @@ def _common_case(input, running_mean, running_var, weight, bias, training, momen
             and type(momentum) is float and type(eps) is float and (running_mean is None) == (running_var is None)
             and (running_mean is not None or training)):
         return False
-    shape, device = input.shape[1:2], input.device
+    shape, on_cpu = input.shape[1:2], input.is_cpu
+    device = None if on_cpu else input.device
     dtype = None
     for t in (running_mean, running_var, weight, bias):
         if t is None:
             continue
+        # (two CPU tensors share the device: is_cpu is cheaper than building t.device)
         if not (isinstance(t, Tensor) and t.shape == shape and (dtype is None or t.dtype == dtype)
-                and t.device == device):
+                and (t.is_cpu if on_cpu else t.device == device)):
             return False
         dtype = t.dtype
     if dtype is not None and dtype != input.dtype and not (dtype == torch.float32 and input.dtype in _MIXED_OK):

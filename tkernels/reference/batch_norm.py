@@ -151,6 +151,8 @@ def _channel_sum(rows, other=None):
     speed: a float64 einsum of float32 operands runs twice as slow), and those N partial sums in
     float64. Used for centred values and gradients, where float32 partials lose nothing visible."""
     if rows.dtype == np.float64:
+        if other is None and rows.shape[2] == 1:  # (N, C) rows: a plain reduction costs less to set up
+            return np.add.reduce(rows.reshape(rows.shape[:2]), axis=0)
         return np.einsum("ncm->c", rows) if other is None else np.einsum("ncm,ncm->c", rows, other)
     partial = np.einsum("ncm->nc", rows) if other is None else np.einsum("ncm,ncm->nc", rows, other)
     return np.add.reduce(partial, axis=0, dtype=np.float64)
@@ -168,10 +170,8 @@ def _centered_stats(x, compute_dtype=np.float64):
         return 0.0, zeros, zeros.copy(), None, None
     # the sum of x accumulates in float64 throughout: float32 partial sums of values far from zero
     # (a mean of 1e4, a spread of 1e-2) would lose the spread (the other sums are of centred values)
-    if m == 1 and rows.dtype == np.float64:  # (N, C) rows: a plain reduction costs less to set up
-        mean = np.add.reduce(rows.reshape(n, channels), axis=0) / count
-    else:
-        mean = np.einsum("ncm->c", rows, dtype=np.float64) / count
+    mean = _channel_sum(rows) if rows.dtype == np.float64 else np.einsum("ncm->c", rows, dtype=np.float64)
+    mean /= count
     hi, lo = _split_mean(mean, compute_dtype)
     centered = rows.reshape(n, channels * m) - _spread(hi, m, compute_dtype)
     per_channel = centered.reshape(rows.shape)
@@ -235,20 +235,28 @@ def merge_stats(counts, means, m2s):
 
 
 @silent
-def update_running(running_mean, running_var, count, mean, m2, momentum):
+def update_running(running_mean, running_var, count, mean, m2, momentum, out=None):
     """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0.
-    `count`: values per channel, one float for all or one per channel."""
+    `count`: values per channel, one float for all or one per channel. Computed in float64; `out`, a
+    pair of arrays (the running ones themselves may be given), receives the results, rounded once to
+    their dtype, and is returned."""
     if not isinstance(count, float):
         count = np.asarray(count, np.float64)
-    running = np.array((running_mean, running_var), np.float64)  # (2, C): both moved in one pass
-    batch = np.array((mean, np.divide(m2, count - 1.0)))
-    new = running * (1.0 - momentum)
-    new += batch * momentum
+    new_mean = np.multiply(running_mean, 1.0 - momentum, dtype=np.float64)
+    new_var = np.multiply(running_var, 1.0 - momentum, dtype=np.float64)
+    unbiased = np.divide(m2, count - 1.0)
+    unbiased *= momentum
+    if isinstance(count, float) and count > 0:
+        return (np.add(new_mean, np.multiply(mean, momentum), out=None if out is None else out[0]),
+                np.add(new_var, unbiased, out=None if out is None else out[1]))
     # where a batch was empty the running stats stay as they are
-    if isinstance(count, float):
-        return (new[0], new[1]) if count > 0 else (running[0], running[1])
-    new = np.where(count > 0, new, running)
-    return new[0], new[1]
+    seen = np.greater(count, 0)
+    new_mean = np.where(seen, new_mean + np.multiply(mean, momentum), running_mean)
+    new_var = np.where(seen, new_var + unbiased, running_var)
+    if out is None:
+        return new_mean, new_var
+    out[0][...], out[1][...] = new_mean, new_var
+    return out
 
 
 def _shift(bias, lo, scale):
@@ -336,13 +344,14 @@ def _input_grad(centered, dz, lo, invstd, weight, sum_dz, sum_dz_xhat, count, m,
     scale = _spread(invstd if weight is None else np.multiply(invstd, weight), m, dtype)
     if sum_dz is None:
         return np.multiply(dz, scale, out=out)
-    count = np.maximum(np.asarray(count, np.float64), 1.0)
+    count = max(count, 1.0) if isinstance(count, float) else np.maximum(np.asarray(count, np.float64), 1.0)
     # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), x_hat = invstd * (centered - lo)
     dx = centered
-    slope = -invstd * np.asarray(sum_dz_xhat, np.float64) / count
+    slope = np.multiply(invstd, sum_dz_xhat, dtype=np.float64)
+    slope /= -count
     dx *= _spread(slope, m, dtype)
     dx += dz
-    offset = np.asarray(sum_dz, np.float64) / count
+    offset = np.divide(sum_dz, count, dtype=np.float64)
     dx -= _spread(offset if lo is None else offset + lo * slope, m, dtype)
     return np.multiply(dx, scale, out=dx if out is None else out)
 
