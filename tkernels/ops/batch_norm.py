@@ -36,7 +36,7 @@ from ..reference import batch_norm as ref
 from ..reference._errstate import silent
 from ..reference.activations import epilogue_dtype
 from . import batch_norm_kernels as K
-from ._dispatch import custom_op, run_function
+from ._dispatch import custom_op, eager_device, run_function
 from ._common import (FLOAT_DTYPES, check_floating, check_triton_dtype, from_numpy, numpy_into, product_dtype,
                       to_numpy)
 
@@ -98,15 +98,15 @@ def _version(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t._version
 
 
-def _forward_inputs(input, weight, bias, stats, eps, activation, param) -> tuple:
-    """What the kept rows were computed from: the tensors (compared by identity) with their versions
-    (an in-place change moves them), and the options."""
-    versions = (input._version, _version(weight), _version(bias), stats._version)
-    return (input, weight, bias), versions, (eps, activation, param)
+def _forward_key(input, weight, bias, stats, eps, activation, param) -> tuple:
+    """What kept rows were computed from: the tensors (compared by identity: the first three items),
+    their versions (an in-place change moves them) and the options."""
+    return (input, weight, bias, input._version, _version(weight), _version(bias), stats._version, eps, activation,
+            param)
 
 
 def _keep_rows(stats: Tensor, kept, input, weight, bias, eps, activation, param) -> None:
-    setattr(stats, _KEPT_ATTRIBUTE, (kept, _forward_inputs(input, weight, bias, stats, eps, activation, param)))
+    setattr(stats, _KEPT_ATTRIBUTE, (kept, _forward_key(input, weight, bias, stats, eps, activation, param)))
 
 
 def _kept_rows(stats: Tensor, input, weight, bias, eps, activation, param):
@@ -116,9 +116,9 @@ def _kept_rows(stats: Tensor, input, weight, bias, eps, activation, param):
     entry = stats.__dict__.pop(_KEPT_ATTRIBUTE, None)
     if entry is None:
         return None
-    kept, (tensors, versions, options) = entry
-    now = _forward_inputs(input, weight, bias, stats, eps, activation, param)
-    same = all(a is b for a, b in zip(tensors, now[0])) and versions == now[1] and options == now[2]
+    kept, key = entry
+    now = _forward_key(input, weight, bias, stats, eps, activation, param)
+    same = key[0] is now[0] and key[1] is now[1] and key[2] is now[2] and key[3:] == now[3:]
     return kept if same else None
 
 
@@ -229,7 +229,8 @@ def _numpy_batch_stats(input: Tensor, x: np.ndarray, running_mean, running_var, 
 @silent  # (one np.errstate for all the reference calls)
 def _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param, need_stats):
     """batch_norm_train on the NumPy backend: statistics and y from one conversion of x; y from the
-    float64 statistics, the stats tensor holds them rounded as the kernels store them."""
+    float64 statistics, the stats tensor holds them rounded as the kernels store them (None without
+    `need_stats`)."""
     dtype = _compute_dtype(input, activation)
     out = _empty_output(input)
     keep = need_stats and input.numel() <= KEEP_ROWS_MAX_NUMEL
@@ -238,7 +239,7 @@ def _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, 
     _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
     y = _like_input(y, input) if out is None else torch.from_numpy(out)
     if not need_stats:
-        return y, input.new_empty(_EMPTY)
+        return y, None
     stats = _numpy_stats_rows(count, mean, m2, invstd, input)
     if keep and kept[0] is not None:
         _keep_rows(stats, kept[0], input, weight, bias, eps, activation, param)
@@ -313,8 +314,9 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     For non-empty inputs that ``K.single_launch_fits``; the result equals batch_norm_stats + apply.
     Without `need_stats` (no backward will run) stats is empty: the NumPy backend then skips building it."""
     if _use_numpy(input):
-        return _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param,
-                            need_stats)
+        y, stats = _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param,
+                                need_stats)
+        return y, (stats if need_stats else input.new_empty(_EMPTY))
     check_triton_dtype(OP, input)
     if not input.numel():
         raise ValueError(f"{OP}: the single-launch training forward needs a non-empty input, got shape "
@@ -365,14 +367,17 @@ def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var,
                     need_input, need_sums, out=None):
     """(dx or None, sum dz, sum dz * x_hat) on the NumPy backend, each tensor converted once; dx is
     written into the array `out` if given."""
+    kept = None
     if training:
         s = to_numpy(stats)
-        # (one count for all channels, as a float: the reference's per-channel steps are then cheaper)
-        mean, invstd, count = s[1] + s[2], s[4], float(s[0, 0]) if s.shape[1] else 0.0
+        kept = _kept_rows(stats, input, weight, bias, eps, activation, param)
+        # (one count for all channels, as a float: the reference's per-channel steps are then cheaper;
+        # the forward's rows hold x - mean already)
+        mean = None if kept is not None else s[1] + s[2]
+        invstd, count = s[4], float(s[0, 0]) if s.shape[1] else 0.0
     else:
         mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
     dtype = _compute_dtype(input, activation)
-    kept = _kept_rows(stats, input, weight, bias, eps, activation, param) if training else None
     # (with the forward's rows, x is read for its shape only: no float64 copy)
     x = to_numpy(input, dtype if kept is None else _numpy_dtype(input))
     return ref.backward_local(to_numpy(grad, dtype), x, mean, invstd, _numpy_param(weight), _numpy_param(bias), count,
@@ -623,5 +628,31 @@ def batch_norm_validated(input: Tensor, running_mean: Optional[Tensor], running_
     C = input.shape[1]
     weight = weight.reshape(C) if weight is not None and weight.dim() != 1 else weight
     bias = bias.reshape(C) if bias is not None and bias.dim() != 1 else bias
+    if training and _numpy_forward_only(input, weight, bias):
+        return _numpy_forward_only_train(input, weight, bias, running_mean, running_var, float(momentum), float(eps),
+                                         act.name, float(act.param))
     return run_function(BatchNormFunction, input, weight, bias, running_mean, running_var, bool(training),
                         float(momentum), float(eps), act.name, float(act.param))
+
+
+_grad_enabled = torch.is_grad_enabled
+_increment_version = torch.autograd.graph.increment_version
+
+
+def _numpy_forward_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether a training call is a plain eager one (ops/_dispatch.py: no tracing, no dispatch mode) on
+    the NumPy backend that needs no gradient: its forward then runs without the autograd.Function and
+    the custom op around it, whose fixed costs small inputs notice (the op would run the same code)."""
+    if _grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                            or (bias is not None and bias.requires_grad)):
+        return False
+    return eager_device((input,)) == "cpu" and _use_numpy(input)
+
+
+def _numpy_forward_only_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param):
+    """batch_norm_train without stats, as its eager call would run it (running stats' versions bumped)."""
+    y, _ = _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param, False)
+    if running_mean is not None:
+        _increment_version(running_mean)
+        _increment_version(running_var)
+    return y
