@@ -10,6 +10,7 @@ statistics towards the batch mean and the *unbiased* variance:
 Eval normalises with the running statistics. An activation, if any, follows the affine step:
 y = act(gamma * x_hat + beta).
 """
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -151,11 +152,23 @@ def _channel_sum(rows, other=None):
     speed: a float64 einsum of float32 operands runs twice as slow), and those N partial sums in
     float64. Used for centred values and gradients, where float32 partials lose nothing visible."""
     if rows.dtype == np.float64:
-        if other is None and rows.shape[2] == 1:  # (N, C) rows: a plain reduction costs less to set up
-            return np.add.reduce(rows.reshape(rows.shape[:2]), axis=0)
+        n, channels, m = rows.shape
+        if m == 1:  # (N, C) rows: a product with a vector of ones (BLAS) costs less to set up than a
+            flat = rows.reshape(n, channels)  # reduction or an einsum, which small inputs notice
+            if other is not None:
+                flat = flat * other.reshape(n, channels)
+            return _ones(n) @ flat
         return np.einsum("ncm->c", rows) if other is None else np.einsum("ncm,ncm->c", rows, other)
     partial = np.einsum("ncm->nc", rows) if other is None else np.einsum("ncm,ncm->nc", rows, other)
     return np.add.reduce(partial, axis=0, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n):
+    """A read-only vector of n ones (np.ones costs more than the sums it serves at small sizes)."""
+    ones = np.ones(n)
+    ones.flags.writeable = False
+    return ones
 
 
 def _centered_stats(x, compute_dtype=np.float64):
@@ -242,20 +255,18 @@ def update_running(running_mean, running_var, count, mean, m2, momentum, out=Non
     their dtype, and is returned."""
     if not isinstance(count, float):
         count = np.asarray(count, np.float64)
-    new_mean = np.multiply(running_mean, 1.0 - momentum, dtype=np.float64)
-    new_var = np.multiply(running_var, 1.0 - momentum, dtype=np.float64)
-    unbiased = np.divide(m2, count - 1.0)
-    unbiased *= momentum
-    if isinstance(count, float) and count > 0:
-        return (np.add(new_mean, np.multiply(mean, momentum), out=None if out is None else out[0]),
-                np.add(new_var, unbiased, out=None if out is None else out[1]))
-    # where a batch was empty the running stats stay as they are
-    seen = np.greater(count, 0)
-    new_mean = np.where(seen, new_mean + np.multiply(mean, momentum), running_mean)
-    new_var = np.where(seen, new_var + unbiased, running_var)
+    running = np.array((running_mean, running_var), np.float64)  # (2, C): both move in one pass
+    batch = np.empty_like(running)
+    batch[0] = mean
+    np.divide(m2, count - 1.0, out=batch[1])
+    batch *= momentum
+    new = running * (1.0 - momentum)
+    new += batch
+    if not isinstance(count, float) or count <= 0:  # where a batch was empty the running stats stay
+        new = np.where(count > 0, new, running)
     if out is None:
-        return new_mean, new_var
-    out[0][...], out[1][...] = new_mean, new_var
+        return new[0], new[1]
+    out[0][...], out[1][...] = new
     return out
 
 
