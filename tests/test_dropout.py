@@ -286,4 +286,5 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.tkernels.dropout.default, (x, seed, 0.3))
     torch.library.opcheck(torch.ops.tkernels.dropout.default, (x.t(), seed, 1.0))
     torch.library.opcheck(torch.ops.tkernels.dropout_.default, (x.clone(), seed, 0.6))
-    torch.library.opcheck(torch.ops.tkernels.dropout_backward.default, (x, seed, 0.3))
+    torch.library.opcheck(torch.ops.tkernels.dropout_backward.default, (x, seed, 0.3, backend))
+    torch.library.opcheck(torch.ops.tkernels.dropout_backward.default, (x, seed, 0.3, ""))

@@ -224,10 +224,27 @@ def test_dtypes(backend, dtype):
     assert loss.dtype == dtype
 
 
-def test_negative_label_smoothing_is_ignored_like_torch(backend):
-    x = torch.randn(4, 6, device=device_for(backend))
-    t = _index_target(x)
-    assert_close(F.cross_entropy(x, t, label_smoothing=-0.3), torch.nn.functional.cross_entropy(x.double(), t))
+@pytest.mark.parametrize("smoothing", [-0.3, float("nan"), float("-inf"), -0.0], ids=["negative", "nan", "-inf", "-0"])
+@pytest.mark.parametrize("target_kind", ["indices", "indices+weight", "probabilities"])
+def test_negative_or_nan_label_smoothing_smooths_nothing_like_torch(backend, smoothing, target_kind):
+    """torch smooths only when label_smoothing > 0 (and raises above 1): a negative or NaN value
+    means no smoothing, with no error, on the fast path (plain class indices) and the full one."""
+    dev = device_for(backend)
+    x = torch.randn(4, 6, device=dev, requires_grad=True)
+    prob = target_kind == "probabilities"
+    t = torch.softmax(torch.randn(4, 6, device=dev), 1) if prob else _index_target(x)
+    w = torch.rand(6, device=dev) + 0.5 if target_kind == "indices+weight" else None
+    loss = F.cross_entropy(x, t, weight=w, label_smoothing=smoothing)
+    xd = x.detach().double().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(xd, t.double() if prob else t,
+                                                 weight=None if w is None else w.double(), label_smoothing=smoothing)
+    unsmoothed = torch.nn.functional.cross_entropy(xd, t.double() if prob else t,
+                                                   weight=None if w is None else w.double())
+    assert torch.equal(expected, unsmoothed)  # torch's own behaviour, which this test pins
+    g = torch.tensor(1.7, device=dev)
+    assert_close(loss, expected, reduction=24)
+    assert_close(torch.autograd.grad(loss, x, g)[0], torch.autograd.grad(expected, xd, g.double())[0], reduction=6)
+    expect_kernels("cross_entropy_forward_kernel", "cross_entropy_backward_kernel")
 
 
 def test_legacy_size_average_and_reduce(backend):
@@ -305,8 +322,9 @@ def test_cross_entropy_errors(backend):
         F.cross_entropy(x, torch.tensor([0, 1], device=dev), weight=torch.ones(3, device=dev, requires_grad=True))
     with pytest.raises(ValueError, match="'avg' is not a valid value for reduction"):
         F.cross_entropy(x, torch.tensor([0, 1], device=dev), reduction="avg")
-    with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0"):
-        F.cross_entropy(x, torch.tensor([0, 1], device=dev), label_smoothing=1.5)
+    for smoothing in (1.5, float("inf")):  # (torch: RuntimeError "label_smoothing must be between 0.0 and 1.0")
+        with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0"):
+            F.cross_entropy(x, torch.tensor([0, 1], device=dev), label_smoothing=smoothing)
     with pytest.raises(RuntimeError, match="ignore_index=1 is not supported"):
         F.cross_entropy(x, torch.rand(2, 3, device=dev), ignore_index=1)
     with pytest.raises(RuntimeError, match="must be floating point"):
@@ -452,10 +470,10 @@ def test_opcheck(backend):
                                                       -100, 0.0))  # several programs, finish kernel
     loss, stats = ops.cross_entropy(x, t, w, "mean", -100, 0.1)
     torch.library.opcheck(ops.cross_entropy_backward.default,
-                          (torch.tensor(1.5, device=dev), x, t, w, stats, "mean", -100, 0.1, False))
+                          (torch.tensor(1.5, device=dev), x, t, w, stats, "mean", -100, 0.1, False, backend))
     loss, stats = ops.cross_entropy(x[:, :, 0], q, None, "none", -100, 0.0)
     torch.library.opcheck(ops.cross_entropy_backward.default,
-                          (torch.randn(4, device=dev), x[:, :, 0], q, None, stats, "none", -100, 0.0, True))
+                          (torch.randn(4, device=dev), x[:, :, 0], q, None, stats, "none", -100, 0.0, True, ""))
     y = torch.randn(4, 5, 3, device=dev)
     torch.library.opcheck(ops.mse_loss.default, (x, y, None, "mean"))
     torch.library.opcheck(ops.mse_loss.default, (x, y.expand(4, 5, 3), w[None, :, None].expand(4, 5, 3), "none"))

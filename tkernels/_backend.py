@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 if TYPE_CHECKING:  # torch is not imported here: `import tkernels` stays cheap (see tkernels/__init__.py)
     import torch
@@ -51,13 +51,19 @@ def _validated(name: str) -> str:
     return name.lower()
 
 
-_state = threading.local()
+class _State(threading.local):
+    """Per thread: the backend chosen with use_backend/set_backend; None follows the default. (A
+    class default: reading an attribute a threading.local lacks costs a failed lookup per op call.)"""
+    backend: Optional[str] = None
+
+
+_state = _State()
 _default_backend = _validated(os.environ.get("TKERNELS_BACKEND", "auto"))
 
 
 def get_backend() -> str:
     """The backend in force in this thread: 'auto', 'triton' or 'numpy'."""
-    return getattr(_state, "backend", _default_backend)
+    return _state.backend or _default_backend
 
 
 def set_backend(name: str) -> None:
@@ -72,7 +78,7 @@ def set_backend(name: str) -> None:
 def use_backend(name: str) -> Iterator[str]:
     """Context manager: run the ops inside the block on the given backend."""
     name = _validated(name)
-    previous = get_backend()
+    previous = _state.backend
     _state.backend = name
     try:
         yield name
@@ -82,7 +88,7 @@ def use_backend(name: str) -> Iterator[str]:
 
 def resolve(op: str, *tensors: torch.Tensor | None) -> str:
     """Which concrete backend ('triton' or 'numpy') runs ``op`` on these tensors."""
-    choice = getattr(_state, "backend", _default_backend)
+    choice = _state.backend or _default_backend
     if INTERPRET and choice != "numpy":  # the common cases first, without building the device set
         return "triton"
     if choice == "auto" and tensors and tensors[0] is not None and tensors[0].is_cuda:

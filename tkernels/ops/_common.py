@@ -6,13 +6,14 @@ import functools
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from .. import _backend
 from ._tuning import BucketedLauncher
 
 
@@ -54,6 +55,9 @@ def gpu_name(device: torch.device) -> str:
     """The device model and capability, which is what a tuned config depends on."""
     props = device_properties(device)
     return f"{props.name} sm_{props.major}{props.minor}"
+
+
+_NO_META: Dict[str, Any] = {}  # (one shared object: callers may key caches on the meta's identity)
 
 
 class Tuned:
@@ -105,7 +109,7 @@ class Tuned:
                                         **kwargs)(self.kernel)
             fn = BucketedLauncher(self.kernel.__name__, self.kernel, autotuner, self.key, gpu_name(device))
             self._by_device[index] = fn
-        return fn, {}
+        return fn, _NO_META
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +196,40 @@ def check_triton_dtype(op: str, t: torch.Tensor) -> None:
     if t.dtype not in TRITON_DTYPES:
         raise RuntimeError(f"{op}: the triton backend supports float16, bfloat16 and float32, not {t.dtype}; "
                         "float64 runs on the numpy backend")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend of a backward op: the one its forward ran on
+# ---------------------------------------------------------------------------------------------
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_depth = torch._C._len_torch_dispatch_stack
+CONCRETE_BACKENDS = ("triton", "numpy")
+
+
+def forward_backend(op: str, ctx, *tensors: Optional[torch.Tensor]) -> str:
+    """What a Function's forward records for its backward op: the backend that runs ``op`` now.
+    The two backends' forwards may keep different state (cross-entropy's NumPy forward keeps no
+    statistics, dropout's masks come from different generators), so a backward must run on its
+    forward's backend even if the backend was switched in between (``tkernels.use_backend``).
+    '' while torch.compile or make_fx traces the call (the traced graph's ops each choose when
+    they run, forward op included, so the backward op does too: a switch between a compiled forward
+    and its backward is not covered) and when no gradient is needed."""
+    if not any(ctx.needs_input_grad) or _is_compiling() or _dispatch_stack_depth():
+        return ""
+    if tensors[0].is_cuda:  # (the NumPy backend refuses CUDA tensors: no call to resolve, ~0.4 us)
+        return "triton"
+    return _backend.resolve(op, *tensors)
+
+
+def backward_backend(op: str, recorded: str, *tensors: Optional[torch.Tensor]) -> str:
+    """The backend a backward op runs on: ``recorded`` by its forward (:func:`forward_backend`),
+    or, if that is '', the one in force now."""
+    if not recorded:
+        return _backend.resolve(op, *tensors)
+    if recorded not in CONCRETE_BACKENDS:
+        raise ValueError(f"{op}: the backend recorded by the forward must be '', 'triton' or 'numpy', "
+                         f"but got {recorded!r}")
+    return recorded
 
 
 def suggests_channels_last(t: torch.Tensor) -> bool:

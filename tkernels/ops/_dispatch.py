@@ -12,15 +12,19 @@ several times what torch spends on a small layer. So:
   none can be, e.g. under ``torch.no_grad()`` or for inputs that do not require grad.
 
 "Plain eager" (:func:`plain_eager`) means: not tracing for torch.compile/export, no
-``TorchDispatchMode`` active (fake tensors, make_fx, FlopCounter...), no functorch transform, and a
-first tensor argument that is an ordinary CPU or CUDA tensor (not a subclass, not on the meta
-device). Everything else keeps the exact torch.library behaviour. Autocast needs no exception: the
-public functions cast their inputs before any op runs (ops/_autocast.py), and the custom ops have no
-Autocast kernel.
+``TorchDispatchMode`` active (fake tensors, make_fx, FlopCounter...), no functorch transform, no
+forward-mode AD level entered (``torch.autograd.forward_ad.dual_level``), and a first tensor
+argument that is an ordinary CPU or CUDA tensor (not a subclass, not on the meta device).
+Everything else keeps the exact torch.library behaviour. Forward AD is excluded because a dual
+tensor need not require grad: the direct call of ``forward`` would return a result without its
+tangent, where ``Function.apply`` raises torch's error for a Function without ``jvp``. Autocast
+needs no exception: the public functions cast their inputs before any op runs (ops/_autocast.py),
+and the custom ops have no Autocast kernel.
 
 A forward that :func:`run_function` runs eagerly has just been checked, so the custom ops it calls
-skip the check (a per-thread flag, ``_inside``); anything a forward runs through ``run_function``
-again takes the full ``Function.apply``.
+skip the check (a per-thread flag, ``_inside``), and an op it calls through
+:meth:`EagerCustomOp.in_forward` on the forward's own first argument goes straight to the
+implementation; anything a forward runs through ``run_function`` again takes the full ``Function.apply``.
 
 The direct path keeps one thing the dispatcher did: arguments the op declares as mutated get their
 version counter bumped (a Triton kernel writing in place does not), so autograd still detects an
@@ -51,12 +55,15 @@ _is_compiling = torch.compiler.is_compiling
 _dispatch_stack_depth = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 _increment_version = torch.autograd.graph.increment_version
+# forward_ad._current_level is -1 outside every dual_level (dynamo's guards read it too): one module
+# attribute read, ~10 ns, where asking each tensor for its tangent would cost per argument
+_forward_ad = torch.autograd.forward_ad
 
 
 def eager_device(args: Sequence[Any]) -> Optional[str]:
     """'cpu' or 'cuda' when a call with these arguments may skip torch.library's dispatch (see the
     module docstring), with the device type its first tensor is on; None when it must dispatch."""
-    if _is_compiling() or _dispatch_stack_depth() or _functorch_active():
+    if _is_compiling() or _dispatch_stack_depth() or _functorch_active() or _forward_ad._current_level >= 0:
         return None
     t = args[0] if args and isinstance(args[0], Tensor) else _first_tensor(args)
     if t is None:
@@ -106,14 +113,30 @@ class EagerCustomOp:
                 return self.packet(*args, **kwargs)
             cuda = device == "cuda"
         result = (self.cuda_impl if cuda else self.impl)(*args, **kwargs)
-        if not self.mutated:
-            return result
+        if self.mutated:
+            self._bump_versions(args, kwargs)
+        return result
+
+    def in_forward(self, *args):
+        """The op called from an ``autograd.Function`` forward on that forward's own (checked)
+        arguments: the implementation directly while :func:`run_function` runs the forward eagerly,
+        the op otherwise (tracing, fake tensors, a forward run by plain ``apply``)."""
+        first = args[0]
+        # (an identity test, not the flag alone: autograd runs saved-tensor hooks inside the eager
+        # apply, and an op a hook calls on other tensors or under a mode needs the full check)
+        if _inside.checked is not first or _dispatch_stack_depth():
+            return self(*args)
+        result = (self.cuda_impl if first.is_cuda else self.impl)(*args)
+        if self.mutated:
+            self._bump_versions(args, {})
+        return result
+
+    def _bump_versions(self, args, kwargs) -> None:
         for i, name in self.mutated:
             value = args[i] if i < len(args) else kwargs.get(name)
             for t in (value if isinstance(value, (list, tuple)) else (value,)):
                 if t is not None:
                     _increment_version(t)
-        return result
 
     def __getattr__(self, name: str):
         return getattr(self.op, name)
@@ -155,8 +178,10 @@ _grad_enabled = torch.is_grad_enabled
 
 class _Inside(threading.local):
     """Per thread: whether the code running is a forward that run_function called eagerly (its
-    custom ops then skip the plain-eager check run_function has just made)."""
+    custom ops then skip the plain-eager check run_function has just made), and the first tensor
+    argument of that forward, which run_function checked."""
     forward = False
+    checked: Optional[Tensor] = None
 
 
 _inside = _Inside()
@@ -172,9 +197,11 @@ def _eager_apply(function: type):
 
 def run_function(function: type, *args):
     """``function.apply(*args)``, or ``function.forward`` called directly when no gradient can be needed."""
-    if eager_device(args) is None or _inside.forward:
+    inside = _inside
+    if inside.forward or eager_device(args) is None:
         return function.apply(*args)
-    _inside.forward = True
+    inside.forward = True
+    inside.checked = args[0]
     try:
         if _grad_enabled():
             for a in args:
@@ -182,4 +209,5 @@ def run_function(function: type, *args):
                     return _eager_apply(function)(*args)
         return function.forward(_NoGradContext(len(args)), *args)
     finally:
-        _inside.forward = False
+        inside.forward = False
+        inside.checked = None

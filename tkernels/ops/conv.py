@@ -450,7 +450,7 @@ class Conv2dFunction(torch.autograd.Function):
                 activation: str, param: float, channels_last: bool):
         act = resolve_activation(Activation(activation, param))
         save_preact = not act.grad_from_output
-        y, z = conv2d_forward(x, weight, bias, stride, padding, dilation, groups, activation, param,
+        y, z = conv2d_forward.in_forward(x, weight, bias, stride, padding, dilation, groups, activation, param,
                               save_preact, channels_last)
         # as for linear: no output kept for identity, so `out += identity` on y stays legal
         ctx.save_for_backward(x, weight, bias, z if save_preact else (None if act.is_identity else y))

@@ -28,7 +28,8 @@ import triton.language as tl
 from .. import _backend
 from ..reference import dropout as ref
 from ._dispatch import custom_op, run_function
-from ._common import KernelSpec, cdiv, check_triton_dtype, config, from_numpy, register_kernel, to_numpy
+from ._common import (KernelSpec, backward_backend, cdiv, check_triton_dtype, config, forward_backend,
+                      from_numpy, register_kernel, to_numpy)
 from .elementwise import _collapse, _strided_offsets
 
 BLOCK = 1024
@@ -163,9 +164,10 @@ def _(x, seed, p):
 
 
 @custom_op("tkernels::dropout_backward", mutates_args=())
-def dropout_backward(grad_y: Tensor, seed: Tensor, p: float) -> Tensor:
-    """grad_y * keep(seed) / (1 - p), the mask recomputed from the seed."""
-    if _backend.resolve("dropout", grad_y) == "numpy":
+def dropout_backward(grad_y: Tensor, seed: Tensor, p: float, backend: str) -> Tensor:
+    """grad_y * keep(seed) / (1 - p), the mask recomputed from the seed by `backend`, the one the forward
+    ran on ('' for the one in force): the two draw different masks from one seed."""
+    if backward_backend("dropout", backend, grad_y) == "numpy":
         keep = ref.keep_mask(tuple(grad_y.shape), p, int(seed.item()))
         dx = torch.empty_like(grad_y)
         dx.copy_(from_numpy(ref.dropout_backward(to_numpy(grad_y), keep, p), grad_y).reshape(grad_y.shape))
@@ -179,7 +181,7 @@ def dropout_backward(grad_y: Tensor, seed: Tensor, p: float) -> Tensor:
 
 
 @dropout_backward.register_fake
-def _(grad_y, seed, p):
+def _(grad_y, seed, p, backend):
     return torch.empty_like(grad_y)
 
 
@@ -189,17 +191,18 @@ class DropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, seed: Tensor, p: float, inplace: bool):
         ctx.p = p
+        ctx.backend = forward_backend("dropout", ctx, x)
         ctx.save_for_backward(seed)
         if inplace:
-            dropout_forward_inplace(x, seed, p)
+            dropout_forward_inplace.in_forward(x, seed, p)
             ctx.mark_dirty(x)
             return x
-        return dropout_forward(x, seed, p)
+        return dropout_forward.in_forward(x, seed, p)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         (seed,) = ctx.saved_tensors
-        return dropout_backward(grad_y, seed, ctx.p), None, None, None
+        return dropout_backward(grad_y, seed, ctx.p, ctx.backend), None, None, None
 
 
 def draw_seed(device: torch.device) -> Tensor:

@@ -235,11 +235,11 @@ class ActivationFunction(torch.autograd.Function):
         if inplace:
             # the derivative of silu/gelu/leaky_relu needs x, which the in-place write destroys
             keep = None if act.grad_from_output or not ctx.needs_input_grad[0] else x.clone()
-            activation_forward_inplace(x, act.name, act.param)
+            activation_forward_inplace.in_forward(x, act.name, act.param)
             ctx.mark_dirty(x)
             ctx.save_for_backward(x if act.grad_from_output else keep)
             return x
-        y = activation_forward(x, act.name, act.param)
+        y = activation_forward.in_forward(x, act.name, act.param)
         ctx.save_for_backward(y if act.grad_from_output else x)
         return y
 

@@ -20,7 +20,7 @@ from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
 from ._common import (FLOAT_DTYPES, check_floating, check_same, check_triton_dtype, from_numpy, product_dtype,
                       to_numpy)
-from .matmul import matmul
+from .matmul import linear_matmul, matmul
 from .reductions import column_sum
 
 _EMPTY = (0,)
@@ -38,8 +38,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
     shape = (x.shape[0], weight.shape[0])
     y = x.new_empty(shape)
     z = x.new_empty(shape) if save_preact else None
-    matmul(x, weight, y, bias=bias, activation_code=resolve_activation(activation).code,
-           activation_param=param, preact_out=z, b_transposed=True)
+    linear_matmul(x, weight, y, bias, resolve_activation(activation).code, param, z)
     return y, z
 
 
@@ -112,15 +111,16 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, param: float):
         act = resolve_activation(activation)
-        needs_grad = any(ctx.needs_input_grad[:3])
+        need = ctx.needs_input_grad
+        needs_grad = need[0] or need[1] or need[2]
         if act.grad_from_output or not needs_grad:  # (no z when no gradient will read it)
-            y = linear_forward(x, weight, bias, activation, param)
+            y = linear_forward.in_forward(x, weight, bias, activation, param)
             # Keep what torch's own ops would keep: nothing of the output for identity (so in-place
             # ops on y, such as `y += residual`, stay legal), y where torch's relu/sigmoid/tanh keep it.
             saved = None if act.is_identity or not needs_grad else y
         else:
-            y, saved = linear_forward_preact(x, weight, bias, activation, param)
-        ctx.activation, ctx.param, ctx.has_bias = activation, param, bias is not None
+            y, saved = linear_forward_preact.in_forward(x, weight, bias, activation, param)
+        ctx.options = (activation, param, bias is not None)
         ctx.save_for_backward(x, weight, bias, saved)
         return y
 
@@ -128,10 +128,10 @@ class LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         x, weight, bias, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw, db = linear_backward(
-            grad_y, x, weight, bias, saved, ctx.activation, ctx.param, need_x, need_w, need_b and ctx.has_bias)
-        return (dx if need_x else None, dw if need_w else None, db if (need_b and ctx.has_bias) else None,
-                None, None)
+        activation, param, has_bias = ctx.options
+        need_b = need_b and has_bias
+        dx, dw, db = linear_backward(grad_y, x, weight, bias, saved, activation, param, need_x, need_w, need_b)
+        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None
 
 
 def _well_formed(input, weight, bias) -> bool:

@@ -40,6 +40,7 @@ from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
 from ._common import (FLOAT_DTYPES, KernelSpec, Tuned, check_triton_dtype, config, from_numpy, numpy_into,
                       register_kernel, to_numpy)
+from ._common import backward_backend, forward_backend
 from .softmax import (SPEC_BLOCKS, RowPlan, _num_warps_configs, _spec_configs, _stride_sig, batch_strides,
                       plan_rows, row_coordinates, row_offsets)
 
@@ -476,10 +477,11 @@ def _(x, target, weight, reduction, ignore_index, label_smoothing):
 @custom_op("tkernels::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                            reduction: str, ignore_index: int, label_smoothing: float,
-                           need_target: bool) -> Tuple[Tensor, Tensor]:
-    """(grad_input, grad_target or an empty tensor)."""
+                           need_target: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """(grad_input, grad_target or an empty tensor); `backend`: the one the forward ran on ('' for the
+    one in force): the NumPy forward's stats are placeholders that only the NumPy backward accepts."""
     prob = target.dim() == x.dim()
-    if _backend.resolve("cross_entropy", x) == "numpy":
+    if backward_backend("cross_entropy", backend, x) == "numpy":
         dx, dt = ref.cross_entropy_backward(to_numpy(grad), to_numpy(x),
                                             to_numpy(target) if prob else target.numpy(),
                                             to_numpy(weight), ignore_index, reduction, label_smoothing)
@@ -526,7 +528,7 @@ def _launch_ce_backward(plan, grad, x, target, weight, stats, dx, dt, reduction,
 
 
 @cross_entropy_backward.register_fake
-def _(grad, x, target, weight, stats, reduction, ignore_index, label_smoothing, need_target):
+def _(grad, x, target, weight, stats, reduction, ignore_index, label_smoothing, need_target, backend):
     return torch.empty_like(x), (torch.empty_like(x, dtype=target.dtype) if need_target else x.new_empty(_EMPTY))
 
 
@@ -536,16 +538,17 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str, ignore_index: int,
                 label_smoothing: float):
-        loss, stats = cross_entropy_forward(x, target, weight, reduction, ignore_index, label_smoothing)
+        loss, stats = cross_entropy_forward.in_forward(x, target, weight, reduction, ignore_index, label_smoothing)
         ctx.save_for_backward(x, target, weight, stats)
         ctx.options = (reduction, ignore_index, label_smoothing)
+        ctx.backend = forward_backend("cross_entropy", ctx, x)
         return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, target, weight, stats = ctx.saved_tensors
         need_target = ctx.needs_input_grad[1]
-        dx, dt = cross_entropy_backward(grad, x, target, weight, stats, *ctx.options, need_target)
+        dx, dt = cross_entropy_backward(grad, x, target, weight, stats, *ctx.options, need_target, ctx.backend)
         return (dx if ctx.needs_input_grad[0] else None), (dt if need_target else None), None, None, None, None
 
 
@@ -621,6 +624,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     label_smoothing = float(label_smoothing)
     if label_smoothing > 1.0:
         raise RuntimeError(f"{op}: label_smoothing must be between 0.0 and 1.0, but got {label_smoothing}")
+    label_smoothing = label_smoothing if label_smoothing > 0.0 else 0.0  # as torch: negative or NaN smooths nothing
     batched = input.dim() >= 2
     n_classes = input.shape[1] if batched else input.shape[0]
     if n_classes == 0:

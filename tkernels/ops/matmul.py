@@ -190,15 +190,36 @@ register_kernel(KernelSpec(
 _TMA_DTYPES = (torch.float16, torch.bfloat16)  # what the TMA kernel takes (tma_eligible checks the rest)
 
 
-def _choose_split_k(M: int, N: int, K: int, device: torch.device) -> int:
+def _choose_split_k(M: int, N: int, K: int, a: torch.Tensor) -> int:
     """Split the reduction when the output has too few tiles to fill the GPU but K is long."""
-    if device.type != "cuda":
+    if K < 4096 or not a.is_cuda:  # (the common case first: no device properties read)
         return 1
     tiles = cdiv(M, 128) * cdiv(N, 128)
-    sms = sm_count(device)
-    if tiles >= sms or K < 4096:
+    sms = sm_count(a.device)
+    if tiles >= sms:
         return 1
     return max(1, min(32, sms // tiles, K // 2048))
+
+
+# (launch config, input precision, epilogue flags) -> constexpr keyword arguments of a launch: a
+# training loop launches the same few variants, and one cached dict is cheaper than rebuilding nine
+# keywords plus the config's on every call. Keyed by the identity of the config dict the launcher
+# returns (each entry holds that dict, so the identity stays unique); entries are few, never evicted.
+_LAUNCH_KWARGS: dict = {}
+
+
+def _launch(a: torch.Tensor, dtype: torch.dtype, precision_of: str, flags: tuple):
+    """(kernel, keyword arguments) of a matmul launch on ``a``'s device."""
+    precision = tl_input_precision(dtype, precision_of)
+    kernel, meta = TUNED_MATMUL[operand_class(dtype, precision)].launcher(a)
+    key = (id(meta), precision, flags)
+    entry = _LAUNCH_KWARGS.get(key)
+    if entry is None:
+        has_bias, act, store_preact, has_gate, gate_act, rowsum, split = flags
+        entry = _LAUNCH_KWARGS[key] = meta, dict(
+            HAS_BIAS=has_bias, ACT=act, STORE_PREACT=store_preact, HAS_GATE=has_gate, GATE_ACT=gate_act,
+            ROWSUM=rowsum, SPLIT_K=split, INPUT_PRECISION=precision, **meta)
+    return kernel, entry[1]
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
@@ -232,7 +253,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
         if rowsum_out is not None:
             rowsum_out.zero_()
         return out
-    split = split_k if split_k is not None else (_choose_split_k(M, N, K, a.device) if a.is_cuda else 1)
+    split = split_k if split_k is not None else _choose_split_k(M, N, K, a)
     if split != 1:
         split = max(1, min(split, max(1, K)))
     if split > 1 and (bias is not None or activation_code != 0 or preact_out is not None):
@@ -261,27 +282,44 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
         gate_t, s_gate = gate, (gate.stride()[::-1] if a_transposed else gate.stride())
     preact_t = preact_out if preact_out is not None else dummy
 
-    dtype = a.dtype
-    precision = tl_input_precision(dtype, precision_of)
-    kernel, meta = TUNED_MATMUL[operand_class(dtype, precision)].launcher(a)
-    grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
-    # (one stride() tuple per tensor: stride(i) parses its argument on every call)
-    s_preact = preact_t.stride()
-    kernel[grid](
-        a, b, c_target, bias if bias is not None else dummy, gate_t, preact_t, row_target,
-        M, N, K,
-        *sa, *sb, *out.stride(), *s_gate, s_preact[0], s_preact[-1],
-        M * N, M,
-        float(activation_param),
-        HAS_BIAS=bias is not None, ACT=activation_code, STORE_PREACT=preact_out is not None,
-        HAS_GATE=gate is not None, GATE_ACT=gate_activation_code, ROWSUM=rowsum_out is not None,
-        SPLIT_K=split, INPUT_PRECISION=precision,
-        **meta,
-    )
+    _launch_matmul(a, b, c_target, bias if bias is not None else dummy, gate_t, preact_t, row_target, M, N, K,
+                   sa, sb, out.stride(), s_gate, preact_t.stride(), activation_param, split,
+                   _launch(a, a.dtype, precision_of, (bias is not None, activation_code, preact_out is not None,
+                                                       gate is not None, gate_activation_code, rowsum_out is not None,
+                                                       split)))
     if split > 1:
         _sum_partials(c_target.view(split, M * N), out, M * N, split, out_2d=(M, N))
         if rowsum_out is not None:
             _sum_partials(row_target, rowsum_out, M, split)
+    return out
+
+
+def _launch_matmul(a, b, c, bias, gate, preact, rowsum, M: int, N: int, K: int, sa, sb, sc, s_gate, s_preact,
+                   activation_param: float, split: int, launch) -> None:
+    """One matmul_kernel launch; every stride given as a (row, column) tuple of the logical matrix."""
+    kernel, kwargs = launch
+    grid = lambda m: (cdiv(M, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), split)  # noqa: E731
+    kernel[grid](a, b, c, bias, gate, preact, rowsum, M, N, K, *sa, *sb, *sc, *s_gate, s_preact[0], s_preact[-1],
+                 M * N, M, float(activation_param), **kwargs)
+
+
+def linear_matmul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor],
+                  activation_code: int, activation_param: float,
+                  preact_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out = act(x @ weight^T + bias)`` (and ``preact_out = x @ weight^T + bias`` when given):
+    :func:`matmul` for a linear layer's forward, with the per-call host work cut to what that case
+    needs. Calls that may split K or take the TMA kernel (CUDA only) go through :func:`matmul`."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if (x.is_cuda and (K >= 4096 or x.dtype in _TMA_DTYPES)) or _tma_module.FORCE_TMA or M == 0 or N == 0:
+        return matmul(x, weight, out, bias=bias, activation_code=activation_code, activation_param=activation_param,
+                      preact_out=preact_out, b_transposed=True)
+    sw, so = weight.stride(), out.stride()
+    has_preact = preact_out is not None
+    _launch_matmul(x, weight, out, bias if bias is not None else out, x, preact_out if has_preact else out, out,
+                   M, N, K, x.stride(), (sw[1], sw[0]), so, so, preact_out.stride() if has_preact else so,
+                   activation_param, 1,
+                   _launch(x, x.dtype, "matmul", (bias is not None, activation_code, has_preact, False, 0, False, 1)))
     return out
 
 

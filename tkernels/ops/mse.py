@@ -214,7 +214,7 @@ def _(grad, x, y, weight, loss, denom, reduction, need_x, need_y, need_weight):
 class MSELossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, weight: Optional[Tensor], reduction: str):
-        loss, denom = mse_forward(x, y, weight, reduction)
+        loss, denom = mse_forward.in_forward(x, y, weight, reduction)
         ctx.save_for_backward(x, y, weight, loss if weight is not None else None, denom)
         ctx.reduction = reduction
         return loss

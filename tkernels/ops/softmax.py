@@ -376,7 +376,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, log: bool, dtype: torch.dtype):
-        y = softmax_forward(x, dim, log, dtype)
+        y = softmax_forward.in_forward(x, dim, log, dtype)
         ctx.dim, ctx.log, ctx.input_dtype = dim, log, x.dtype
         ctx.save_for_backward(y)
         return y

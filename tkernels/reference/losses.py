@@ -80,14 +80,17 @@ def _one_hot(x, target, label_smoothing):
 def _picked(x, target, weight, ignore_index):
     """For one-hot targets the sum over classes is one gathered term per row. Returns (z (R, C) with
     the class axis last, moved shape, rows, t (R,) with ignored rows pointing at class 0, valid (R,),
-    w_t (R,): the target's class weight, 0 on ignored rows, denom)."""
+    w_t (R,): the target's class weight, 0 on ignored rows, or None when every row weighs 1, denom)."""
     x = np.asarray(x, np.float64)
     z = _move(x, _class_axis(x), -1)
     given = np.asarray(target, np.int64).reshape(-1)
     valid = given != ignore_index
-    t = given if valid.all() else np.where(valid, given, 0)
+    all_valid = valid.all()
+    t = given if all_valid else np.where(valid, given, 0)
     if t.size and t.view(np.uint64).max() >= z.shape[-1]:  # (as unsigned, a negative index is huge)
         _check_classes(given[valid], z.shape[-1], ignore_index)
+    if weight is None and all_valid:  # (the common case: no per-row weights to multiply by)
+        return z.reshape(-1, z.shape[-1]), z.shape, np.arange(t.size), t, valid, None, float(t.size)
     if weight is None:
         w_t = valid.astype(np.float64)
     else:  # (a where, not a product: an ignored row must not pick up a NaN or Inf weight)
@@ -128,9 +131,11 @@ def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", l
     if _one_hot(x, target, label_smoothing):
         z, _, rows, t, valid, w_t, denom = _picked(x, target, weight, ignore_index)
         shifted, _, sums = _exp_shifted(z)
-        per_row = w_t * (np.log(sums) - shifted[rows, t])  # -w_t log p_t
-        if not w_t.all():  # a zero weight contributes 0 even where log p = -inf
-            per_row[w_t == 0.0] = 0.0
+        per_row = np.log(sums) - shifted[rows, t]  # -log p_t
+        if w_t is not None:
+            per_row *= w_t
+            if not w_t.all():  # a zero weight contributes 0 even where log p = -inf
+                per_row[w_t == 0.0] = 0.0
         return _reduce(per_row.reshape(np.shape(target)), reduction, denom)
     _, z, q, valid, w, denom, _ = _prepare(x, target, weight, ignore_index, label_smoothing)
     logp = _log_softmax_last(z)
@@ -149,7 +154,9 @@ def cross_entropy_backward(grad, x, target, weight=None, ignore_index=-100, redu
         _, dz, sums = _exp_shifted(z)
         # d loss_i / d x_ic = w_t (p_ic - [c == t]), times the row's scale
         g = np.asarray(grad, np.float64)
-        coef = w_t * (g.reshape(-1) if reduction == "none" else (g / np.float64(denom) if reduction == "mean" else g))
+        coef = g.reshape(-1) if reduction == "none" else (g / np.float64(denom) if reduction == "mean" else g)
+        if w_t is not None:
+            coef = w_t * coef
         dz *= (coef / sums)[:, None]  # p = exps / sums
         dz[rows, t] -= coef
         if not valid.all():
