@@ -510,8 +510,8 @@ class BatchNormFunction(torch.autograd.Function):
         if training and (K.single_launch_fits(input.shape) or _use_numpy(input)):
             # stats are for backward: none runs when no input needs a gradient (as under torch.no_grad())
             need_stats = any(ctx.needs_input_grad[:3])
-            y, stats = batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, activation,
-                                        param, need_stats)
+            y, stats = batch_norm_train.in_forward(input, weight, bias, running_mean, running_var, momentum, eps,
+                                                   activation, param, need_stats)
         else:
             if training:
                 stats = batch_norm_stats(input, running_mean, running_var, momentum, eps)
