@@ -19,6 +19,13 @@ computes x - mean and dz once for both halves (``reference.batch_norm.backward_l
 What backward keeps: x, the (5, C) statistics, and the parameters; the pre-activation z is
 recomputed from them. Keeping y instead (possible for relu) would not save any traffic: dx needs
 x_hat, hence x, anyway, so backward reads x and dy either way.
+
+The NumPy backend at small sizes, where fixed per-call costs outweigh the passes (issue 14):
+running stats move in place through NumPy views of the buffers (same tensors, same storage); a
+training forward that needs no gradient runs without the autograd.Function and the custom op
+(``_numpy_forward_only``) and builds no stats; a training forward of at most
+``KEEP_ROWS_MAX_NUMEL`` values leaves its float64 rows x - mean and z on the stats tensor for its
+backward (``_keep_rows``), which takes them if it is that forward's (same tensors, unchanged).
 """
 from __future__ import annotations
 
