@@ -62,10 +62,11 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # NumPy-backend glue: the (5, C) stats layout <-> the reference's (count, mean, m2, invstd).
 # ---------------------------------------------------------------------------------------------
-@silent  # inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and torch
-# does not warn about either
+@silent
 def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
-    """The (5, C) stats tensor of float64 statistics, built in its dtype (the NumPy backend runs on CPU)."""
+    """The (5, C) stats tensor of float64 statistics, built in its dtype (the NumPy backend runs on CPU).
+    Silent: inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and
+    torch does not warn about either."""
     rows = np.empty((K.STATS_ROWS, mean.shape[0]), np.float64 if like.dtype == torch.float64 else np.float32)
     rows[0], rows[1], rows[3], rows[4] = count, mean, m2, invstd
     np.subtract(mean, rows[1], out=rows[2])  # the mean in two parts: its rounding (row 1), then the rest
@@ -133,8 +134,8 @@ def _numpy_dtype(t: Tensor):
     return np.float32 if t.dtype == torch.float32 else np.float64
 
 
-# dtypes whose CPU tensors the NumPy backend reads and writes through views: NumPy rounds float64
-# into them exactly as torch's copy_ does (float16 goes through copy_, which rounds via float32)
+# dtypes whose CPU tensors the NumPy backend reads and writes through NumPy views (float64 results
+# are rounded to them once, to nearest, as torch's copy_ rounds); float16 and bfloat16 ones take copy_
 _VIEWED_DTYPES = (torch.float32, torch.float64)
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
