@@ -416,8 +416,8 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     (see the kernel)."""
     C, rows = x.shape[1], _row_count(x)
     prob = target.dim() == x.dim()
-    indices = not prob and target.numel() > 0
-    loss_shape = target.shape if not prob else x.shape[:1] + x.shape[2:]
+    reduce = reduction != "none"
+    loss_shape = () if reduce else (target.shape if not prob else x.shape[:1] + x.shape[2:])
     if _backend.resolve("cross_entropy", x) == "numpy":
         # The reference checks the class indices itself (torch's IndexError). Its backward recomputes
         # everything from x, so the saved statistics stay unused.
@@ -426,13 +426,13 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
         stats = np.zeros(_stats_size(rows), np.float32)  # (built in NumPy: a tensor setitem costs microseconds)
         stats[2 * rows:] = 1.0  # divisor, targets ok
         loss = from_numpy(loss, x)
-        return (loss.reshape(loss_shape) if reduction == "none" else loss), torch.from_numpy(stats)
+        return (loss if reduce else loss.reshape(loss_shape)), torch.from_numpy(stats)
+    indices = not prob and target.numel() > 0
     check = indices and not _target_on_host(target)  # checked by the kernel, asserted on the device
     if indices and not check:
         _check_host_target_range(target, C, ignore_index)
     check_triton_dtype("cross_entropy", x)
-    reduce = reduction != "none"
-    loss = x.new_empty(() if reduce else loss_shape)
+    loss = x.new_empty(loss_shape)
     stats = x.new_empty((_stats_size(rows),), dtype=torch.float32)
     if rows == 0:  # (no program runs: the kernels' results by hand; a mean over nothing is NaN, as torch)
         stats.fill_(float(rows) if reduce else 1.0)
@@ -455,8 +455,8 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     kernel[grid](x, target, weight if weight is not None else x,
                  parts[0] if reduce and parts is not None else loss, parts[1] if reduce and parts is not None else loss,
                  parts[2] if check and parts is not None else stats, stats, *plan.launch_args(), rows,
-                 *plan.strides[0], x.stride(1), *plan.strides[1], _class_stride(target, prob), int(ignore_index), eps,
-                 PROB=prob, HAS_WEIGHT=weight is not None, SMOOTH=eps > 0, REDUCTION=_reduction_code(reduction),
+                 *plan.strides[0], x.stride(1), *plan.strides[1], target.stride(1) if prob else 0, int(ignore_index),
+                 eps, PROB=prob, HAS_WEIGHT=weight is not None, SMOOTH=eps > 0, REDUCTION=_REDUCTION_CODES[reduction],
                  ONE_PROGRAM=one_program, CHECK=check, BLOCK_R=plan.BLOCK_R, BLOCK_C=plan.BLOCK_C, **meta)
     if finish:
         loss_finish_kernel[(1,)](parts[0], parts[1], parts[2], loss, stats[2 * rows:], stats[2 * rows + 1:], n_parts,

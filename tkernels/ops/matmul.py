@@ -314,10 +314,11 @@ def linear_matmul(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, bias
     if (x.is_cuda and (K >= 4096 or x.dtype in _TMA_DTYPES)) or _tma_module.FORCE_TMA or M == 0 or N == 0:
         return matmul(x, weight, out, bias=bias, activation_code=activation_code, activation_param=activation_param,
                       preact_out=preact_out, b_transposed=True)
-    sw, so = weight.stride(), out.stride()
+    sx, sw, so = x.stride(), weight.stride(), out.stride()
     has_preact = preact_out is not None
+    # (the unread gate and rowsum slots get what matmul passes there: x and its strides, out)
     _launch_matmul(x, weight, out, bias if bias is not None else out, x, preact_out if has_preact else out, out,
-                   M, N, K, x.stride(), (sw[1], sw[0]), so, so, preact_out.stride() if has_preact else so,
+                   M, N, K, sx, (sw[1], sw[0]), so, sx, preact_out.stride() if has_preact else so,
                    activation_param, 1,
                    _launch(x, x.dtype, "matmul", (bias is not None, activation_code, has_preact, False, 0, False, 1)))
     return out

@@ -518,19 +518,38 @@ def _numpy_skipped(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and float(found_inf) != 0.0
 
 
+_NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.float16)
+
+
+def _numpy_view(t: Tensor) -> Optional[np.ndarray]:
+    """A NumPy view of a CPU tensor's memory, or None for one NumPy cannot view (bfloat16, CUDA)."""
+    return t.detach().numpy() if t.is_cpu and t.dtype in _NUMPY_VIEWABLE else None
+
+
 def _numpy_gather(tensors: List[Tensor]) -> np.ndarray:
     """The tensors flattened into one float64 array: the NumPy backend's step runs once per batch of
     params (the update is elementwise), not once per param with a conversion each."""
     if len(tensors) == 1:
         return to_numpy(tensors[0]).reshape(-1)
+    views = [_numpy_view(t) for t in tensors]
+    if all(v is not None for v in views):  # (one NumPy concatenate: no torch.cat, no second conversion)
+        return np.concatenate([v.reshape(-1) for v in views], dtype=np.float64)
     return to_numpy(torch.cat([t.detach().reshape(-1) for t in tensors]))
 
 
 def _numpy_scatter(values: np.ndarray, tensors: List[Tensor]) -> None:
-    """Copy the float64 ``values`` (laid out as :func:`_numpy_gather` gathered) back into tensors."""
-    flat = torch.from_numpy(np.ascontiguousarray(values))
-    for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
-        t.copy_(part.view(t.shape))
+    """Copy the float64 ``values`` (laid out as :func:`_numpy_gather` gathered) back into tensors,
+    each through a NumPy view of its memory where there is one (the op bumps their versions)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        part = values[offset:offset + n].reshape(t.shape)
+        offset += n
+        view = _numpy_view(t)
+        if view is not None:
+            np.copyto(view, part, casting="same_kind")
+        else:
+            t.copy_(torch.from_numpy(np.ascontiguousarray(part)))
 
 
 def _numpy_gradients(grads: List[Tensor], grad_scale: Optional[Tensor]) -> np.ndarray:
