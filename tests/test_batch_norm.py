@@ -512,6 +512,7 @@ def _opcheck_samples(device):
         (torch.ops.tkernels.batch_norm_stats.default, (x, None, None, 0.1, 1e-5)),
         (torch.ops.tkernels.batch_norm_gather_stats.default, (torch.stack([stats, stats]), rm, rv, 0.1, 1e-5)),
         (torch.ops.tkernels.batch_norm_train.default, (x, p[0], p[1], rm, rv, 0.1, 1e-5, "gelu", 0.0)),
+        (torch.ops.tkernels.batch_norm_train.default, (x, p[0], p[1], rm, rv, 0.1, 1e-5, "relu", 0.0, False)),
         (torch.ops.tkernels.batch_norm_train.default,
          (x.to(memory_format=torch.channels_last), None, None, None, None, 0.1, 1e-5, "identity", 0.0)),
         (torch.ops.tkernels.batch_norm_apply.default, (x, stats, p[0], p[1], None, None, True, 1e-5, "relu", 0.0)),

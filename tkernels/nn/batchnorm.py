@@ -39,26 +39,31 @@ class _BatchNormMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # (each parameter and buffer read once: every read goes through Module.__getattr__)
+        training, weight, bias = self.training, self.weight, self.bias
+        running_mean, running_var = self.running_mean, self.running_var
+        bn_training = training or (running_mean is None and running_var is None)
         # Buffers are passed only to be updated (training, tracked) or to normalise (eval).
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
         # Check before num_batches_tracked moves: bad input must leave the module untouched.
-        bn_ops.validate(input, running_mean, running_var, self.weight, self.bias, bn_training, 0.0, self.eps,
+        bn_ops.validate(input, running_mean, running_var, weight, bias, bn_training, 0.0, self.eps,
                         single_value_ok=self._single_value_ok())
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        return self._normalize(input, running_mean, running_var, bn_training, factor)
+        if training and self.track_running_stats:
+            batches = self.num_batches_tracked
+            if batches is not None:
+                batches.add_(1)
+                factor = 1.0 / float(batches) if self.momentum is None else self.momentum
+        return self._normalize(input, running_mean, running_var, weight, bias, bn_training, factor)
 
     def _single_value_ok(self) -> bool:
         return False
 
-    def _normalize(self, input: Tensor, running_mean, running_var, bn_training: bool, factor: float) -> Tensor:
-        return bn_ops.batch_norm_validated(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                           factor, self.eps, activation=self.activation)
+    def _normalize(self, input: Tensor, running_mean, running_var, weight, bias, bn_training: bool,
+                   factor: float) -> Tensor:
+        return bn_ops.batch_norm_validated(input, running_mean, running_var, weight, bias, bn_training, factor,
+                                           self.eps, activation=self.activation)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -103,12 +108,13 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
         self._check_non_zero_input_channels(input)
         return super().forward(input)
 
-    def _normalize(self, input: Tensor, running_mean, running_var, bn_training: bool, factor: float) -> Tensor:
+    def _normalize(self, input: Tensor, running_mean, running_var, weight, bias, bn_training: bool,
+                   factor: float) -> Tensor:
         sync = self._group() if bn_training else None
         if sync is None:
-            return super()._normalize(input, running_mean, running_var, bn_training, factor)
+            return super()._normalize(input, running_mean, running_var, weight, bias, bn_training, factor)
         group, world = sync
-        return SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
+        return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, self.eps, factor,
                                            self.activation.name, self.activation.param, group, world)
 
     @classmethod

@@ -19,6 +19,13 @@ computes x - mean and dz once for both halves (``reference.batch_norm.backward_l
 What backward keeps: x, the (5, C) statistics, and the parameters; the pre-activation z is
 recomputed from them. Keeping y instead (possible for relu) would not save any traffic: dx needs
 x_hat, hence x, anyway, so backward reads x and dy either way.
+
+The NumPy backend at small sizes, where fixed per-call costs outweigh the passes (issue 14):
+running stats move in place through NumPy views of the buffers (same tensors, same storage); a
+training forward that needs no gradient runs without the autograd.Function and the custom op
+(``_numpy_forward_only``) and builds no stats; a training forward of at most
+``KEEP_ROWS_MAX_NUMEL`` values leaves its float64 rows x - mean and z on the stats tensor for its
+backward (``_keep_rows``), which takes them if it is that forward's (same tensors, unchanged).
 """
 from __future__ import annotations
 
@@ -33,9 +40,10 @@ from torch import Tensor
 from .. import _backend
 from ..activations import ActivationLike, resolve_activation
 from ..reference import batch_norm as ref
+from ..reference._errstate import silent
 from ..reference.activations import epilogue_dtype
 from . import batch_norm_kernels as K
-from ._dispatch import custom_op, run_function
+from ._dispatch import custom_op, eager_device, run_function
 from ._common import (FLOAT_DTYPES, check_floating, check_triton_dtype, from_numpy, numpy_into, product_dtype,
                       to_numpy)
 
@@ -54,15 +62,14 @@ def _use_numpy(*tensors: Optional[Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------
 # NumPy-backend glue: the (5, C) stats layout <-> the reference's (count, mean, m2, invstd).
 # ---------------------------------------------------------------------------------------------
+@silent
 def _numpy_stats_rows(count, mean, m2, invstd, like: Tensor) -> Tensor:
-    """The (5, C) stats tensor of float64 statistics, built in its dtype (the NumPy backend runs on CPU)."""
-    dtype = np.float32 if _stats_dtype(like) == torch.float32 else np.float64
-    rows = np.empty((K.STATS_ROWS, np.shape(mean)[0]), dtype)
-    # inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and torch
-    # does not warn about either
-    with np.errstate(all="ignore"):
-        rows[0], rows[1], rows[3], rows[4] = count, mean, m2, invstd
-        rows[2] = mean - rows[1]  # the mean in two parts: its rounding (row 1), then the rest
+    """The (5, C) stats tensor of float64 statistics, built in its dtype (the NumPy backend runs on CPU).
+    Silent: inf - inf is NaN, as in the kernels, a float64 beyond float32's range rounds to inf, and
+    torch does not warn about either."""
+    rows = np.empty((K.STATS_ROWS, mean.shape[0]), np.float64 if like.dtype == torch.float64 else np.float32)
+    rows[0], rows[1], rows[3], rows[4] = count, mean, m2, invstd
+    np.subtract(mean, rows[1], out=rows[2])  # the mean in two parts: its rounding (row 1), then the rest
     return torch.from_numpy(rows)
 
 
@@ -88,18 +95,87 @@ def _numpy_mean_invstd(stats, running_mean, running_var, training: bool, eps: fl
     return to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps)
 
 
+# Training forwards of at most this many values keep their rows x - mean and z (float64, 16 bytes a
+# value) for backward, on the stats tensor that backward receives: at these sizes recomputing them
+# costs more in fixed per-call work than in passes, and the memory held until backward is small.
+KEEP_ROWS_MAX_NUMEL = FLOAT32_MIN_NUMEL
+_KEPT_ATTRIBUTE = "_tkernels_kept_rows"
+
+
+def _version(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t._version
+
+
+def _forward_key(input, weight, bias, stats, eps, activation, param) -> tuple:
+    """What kept rows were computed from: the tensors (compared by identity: the first three items),
+    their versions (an in-place change moves them) and the options."""
+    return (input, weight, bias, input._version, _version(weight), _version(bias), stats._version, eps, activation,
+            param)
+
+
+def _keep_rows(stats: Tensor, kept, input, weight, bias, eps, activation, param) -> None:
+    setattr(stats, _KEPT_ATTRIBUTE, (kept, _forward_key(input, weight, bias, stats, eps, activation, param)))
+
+
+def _kept_rows(stats: Tensor, input, weight, bias, eps, activation, param):
+    """The rows the training forward that returned `stats` kept (see KEEP_ROWS_MAX_NUMEL), taken off it
+    (backward consumes them: a second backward recomputes), if this backward is of that forward: the
+    same input and parameters, unchanged since, and the same options. Else None."""
+    entry = stats.__dict__.pop(_KEPT_ATTRIBUTE, None)
+    if entry is None:
+        return None
+    kept, key = entry
+    now = _forward_key(input, weight, bias, stats, eps, activation, param)
+    same = key[0] is now[0] and key[1] is now[1] and key[2] is now[2] and key[3:] == now[3:]
+    return kept if same else None
+
+
 def _numpy_dtype(t: Tensor):
     return np.float32 if t.dtype == torch.float32 else np.float64
 
 
+# dtypes whose CPU tensors the NumPy backend reads and writes through NumPy views (float64 results
+# are rounded to them once, to nearest, as torch's copy_ rounds); float16 and bfloat16 ones take copy_
+_VIEWED_DTYPES = (torch.float32, torch.float64)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _writable_view(t: Tensor) -> np.ndarray:
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
 def _numpy_update_running(running_mean, running_var, count, mean, m2, momentum: float) -> None:
+    """The running stats moved towards the batch's, in place. float32/float64 buffers (on the CPU: the
+    NumPy backend) are read and written through NumPy views, of any strides: the tensor objects and
+    storages stay the same, so state_dict entries and optimizer references keep pointing at them."""
     if running_mean is None:
         return
-    # (float32 buffers are read as they are: the reference converts both at once)
-    new_mean, new_var = ref.update_running(to_numpy(running_mean, _numpy_dtype(running_mean)),
-                                           to_numpy(running_var, _numpy_dtype(running_var)), count, mean, m2, momentum)
+    if running_mean.dtype in _VIEWED_DTYPES and running_var.dtype in _VIEWED_DTYPES:
+        views = (_writable_view(running_mean), _writable_view(running_var))
+        # float64 from the buffers' values, rounded once to their dtype on the way back
+        ref.update_running(*views, count, mean, m2, momentum, out=views)
+        return
+    new_mean, new_var = ref.update_running(to_numpy(running_mean), to_numpy(running_var), count, mean, m2, momentum)
     numpy_into(running_mean, new_mean)
     numpy_into(running_var, new_var)
+
+
+def _empty_output(input: Tensor) -> Optional[np.ndarray]:
+    """An empty array of input's shape and dtype for the reference's last pass to write into (the
+    output tensor is then made on it with torch.from_numpy, no copy), or None where it cannot: a
+    non-contiguous input (the output keeps its layout) or another dtype."""
+    dtype = _NUMPY_DTYPES.get(input.dtype)
+    if dtype is not None and input.is_contiguous():
+        return np.empty(input.shape, dtype)
+    return None
+
+
+def _numpy_param(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    """A per-channel parameter for the reference: float32 and float64 ones are viewed, not converted
+    (the reference computes its per-channel terms in float64, where float32 values are exact)."""
+    if t is not None and t.dtype in _VIEWED_DTYPES and t.is_cpu:
+        return (t.detach() if t.requires_grad else t).numpy()
+    return to_numpy(t)
 
 
 def _like_input(a, x: Tensor) -> Tensor:
@@ -156,6 +232,26 @@ def _numpy_batch_stats(input: Tensor, x: np.ndarray, running_mean, running_var, 
     count, mean, m2 = ref.channel_stats(x)
     _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
     return _numpy_stats_rows(count, mean, m2, ref.invstd_from_m2(count, m2, eps), input)
+
+
+@silent  # (one np.errstate for all the reference calls)
+def _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param, need_stats):
+    """batch_norm_train on the NumPy backend: statistics and y from one conversion of x; y from the
+    float64 statistics, the stats tensor holds them rounded as the kernels store them (None without
+    `need_stats`)."""
+    dtype = _compute_dtype(input, activation)
+    out = _empty_output(input)
+    keep = need_stats and input.numel() <= KEEP_ROWS_MAX_NUMEL
+    y, count, mean, m2, invstd, *kept = ref.train_forward(
+        to_numpy(input, dtype), _numpy_param(weight), _numpy_param(bias), eps, activation, param, dtype, out, keep)
+    _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
+    y = _like_input(y, input) if out is None else torch.from_numpy(out)
+    if not need_stats:
+        return y, None
+    stats = _numpy_stats_rows(count, mean, m2, invstd, input)
+    if keep and kept[0] is not None:
+        _keep_rows(stats, kept[0], input, weight, bias, eps, activation, param)
+    return y, stats
 
 
 @custom_op("tkernels::batch_norm_stats", mutates_args=("running_mean", "running_var"))
@@ -221,17 +317,14 @@ def _(input, stats, weight, bias, running_mean, running_var, training, eps, acti
 @custom_op("tkernels::batch_norm_train", mutates_args=("running_mean", "running_var"))
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                      running_var: Optional[Tensor], momentum: float, eps: float, activation: str,
-                     param: float) -> Tuple[Tensor, Tensor]:
+                     param: float, need_stats: bool = True) -> Tuple[Tensor, Tensor]:
     """Training forward in one launch: (y, stats (5, C)); running stats (if given) updated in place.
-    For non-empty inputs that ``K.single_launch_fits``; the result equals batch_norm_stats + apply."""
+    For non-empty inputs that ``K.single_launch_fits``; the result equals batch_norm_stats + apply.
+    Without `need_stats` (no backward will run) stats is empty: the NumPy backend then skips building it."""
     if _use_numpy(input):
-        # statistics and y from one conversion of x; y from the float64 statistics, the tensor
-        # holds them rounded as the kernels store them
-        dtype = _compute_dtype(input, activation)
-        y, count, mean, m2, invstd = ref.train_forward(to_numpy(input, dtype), to_numpy(weight), to_numpy(bias), eps,
-                                                       activation, param, dtype)
-        _numpy_update_running(running_mean, running_var, count, mean, m2, momentum)
-        return _like_input(y, input), _numpy_stats_rows(count, mean, m2, invstd, input)
+        y, stats = _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param,
+                                need_stats)
+        return y, (stats if need_stats else input.new_empty(_EMPTY))
     check_triton_dtype(OP, input)
     if not input.numel():
         raise ValueError(f"{OP}: the single-launch training forward needs a non-empty input, got shape "
@@ -244,12 +337,13 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                                              param), running_mean, running_var)
     if y is not out:
         out.copy_(y)
-    return out, stats
+    return out, (stats if need_stats else stats.new_empty(_EMPTY))
 
 
 @batch_norm_train.register_fake
-def _(input, weight, bias, running_mean, running_var, momentum, eps, activation, param):
-    return K.empty_like_dense(input), input.new_empty((K.STATS_ROWS, input.shape[1]), dtype=_stats_dtype(input))
+def _(input, weight, bias, running_mean, running_var, momentum, eps, activation, param, need_stats=True):
+    return K.empty_like_dense(input), input.new_empty((K.STATS_ROWS, input.shape[1]) if need_stats else _EMPTY,
+                                                      dtype=_stats_dtype(input))
 
 
 def _param_dtype(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> torch.dtype:
@@ -281,20 +375,32 @@ def _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var,
                     need_input, need_sums, out=None):
     """(dx or None, sum dz, sum dz * x_hat) on the NumPy backend, each tensor converted once; dx is
     written into the array `out` if given."""
+    kept = None
     if training:
         s = to_numpy(stats)
-        mean, invstd, count = s[1] + s[2], s[4], s[0]
+        kept = _kept_rows(stats, input, weight, bias, eps, activation, param)
+        # (one count for all channels, as a float: the reference's per-channel steps are then cheaper;
+        # the forward's rows hold x - mean already)
+        mean = None if kept is not None else s[1] + s[2]
+        invstd, count = s[4], float(s[0, 0]) if s.shape[1] else 0.0
     else:
         mean, invstd, count = to_numpy(running_mean), ref.invstd_from_var(to_numpy(running_var), eps), None
     dtype = _compute_dtype(input, activation)
-    return ref.backward_local(to_numpy(grad, dtype), to_numpy(input, dtype), mean, invstd, to_numpy(weight),
-                              to_numpy(bias), count, activation, param, need_input, need_sums, out, dtype)
+    # (with the forward's rows, x is read for its shape only: no float64 copy)
+    x = to_numpy(input, dtype if kept is None else _numpy_dtype(input))
+    return ref.backward_local(to_numpy(grad, dtype), x, mean, invstd, _numpy_param(weight), _numpy_param(bias), count,
+                              activation, param, need_input, need_sums, out, dtype, kept)
 
 
 def _numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias):
-    """(grad_weight, grad_bias) from the per-channel sums; unrequested ones empty."""
-    return (from_numpy(s_dzx, input, dtype=pdtype) if need_weight else input.new_empty(_EMPTY),
-            from_numpy(s_dz, input, dtype=pdtype) if need_bias else input.new_empty(_EMPTY))
+    """(grad_weight, grad_bias) from the per-channel sums (fresh float64 arrays, which a float64
+    gradient takes over); unrequested ones empty."""
+    viewed = _NUMPY_DTYPES.get(pdtype)
+    if viewed is None:  # (float16/bfloat16 parameters)
+        return (from_numpy(s_dzx, input, dtype=pdtype) if need_weight else input.new_empty(_EMPTY),
+                from_numpy(s_dz, input, dtype=pdtype) if need_bias else input.new_empty(_EMPTY))
+    return (torch.from_numpy(s_dzx.astype(viewed, copy=False)) if need_weight else input.new_empty(_EMPTY),
+            torch.from_numpy(s_dz.astype(viewed, copy=False)) if need_bias else input.new_empty(_EMPTY))
 
 
 @custom_op("tkernels::batch_norm_backward_reduce", mutates_args=())
@@ -354,13 +460,14 @@ def batch_norm_backward(grad: Tensor, input: Tensor, stats: Optional[Tensor], we
     pdtype = _param_dtype(input, weight, bias)
     if _use_numpy(input):
         # a contiguous float32/float64 dx is written by the last pass of the reference, not copied after it
-        direct = need_input and input.is_contiguous() and input.dtype in (torch.float32, torch.float64)
-        dx_out = torch.empty_like(input) if direct else None
+        dx_out = _empty_output(input) if need_input else None
         dx, s_dz, s_dzx = _numpy_backward(grad, input, stats, weight, bias, running_mean, running_var, training, eps,
-                                          activation, param, need_input, need_weight or need_bias,
-                                          dx_out.numpy() if direct else None)
-        return (dx_out if direct else (_like_input(dx, input) if need_input else input.new_empty(_EMPTY)),
-                *_numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias))
+                                          activation, param, need_input, need_weight or need_bias, dx_out)
+        if not need_input:
+            dx = input.new_empty(_EMPTY)
+        else:
+            dx = torch.from_numpy(dx_out) if dx_out is not None else _like_input(dx, input)
+        return dx, *_numpy_grad_params(s_dz, s_dzx, input, pdtype, need_weight, need_bias)
     sums, dw, db = None, input.new_empty(_EMPTY), input.new_empty(_EMPTY)
     if need_weight or need_bias or (need_input and training):
         sums, dw, db = _triton_backward_reduce(grad, input, stats, weight, bias, running_mean, running_var, training,
@@ -409,8 +516,10 @@ class BatchNormFunction(torch.autograd.Function):
         stats = None
         # (the NumPy backend takes the one-op forward at any size: one conversion of x, x - mean once)
         if training and (K.single_launch_fits(input.shape) or _use_numpy(input)):
-            y, stats = batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, activation,
-                                        param)
+            # stats are for backward: none runs when no input needs a gradient (as under torch.no_grad())
+            need_stats = any(ctx.needs_input_grad[:3])
+            y, stats = batch_norm_train.in_forward(input, weight, bias, running_mean, running_var, momentum, eps,
+                                                   activation, param, need_stats)
         else:
             if training:
                 stats = batch_norm_stats(input, running_mean, running_var, momentum, eps)
@@ -444,13 +553,15 @@ def _common_case(input, running_mean, running_var, weight, bias, training, momen
             and type(momentum) is float and type(eps) is float and (running_mean is None) == (running_var is None)
             and (running_mean is not None or training)):
         return False
-    shape, device = input.shape[1:2], input.device
+    shape, on_cpu = input.shape[1:2], input.is_cpu
+    device = None if on_cpu else input.device
     dtype = None
     for t in (running_mean, running_var, weight, bias):
         if t is None:
             continue
+        # (two CPU tensors share the device: is_cpu is cheaper than building t.device)
         if not (isinstance(t, Tensor) and t.shape == shape and (dtype is None or t.dtype == dtype)
-                and t.device == device):
+                and (t.is_cpu if on_cpu else t.device == device)):
             return False
         dtype = t.dtype
     if dtype is not None and dtype != input.dtype and not (dtype == torch.float32 and input.dtype in _MIXED_OK):
@@ -525,5 +636,31 @@ def batch_norm_validated(input: Tensor, running_mean: Optional[Tensor], running_
     C = input.shape[1]
     weight = weight.reshape(C) if weight is not None and weight.dim() != 1 else weight
     bias = bias.reshape(C) if bias is not None and bias.dim() != 1 else bias
+    if training and _numpy_forward_only(input, weight, bias):
+        return _numpy_forward_only_train(input, weight, bias, running_mean, running_var, float(momentum), float(eps),
+                                         act.name, float(act.param))
     return run_function(BatchNormFunction, input, weight, bias, running_mean, running_var, bool(training),
                         float(momentum), float(eps), act.name, float(act.param))
+
+
+_grad_enabled = torch.is_grad_enabled
+_increment_version = torch.autograd.graph.increment_version
+
+
+def _numpy_forward_only(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether a training call is a plain eager one (ops/_dispatch.py: no tracing, no dispatch mode) on
+    the NumPy backend that needs no gradient: its forward then runs without the autograd.Function and
+    the custom op around it, whose fixed costs small inputs notice (the op would run the same code)."""
+    if _grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                            or (bias is not None and bias.requires_grad)):
+        return False
+    return eager_device((input,)) == "cpu" and _use_numpy(input)
+
+
+def _numpy_forward_only_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param):
+    """batch_norm_train without stats, as its eager call would run it (running stats' versions bumped)."""
+    y, _ = _numpy_train(input, weight, bias, running_mean, running_var, momentum, eps, activation, param, False)
+    if running_mean is not None:
+        _increment_version(running_mean)
+        _increment_version(running_var)
+    return y

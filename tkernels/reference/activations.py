@@ -22,7 +22,8 @@ def identity_grad(saved, param=0.0):
 def relu(z, param=0.0, out=None):
     # against an array of zeros (one row, broadcast): NumPy's maximum with a scalar operand runs a
     # loop about half as fast
-    return np.maximum(z, np.zeros(np.shape(z)[-1:], np.result_type(z)), out=out)
+    z = np.asarray(z)
+    return np.maximum(z, np.zeros(z.shape[-1:], z.dtype), out=out)
 
 
 def relu_grad_from_output(y, param=0.0):

@@ -10,7 +10,9 @@ statistics towards the batch mean and the *unbiased* variance:
 Eval normalises with the running statistics. An activation, if any, follows the affine step:
 y = act(gamma * x_hat + beta).
 """
+import functools
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -150,49 +152,84 @@ def _channel_sum(rows, other=None):
     speed: a float64 einsum of float32 operands runs twice as slow), and those N partial sums in
     float64. Used for centred values and gradients, where float32 partials lose nothing visible."""
     if rows.dtype == np.float64:
+        n, channels, m = rows.shape
+        if m == 1:  # (N, C) rows: a product with a vector of ones (BLAS) costs less to set up than a
+            flat = rows.reshape(n, channels)  # reduction or an einsum, which small inputs notice
+            if other is not None:
+                flat = flat * other.reshape(n, channels)
+            return _ones(n) @ flat
         return np.einsum("ncm->c", rows) if other is None else np.einsum("ncm,ncm->c", rows, other)
     partial = np.einsum("ncm->nc", rows) if other is None else np.einsum("ncm,ncm->nc", rows, other)
     return np.add.reduce(partial, axis=0, dtype=np.float64)
 
 
+@functools.lru_cache(maxsize=64)
+def _ones(n):
+    """A read-only vector of n ones (np.ones costs more than the sums it serves at small sizes)."""
+    ones = np.ones(n)
+    ones.flags.writeable = False
+    return ones
+
+
 def _centered_stats(x, compute_dtype=np.float64):
-    """(count, mean, m2, rows, lo) per channel: rows = x - hi as (N, C * M) rows, where (hi, lo) is the
+    """(count, mean, m2, rows, lo): count is the number of values per channel (one float, the same for
+    every channel), mean and m2 per channel; rows = x - hi as (N, C * M) rows, where (hi, lo) is the
     mean split by :func:`_split_mean` (so x - mean = rows - lo); the rows are None for an empty batch."""
     rows = _rows_view(x, compute_dtype)
     n, channels, m = rows.shape
     count = n * m
     if count == 0:
         zeros = np.zeros(channels)
-        return np.zeros(channels), zeros, zeros.copy(), None, None
+        return 0.0, zeros, zeros.copy(), None, None
     # the sum of x accumulates in float64 throughout: float32 partial sums of values far from zero
     # (a mean of 1e4, a spread of 1e-2) would lose the spread (the other sums are of centred values)
-    mean = np.einsum("ncm->c", rows, dtype=np.float64) / count
+    mean = _channel_sum(rows) if rows.dtype == np.float64 else np.einsum("ncm->c", rows, dtype=np.float64)
+    mean /= count
     hi, lo = _split_mean(mean, compute_dtype)
     centered = rows.reshape(n, channels * m) - _spread(hi, m, compute_dtype)
     per_channel = centered.reshape(rows.shape)
     m2 = _channel_sum(per_channel, per_channel)
     if lo is not None:  # sum (x - hi)^2 = m2 + count * lo^2 (clamped: a constant channel may round below)
         m2 = np.maximum(m2 - count * lo * lo, 0.0)
-    return np.full(channels, float(count)), mean, m2, centered, lo
+    return float(count), mean, m2, centered, lo
 
 
 @silent
 def channel_stats(x):
     """(count, mean, m2) per channel: m2 is the sum of squared deviations from the mean."""
-    return _centered_stats(x)[:3]
+    count, mean, m2 = _centered_stats(x)[:3]
+    return np.full(np.shape(mean), count), mean, m2
+
+
+class KeptRows(NamedTuple):
+    """What a training forward computed that its backward computes again (:func:`backward_local`'s
+    `kept`): the rows x - hi and the pre-activation z, (N, C * M) arrays, and lo (see _centered_stats)."""
+    centered: np.ndarray
+    z: np.ndarray
+    lo: Optional[np.ndarray]
 
 
 @silent
 def train_forward(x, weight=None, bias=None, eps=1e-5, activation="identity", param=0.0,
-                  compute_dtype=np.float64):
+                  compute_dtype=np.float64, out=None, keep=False):
     """Training forward of one process from its own statistics: (y, count, mean, m2, invstd), with
     x - mean computed once, for m2 and for y (= :func:`normalize` with these statistics). y is of
-    `compute_dtype`; the statistics are float64."""
+    `compute_dtype`, or is `out` when given: a C-ordered array of x's shape (of any float dtype) that
+    the last pass writes, saving a copy. The statistics are float64; count, the number of values per
+    channel, is one float. With `keep`, a sixth item: the :class:`KeptRows` for backward (None for an
+    empty batch); z then takes an array of its own instead of x - hi's."""
     count, mean, m2, centered, lo = _centered_stats(x, compute_dtype)
     invstd = _invstd_from_m2(count, m2, eps)
     if centered is None:  # an empty batch
-        return normalize(x, mean, invstd, weight, bias, activation, param), count, mean, m2, invstd
-    return _scale_shift(centered, invstd, weight, bias, activation, param, x, lo), count, mean, m2, invstd
+        y = normalize(x, mean, invstd, weight, bias, activation, param)
+        if out is not None:
+            out[...] = y
+            y = out
+        return (y, count, mean, m2, invstd) + ((None,) if keep else ())
+    if not keep:
+        return _scale_shift(centered, invstd, weight, bias, activation, param, x, lo, out), count, mean, m2, invstd
+    y, z = _scale_shift(centered, invstd, weight, bias, activation, param, x, lo, out, keep=True)
+    return y, count, mean, m2, invstd, KeptRows(centered, z, lo)
 
 
 @silent
@@ -211,16 +248,26 @@ def merge_stats(counts, means, m2s):
 
 
 @silent
-def update_running(running_mean, running_var, count, mean, m2, momentum):
-    """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0."""
-    count = np.asarray(count, np.float64)
-    running = np.array([running_mean, running_var], np.float64)  # (2, C): both moved in one pass
-    batch = np.array([mean, np.asarray(m2, np.float64) / (count - 1.0)], np.float64)
-    new = (1.0 - momentum) * running + momentum * batch
-    seen = count > 0
-    if not seen.all():
-        new = np.where(seen, new, running)
-    return new[0], new[1]
+def update_running(running_mean, running_var, count, mean, m2, momentum, out=None):
+    """New running (mean, var) from merged statistics (unbiased variance); unchanged where count is 0.
+    `count`: values per channel, one float for all or one per channel. Computed in float64; `out`, a
+    pair of arrays (the running ones themselves may be given), receives the results, rounded once to
+    their dtype, and is returned."""
+    if not isinstance(count, float):
+        count = np.asarray(count, np.float64)
+    running = np.array((running_mean, running_var), np.float64)  # (2, C): both move in one pass
+    batch = np.empty_like(running)
+    batch[0] = mean
+    np.divide(m2, count - 1.0, out=batch[1])
+    batch *= momentum
+    new = running * (1.0 - momentum)
+    new += batch
+    if not isinstance(count, float) or count <= 0:  # where a batch was empty the running stats stay
+        new = np.where(count > 0, new, running)
+    if out is None:
+        return new[0], new[1]
+    out[0][...], out[1][...] = new
+    return out
 
 
 def _shift(bias, lo, scale):
@@ -230,19 +277,30 @@ def _shift(bias, lo, scale):
     return -lo * scale if bias is None else np.asarray(bias, np.float64) - lo * scale
 
 
-def _scale_shift(centered, invstd, weight, bias, activation, param, x, lo=None):
-    """act((centered - lo) * gamma * invstd + beta) in centered's memory, shaped as x."""
-    m = _positions(x)
+def _scale_shift(centered, invstd, weight, bias, activation, param, x, lo=None, out=None, keep=False):
+    """act((centered - lo) * gamma * invstd + beta), shaped as x, written into `out` (a C-ordered array
+    of x's shape) if given; built in centered's memory, or with `keep` in a fresh z, centered left as
+    it was: then (y, z), z the pre-activation rows. gamma and beta may be float32 (they are exact in
+    float64, which the per-channel terms are computed in)."""
+    shape = np.shape(x)
+    m = math.prod(shape[2:])
     scale = np.asarray(invstd, np.float64)
     if weight is not None:
-        scale = np.asarray(weight, np.float64) * scale
-    centered *= _spread(scale, m, centered.dtype)
+        scale = np.multiply(scale, weight)  # (float64: the float32 weight is promoted)
+    z = np.multiply(centered, _spread(scale, m, centered.dtype), out=None if keep else centered)
     shift = _shift(bias, lo, scale)
     if shift is not None:
-        centered += _spread(shift, m, centered.dtype)
+        z += _spread(shift, m, z.dtype)
+    rows = None if out is None else out.reshape(z.shape)
     if activation == "relu":  # in place: a fresh array of x's size costs more than the pass itself
-        return relu(centered, out=centered).reshape(np.shape(x))
-    return ACTIVATIONS[activation][0](centered, param).reshape(np.shape(x))
+        y = relu(z, out=rows if rows is not None else (None if keep else z))
+    else:
+        y = ACTIVATIONS[activation][0](z, param)  # (identity: z itself)
+        if rows is not None:
+            rows[...] = y
+            y = rows
+    y = y.reshape(shape)
+    return (y, z) if keep else y
 
 
 @silent
@@ -251,22 +309,28 @@ def normalize(x, mean, invstd, weight=None, bias=None, activation="identity", pa
     return _scale_shift(_flat(x) - _spread(mean, _positions(x)), invstd, weight, bias, activation, param, x)
 
 
-def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype=np.float64):
+def _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype=np.float64,
+                     kept=None):
     """(x - hi, dz, lo) with (hi, lo) the mean split by :func:`_split_mean`, as (N, C * M) rows:
-    dz = dy * act'(z), z = gamma * invstd * (x - mean) + beta recomputed as the forward computed it.
+    dz = dy * act'(z), z = gamma * invstd * (x - mean) + beta recomputed as the forward computed it,
+    or taken with x - hi from the forward's :class:`KeptRows` `kept`.
     x_hat = invstd * (x - mean) is never formed: the sums and dx apply invstd per channel instead,
     which saves a pass over the values."""
     m = _positions(x)
-    hi, lo = _split_mean(mean, compute_dtype)
-    centered = _flat(x, compute_dtype) - _spread(hi, m, compute_dtype)
     dz = _flat(grad_y, compute_dtype)
+    if kept is not None:
+        centered, z, lo = kept
+    else:
+        hi, lo = _split_mean(mean, compute_dtype)
+        centered = _flat(x, compute_dtype) - _spread(hi, m, compute_dtype)
     if activation != "identity":  # act' is 1 everywhere for identity
-        invstd = np.asarray(invstd, np.float64)
-        scale = invstd if weight is None else np.asarray(weight, np.float64) * invstd
-        z = centered * _spread(scale, m, compute_dtype)
-        shift = _shift(bias, lo, scale)
-        if shift is not None:
-            z += _spread(shift, m, compute_dtype)
+        if kept is None:
+            invstd = np.asarray(invstd, np.float64)
+            scale = invstd if weight is None else np.multiply(invstd, weight)
+            z = centered * _spread(scale, m, compute_dtype)
+            shift = _shift(bias, lo, scale)
+            if shift is not None:
+                z += _spread(shift, m, compute_dtype)
         derivative = ACTIVATIONS[activation][1](z, param)  # a fresh array: dz is built in it
         dz = np.multiply(dz, derivative, out=derivative)
     return centered, dz, lo
@@ -288,16 +352,17 @@ def _input_grad(centered, dz, lo, invstd, weight, sum_dz, sum_dz_xhat, count, m,
     dx = gamma * invstd * dz."""
     invstd = np.asarray(invstd, np.float64)
     dtype = centered.dtype
-    scale = _spread(invstd if weight is None else np.asarray(weight, np.float64) * invstd, m, dtype)
+    scale = _spread(invstd if weight is None else np.multiply(invstd, weight), m, dtype)
     if sum_dz is None:
         return np.multiply(dz, scale, out=out)
-    count = np.maximum(np.asarray(count, np.float64), 1.0)
+    count = max(count, 1.0) if isinstance(count, float) else np.maximum(np.asarray(count, np.float64), 1.0)
     # dx = scale * (dz - sum_dz / count - x_hat * sum_dz_xhat / count), x_hat = invstd * (centered - lo)
     dx = centered
-    slope = -invstd * np.asarray(sum_dz_xhat, np.float64) / count
+    slope = np.multiply(invstd, sum_dz_xhat, dtype=np.float64)
+    slope /= -count
     dx *= _spread(slope, m, dtype)
     dx += dz
-    offset = np.asarray(sum_dz, np.float64) / count
+    offset = np.divide(sum_dz, count, dtype=np.float64)
     dx -= _spread(offset if lo is None else offset + lo * slope, m, dtype)
     return np.multiply(dx, scale, out=dx if out is None else out)
 
@@ -321,13 +386,16 @@ def backward_input(grad_y, x, mean, invstd, weight=None, bias=None, sum_dz=None,
 
 @silent
 def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, activation="identity", param=0.0,
-                   need_input=True, need_sums=True, out=None, compute_dtype=np.float64):
+                   need_input=True, need_sums=True, out=None, compute_dtype=np.float64, kept=None):
     """(dx, sum dz, sum dz * x_hat) of one process: :func:`backward_reduce` then :func:`backward_input`
     from one x - mean and dz. Training when `count` (values per channel) is given, eval (constant
     statistics) when it is None; what is not needed comes back as None. `out`, a C-ordered array of
     x's shape (of any float dtype), receives dx: the last pass writes it, saving a copy. The elementwise
-    passes run in `compute_dtype` (dx is of that dtype without `out`), the sums in float64."""
-    centered, dz, lo = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype)
+    passes run in `compute_dtype` (dx is of that dtype without `out`), the sums in float64. `kept`, the
+    :class:`KeptRows` of the training forward of this x with these statistics, parameters and
+    activation, stands in for x - mean and z; its rows are consumed (dx is built in them)."""
+    centered, dz, lo = _centered_and_dz(grad_y, x, mean, invstd, weight, bias, activation, param, compute_dtype,
+                                        kept)
     sum_dz = sum_dz_xhat = dx = None
     if need_sums or (need_input and count is not None):
         sum_dz, sum_dz_xhat = _channel_sums(centered, dz, lo, invstd, np.shape(x))
@@ -339,8 +407,10 @@ def backward_local(grad_y, x, mean, invstd, weight=None, bias=None, count=None, 
 
 
 def _invstd_from_m2(count, m2, eps):
-    count = np.asarray(count, np.float64)
-    return 1.0 / np.sqrt(np.asarray(m2, np.float64) / np.maximum(count, 1.0) + eps)
+    values = max(count, 1.0) if isinstance(count, float) else np.maximum(count, 1.0)  # (0: none)
+    variance = np.divide(m2, values, dtype=np.float64)  # biased: over count values
+    variance += eps
+    return np.reciprocal(np.sqrt(variance, out=variance), out=variance)
 
 
 @silent
