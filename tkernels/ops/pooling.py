@@ -24,7 +24,7 @@ from .. import _backend
 from ..reference import pooling as ref
 from ._dispatch import custom_op, run_function
 from ._common import (ARCHS, KernelSpec, Tuned, cdiv, check_floating, check_triton_dtype, config, from_numpy,
-                      register_kernel, suggests_channels_last, to_numpy)
+                      product_dtype, register_kernel, suggests_channels_last, to_numpy)
 
 IntPair = List[int]
 _EMPTY = (0,)
@@ -333,7 +333,9 @@ def max_pool2d_forward(x: Tensor, kernel_size: List[int], stride: List[int], pad
     indices = (new_pooled(x, shape, channels_last, torch.int64) if need_indices
                else x.new_empty(_EMPTY, dtype=torch.int64))
     if _backend.resolve("max_pool2d", x) == "numpy":
-        y_np, idx_np = ref.max_pool2d_forward(to_numpy(x), kernel_size, stride, padding, dilation, ceil_mode)
+        # (float32 input computed in float32: the maximum is exact, and x is not converted)
+        y_np, idx_np = ref.max_pool2d_forward(to_numpy(x, product_dtype(x)), kernel_size, stride, padding, dilation,
+                                              ceil_mode, compute_dtype=product_dtype(x))
         copy_into(y, y_np)
         if need_indices:
             indices.copy_(torch.from_numpy(idx_np))

@@ -17,6 +17,9 @@ Semantics follow torch's documentation and behaviour:
     padded input (count_include_pad) or by the number of in-bounds taps;
   * adaptive windows are [floor(o*In/Out), ceil((o+1)*In/Out)).
 """
+import functools
+from typing import NamedTuple, Tuple
+
 import numpy as np
 
 from ._errstate import silent
@@ -52,34 +55,63 @@ def _padded_extent(size, out, kernel, stride, padding, dilation):
     return padding, max(last - (size - 1), 0)
 
 
-def _windows(x, kernel_size, stride, padding, dilation, ceil_mode, fill):
-    """One entry per kernel tap, in scan order (rows, then columns): (values (N, C, OH, OW), a view
-    of the input padded with `fill`; valid (OH, OW), false where the tap reads padding; flat input
-    index h * W + w (OH, OW)). Also returns (OH, OW)."""
-    N, C, H, W = x.shape
+class _Geometry(NamedTuple):
+    """Where the windows of one pooling configuration read, independent of the values (cached):
+    (OH, OW); the padding (top, bottom, left, right) that makes every tap an index; per tap in scan
+    order (rows, then columns): (row slice, column slice) of the padded input, valid (OH, OW), false
+    where the tap reads padding, and its flat input index h * W + w (OH, OW)."""
+    out: Tuple[int, int]
+    padding: Tuple[int, int, int, int]
+    taps: tuple
+    all_valid: bool  # no tap of any window reads padding
+    flat: np.ndarray  # (T, OH, OW): every tap's flat indices, stacked
+    no_tap: np.ndarray  # (OH, OW): windows that read padding only
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(H, W, kernel_size, stride, padding, dilation, ceil_mode) -> _Geometry:
     (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     OH = output_size(H, kh_, sh, ph, dh, ceil_mode)
     OW = output_size(W, kw_, sw, pw, dw, ceil_mode)
     pad_h, pad_w = _padded_extent(H, OH, kh_, sh, ph, dh), _padded_extent(W, OW, kw_, sw, pw, dw)
-    xp = padded(x, pad_h + pad_w, fill)
     taps = []
     for i, rows, row_ok in _taps(H, OH, kh_, sh, ph, dh):
         for j, cols, col_ok in _taps(W, OW, kw_, sw, pw, dw):
-            values = xp[:, :, _every(i * dh, sh, OH), _every(j * dw, sw, OW)]
-            taps.append((values, row_ok[:, None] & col_ok[None, :], rows[:, None] * W + cols[None, :]))
-    return taps, (OH, OW)
+            taps.append(((_every(i * dh, sh, OH), _every(j * dw, sw, OW)), _frozen(row_ok[:, None] & col_ok[None, :]),
+                         _frozen(rows[:, None] * W + cols[None, :])))
+    valid = [v for _, v, _ in taps]
+    return _Geometry((OH, OW), pad_h + pad_w, tuple(taps), all(v.all() for v in valid),
+                     _frozen(np.stack([f for _, _, f in taps])), _frozen(~np.any(valid, axis=0)))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False  # (cached: shared by every call of its configuration)
+    return a
+
+
+def _windows(x, kernel_size, stride, padding, dilation, ceil_mode, fill):
+    """One entry per kernel tap, in scan order (rows, then columns): (values (N, C, OH, OW), a view
+    of the input padded with `fill`; valid (OH, OW); flat input index (OH, OW)). Also returns the
+    geometry (see :class:`_Geometry`)."""
+    N, C, H, W = x.shape
+    geometry = _geometry(H, W, *map(tuple, (kernel_size, stride, padding, dilation)), bool(ceil_mode))
+    xp = padded(x, geometry.padding, fill)
+    return [(xp[:, :, rows, cols], valid, flat) for (rows, cols), valid, flat in geometry.taps], geometry
 
 
 # ---------------------------------------------------------------------------------------------
 # Max pooling
 # ---------------------------------------------------------------------------------------------
 @silent
-def max_pool2d_forward(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
-    """x: (N, C, H, W) -> (y (N, C, OH, OW), indices (N, C, OH, OW) int64, flat h*W + w)."""
-    x = np.asarray(x, np.float64)
+def max_pool2d_forward(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False,
+                       compute_dtype=np.float64):
+    """x: (N, C, H, W) -> (y (N, C, OH, OW), indices (N, C, OH, OW) int64, flat h*W + w).
+    y is of `compute_dtype` (float32 input may stay float32: a maximum is one of its inputs, exact)."""
+    x = np.asarray(x, compute_dtype)
     N, C, H, W = x.shape
     (_, _), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    taps, (OH, OW) = _windows(x, kernel_size, stride, padding, dilation, ceil_mode, -np.inf)
+    taps, geometry = _windows(x, kernel_size, stride, padding, dilation, ceil_mode, -np.inf)
+    OH, OW = geometry.out
     # Whole-array passes, one per tap (NumPy's argmax over a short tap axis is several times
     # slower). np.maximum propagates NaN; padding is -inf, so it never wins over an input value.
     y = taps[0][0]
@@ -88,18 +120,17 @@ def max_pool2d_forward(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), 
     # the index is that of the first tap holding the maximum; padding only ties where every
     # in-bounds value is -inf, and then the first in-bounds tap wins
     tap = np.zeros(y.shape, np.intp)
-    padded = not all(valid.all() for _, valid, _ in taps)
-    for t in reversed(range(len(taps))):
+    for t in reversed(range(len(taps))):  # (an earlier tap overwrites: the first maximum wins)
         values, valid, _ = taps[t]
-        tap = np.where((values == y) & valid if padded else values == y, t, tap)
+        np.copyto(tap, t, where=values == y if geometry.all_valid else (values == y) & valid)
     if np.isnan(y).any():  # a window holding NaN gives the index of its last NaN
         for t, (values, _, _) in enumerate(taps):
             tap = np.where(np.isnan(values), t, tap)
-    flat = np.stack([f for _, _, f in taps])  # (T, OH, OW): indices[n, c, oh, ow] = flat[tap, oh, ow]
-    indices = flat.ravel()[tap * (OH * OW) + np.arange(OH * OW).reshape(OH, OW)]
+    # indices[n, c, oh, ow] = flat[tap, oh, ow]
+    indices = geometry.flat.ravel()[tap * (OH * OW) + np.arange(OH * OW).reshape(OH, OW)]
     # a window whose taps are all padding keeps torch's start index: its first tap moved
     # forward by whole dilation steps until it is no longer negative
-    no_tap = ~np.any([valid for _, valid, _ in taps], axis=0)
+    no_tap = geometry.no_tap
     if no_tap.any():
         h0 = np.arange(OH) * sh - ph
         w0 = np.arange(OW) * sw - pw
@@ -119,7 +150,7 @@ def max_pool2d_backward(grad_y, indices, input_shape, kernel_size=None, stride=N
     """
     grad_y = np.asarray(grad_y, np.float64)
     N, C, H, W = input_shape
-    if kernel_size is not None:
+    if kernel_size is not None and any(padding):  # (without padding every window reads the input)
         OH, OW = grad_y.shape[2:]
         rows = np.zeros(OH, bool)
         cols = np.zeros(OW, bool)
@@ -165,7 +196,8 @@ def avg_pool2d_forward(x, kernel_size, stride, padding=(0, 0), ceil_mode=False, 
                        divisor_override=None):
     x = np.asarray(x, np.float64)
     N, C, H, W = x.shape
-    taps, (OH, OW) = _windows(x, kernel_size, stride, padding, (1, 1), ceil_mode, 0.0)
+    taps, geometry = _windows(x, kernel_size, stride, padding, (1, 1), ceil_mode, 0.0)
+    OH, OW = geometry.out
     divisor, touches = _avg_divisors(H, W, OH, OW, kernel_size, stride, padding, count_include_pad,
                                      divisor_override)
     total = np.zeros((N, C, OH, OW))
