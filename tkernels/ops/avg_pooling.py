@@ -263,8 +263,8 @@ class AvgPool2dFunction(torch.autograd.Function):
                 count_include_pad: bool, divisor_override: Optional[int], channels_last: bool):
         ctx.args = (list(x.shape), kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
                     channels_last)
-        return avg_pool2d_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                  divisor_override, channels_last)
+        return avg_pool2d_forward.in_forward(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                             divisor_override, channels_last)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -337,7 +337,7 @@ class AdaptiveAvgPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, output_size: IntPair, channels_last: bool):
         ctx.args = (list(x.shape), channels_last)
-        return adaptive_avg_pool2d_forward(x, output_size, channels_last)
+        return adaptive_avg_pool2d_forward.in_forward(x, output_size, channels_last)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):

@@ -522,9 +522,9 @@ class BatchNormFunction(torch.autograd.Function):
                                                    activation, param, need_stats)
         else:
             if training:
-                stats = batch_norm_stats(input, running_mean, running_var, momentum, eps)
-            y = batch_norm_apply(input, stats, weight, bias, running_mean, running_var, training, eps, activation,
-                                 param)
+                stats = batch_norm_stats.in_forward(input, running_mean, running_var, momentum, eps)
+            y = batch_norm_apply.in_forward(input, stats, weight, bias, running_mean, running_var, training, eps,
+                                            activation, param)
         if training:
             running_mean = running_var = None  # normalisation used the batch stats; nothing else to keep
         ctx.save_for_backward(input, weight, bias, stats, running_mean, running_var)

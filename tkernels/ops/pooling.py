@@ -382,8 +382,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair,
                 ceil_mode: bool, channels_last: bool, return_indices: bool):
         need_indices = return_indices or ctx.needs_input_grad[0]
-        y, indices = max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode,
-                                        channels_last, need_indices)
+        y, indices = max_pool2d_forward.in_forward(x, kernel_size, stride, padding, dilation, ceil_mode,
+                                                   channels_last, need_indices)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
         ctx.args = (list(x.shape), kernel_size, stride, padding, dilation, channels_last)
