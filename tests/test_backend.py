@@ -42,7 +42,7 @@ def test_auto_resolution_here():
 
 
 def test_numpy_backend_refuses_cuda_tensors():
-    fake_cuda = SimpleNamespace(device=torch.device("cuda"))
+    fake_cuda = SimpleNamespace(device=torch.device("cuda"), is_cuda=True)  # (what resolve reads of a tensor)
     with tkernels.use_backend("numpy"), pytest.raises(RuntimeError, match="numpy backend runs on CPU tensors only"):
         _backend.resolve("linear", fake_cuda)
 

@@ -93,14 +93,18 @@ def resolve(op: str, *tensors: torch.Tensor | None) -> str:
         return "triton"
     if choice == "auto" and tensors and tensors[0] is not None and tensors[0].is_cuda:
         return "triton"
-    devices = {t.device.type for t in tensors if t is not None}
-    on_cuda = "cuda" in devices
+    on_cuda = False
+    for t in tensors:  # (a loop, not a set of device types: this runs on every NumPy-backend call)
+        if t is not None and t.is_cuda:
+            on_cuda = True
+            break
     if choice == "auto":
         return "triton" if on_cuda else "numpy"
     if choice == "triton":
         if not on_cuda and not INTERPRET:
+            devices = sorted({t.device.type for t in tensors if t is not None})
             raise RuntimeError(
-                f"{op}: the triton backend needs CUDA tensors, but got tensors on {sorted(devices)}. "
+                f"{op}: the triton backend needs CUDA tensors, but got tensors on {devices}. "
                 "To run the Triton kernels on CPU tensors, set TRITON_INTERPRET=1 in the environment "
                 "before importing tkernels (Triton's interpreter), or use the 'numpy' backend."
             )
