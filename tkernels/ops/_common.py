@@ -376,6 +376,12 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # dtypes NumPy can view directly: a CPU tensor of one of these converts in one NumPy cast
 _NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.float16)
+
+
+def numpy_view(t: torch.Tensor) -> Optional[np.ndarray]:
+    """A NumPy view of a CPU tensor's memory (written through by callers that mean to), or None for
+    one NumPy cannot view (bfloat16, CUDA)."""
+    return t.detach().numpy() if t.is_cpu and t.dtype in _NUMPY_VIEWABLE else None
 _TORCH_DTYPES = {np.float64: torch.float64, np.float32: torch.float32}
 
 

@@ -51,7 +51,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import optim as ref
 from ._dispatch import custom_op
-from ._common import (KernelSpec, cdiv, check_triton_dtype, config, current_arch, register_kernel,
+from ._common import (KernelSpec, cdiv, check_triton_dtype, config, current_arch, numpy_view, register_kernel,
                       to_numpy)
 
 # Table layout (int64 words; the kernels index rows with these literal field numbers).
@@ -518,20 +518,12 @@ def _numpy_skipped(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and float(found_inf) != 0.0
 
 
-_NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.float16)
-
-
-def _numpy_view(t: Tensor) -> Optional[np.ndarray]:
-    """A NumPy view of a CPU tensor's memory, or None for one NumPy cannot view (bfloat16, CUDA)."""
-    return t.detach().numpy() if t.is_cpu and t.dtype in _NUMPY_VIEWABLE else None
-
-
 def _numpy_gather(tensors: List[Tensor]) -> np.ndarray:
     """The tensors flattened into one float64 array: the NumPy backend's step runs once per batch of
     params (the update is elementwise), not once per param with a conversion each."""
     if len(tensors) == 1:
         return to_numpy(tensors[0]).reshape(-1)
-    views = [_numpy_view(t) for t in tensors]
+    views = [numpy_view(t) for t in tensors]
     if all(v is not None for v in views):  # (one NumPy concatenate: no torch.cat, no second conversion)
         return np.concatenate([v.reshape(-1) for v in views], dtype=np.float64)
     return to_numpy(torch.cat([t.detach().reshape(-1) for t in tensors]))
@@ -545,7 +537,7 @@ def _numpy_scatter(values: np.ndarray, tensors: List[Tensor]) -> None:
         n = t.numel()
         part = values[offset:offset + n].reshape(t.shape)
         offset += n
-        view = _numpy_view(t)
+        view = numpy_view(t)
         if view is not None:
             np.copyto(view, part, casting="same_kind")
         else:
