@@ -76,3 +76,24 @@ def test_cli_writes_json_and_csv(tmp_path, capsys):
 def test_the_cuda_wall_measurement_refuses_the_interpreter():
     with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=unset"):
         ho.run(ho.CUDA_WALL, only=["ReLU"])
+
+
+def test_host_floor_calls_compute_what_they_stand_for():
+    """benchmarks/host_floor.py times the least a Python op can do; its calls must still be the real
+    launches (run here, unstubbed, through the interpreter), or the floor would understate the cost."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "host_floor.py"
+    spec = importlib.util.spec_from_file_location("host_floor", path)
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    torch.manual_seed(0)
+    layer, x = floor._FloorLinearModule(16, 8), torch.randn(4, 16)
+    with tkernels.use_backend("triton"):
+        y = layer(x)
+        logits, labels = torch.randn(4, 10), torch.randint(0, 10, (4,))
+        loss = floor._floor_cross_entropy(logits, labels)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert y.requires_grad  # built through autograd.Function.apply, as a real layer's output
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels), rtol=1e-5, atol=1e-6)
