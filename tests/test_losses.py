@@ -247,6 +247,23 @@ def test_negative_or_nan_label_smoothing_smooths_nothing_like_torch(backend, smo
     expect_kernels("cross_entropy_forward_kernel", "cross_entropy_backward_kernel")
 
 
+@pytest.mark.parametrize("smoothing", [float("nan"), -0.5])
+def test_the_ops_smooth_nothing_for_nan_or_negative_smoothing_on_both_backends(backend, smoothing):
+    """The custom ops themselves (called directly, past the public checks) treat a smoothing that is
+    not > 0 as none, on either backend, forward and backward."""
+    dev = device_for(backend)
+    x = torch.randn(4, 6, device=dev)
+    t = _index_target(x)
+    loss, stats = torch.ops.tkernels.cross_entropy(x, t, None, "mean", -100, smoothing)
+    grad = torch.tensor(1.3, device=dev)
+    dx, _ = torch.ops.tkernels.cross_entropy_backward(grad, x, t, None, stats, "mean", -100, smoothing, False, "")
+    xd = x.double().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(xd, t)
+    assert_close(loss, expected, reduction=6)
+    assert_close(dx, torch.autograd.grad(expected, xd, grad.double())[0], reduction=6)
+    expect_kernels("cross_entropy_forward_kernel", "cross_entropy_backward_kernel")
+
+
 def test_legacy_size_average_and_reduce(backend):
     x = torch.randn(4, 6, device=device_for(backend))
     t = _index_target(x)

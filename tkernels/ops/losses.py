@@ -403,6 +403,13 @@ def _class_stride(t: Tensor, prob: bool) -> int:
     return t.stride(1) if prob else 0
 
 
+def _smoothing(label_smoothing: float) -> float:
+    """The smoothing applied: as torch's, a value that is not > 0 (negative, -0.0, NaN) smooths nothing.
+    The public function checks the upper bound; the ops take any float, and both backends agree."""
+    value = float(label_smoothing)
+    return value if value > 0.0 else 0.0
+
+
 def _stats_size(rows: int) -> int:
     """Length of the fp32 statistics the forward keeps for backward: [lse (rows) | B (rows) | divisor |
     targets ok]."""
@@ -422,7 +429,7 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
         # The reference checks the class indices itself (torch's IndexError). Its backward recomputes
         # everything from x, so the saved statistics stay unused.
         loss = ref.cross_entropy(to_numpy(x), target.numpy() if not prob else to_numpy(target),
-                                 to_numpy(weight), ignore_index, reduction, label_smoothing)
+                                 to_numpy(weight), ignore_index, reduction, _smoothing(label_smoothing))
         stats = np.zeros(_stats_size(rows), np.float32)  # (built in NumPy: a tensor setitem costs microseconds)
         stats[2 * rows:] = 1.0  # divisor, targets ok
         loss = from_numpy(loss, x)
@@ -450,7 +457,7 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], r
     # per-program partials: (loss, weight, bad-target count) rows, those this launch needs
     finish = not one_program and (reduce or check)
     parts = x.new_empty((3, n_parts), dtype=torch.float32) if finish else None
-    eps = max(float(label_smoothing), 0.0)
+    eps = _smoothing(label_smoothing)
     kernel, meta = _CE_FORWARD.launcher(x)
     kernel[grid](x, target, weight if weight is not None else x,
                  parts[0] if reduce and parts is not None else loss, parts[1] if reduce and parts is not None else loss,
@@ -484,7 +491,7 @@ def cross_entropy_backward(grad: Tensor, x: Tensor, target: Tensor, weight: Opti
     if backward_backend("cross_entropy", backend, x) == "numpy":
         dx, dt = ref.cross_entropy_backward(to_numpy(grad), to_numpy(x),
                                             to_numpy(target) if prob else target.numpy(),
-                                            to_numpy(weight), ignore_index, reduction, label_smoothing)
+                                            to_numpy(weight), ignore_index, reduction, _smoothing(label_smoothing))
         dt_out = numpy_into(torch.empty_like(x, dtype=target.dtype), dt) if need_target else x.new_empty(_EMPTY)
         return numpy_into(torch.empty_like(x), dx), dt_out
     dx = torch.empty_like(x)
@@ -517,7 +524,7 @@ def _launch_ce_backward(plan, grad, x, target, weight, stats, dx, dt, reduction,
     per_row = reduction == "none"
     g_strides = plan.strides[3] if per_row else (0, 0, 0)
     kernel, meta = _CE_BACKWARD.launcher(x)
-    eps = max(float(label_smoothing), 0.0)
+    eps = _smoothing(label_smoothing)
     kernel[plan.grid](grad, x, target, weight if weight is not None else x, stats, dx,
                       dt if need_target else dx, *plan.launch_args(), plan.n_rows, *g_strides,
                       *plan.strides[0], x.stride(1), *plan.strides[1], _class_stride(target, prob),
@@ -624,7 +631,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     label_smoothing = float(label_smoothing)
     if label_smoothing > 1.0:
         raise RuntimeError(f"{op}: label_smoothing must be between 0.0 and 1.0, but got {label_smoothing}")
-    label_smoothing = label_smoothing if label_smoothing > 0.0 else 0.0  # as torch: negative or NaN smooths nothing
+    label_smoothing = _smoothing(label_smoothing)
     batched = input.dim() >= 2
     n_classes = input.shape[1] if batched else input.shape[0]
     if n_classes == 0:
