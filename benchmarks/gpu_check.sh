@@ -64,7 +64,9 @@ step() {
     fi
     echo "== $(date +%T) $name (timeout ${limit}s): $*" | tee -a "$OUT/logs/steps.log"
     t0=$(date +%s)
-    timeout -k 10 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+    # SIGINT, not timeout's default SIGTERM: pytest then still prints its failures and writes
+    # junit.xml for the tests that ran, and Python steps stop with a traceback saying where
+    timeout -s INT -k 10 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
     rc=$?
     case $rc in
         0) status=PASS ;;

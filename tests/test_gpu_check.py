@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="gpu_check.sh needs bash and coreutils' timeout")
 
 # The stand-in interpreter: logs argv as one JSON line, fakes the GPU probe, answers `-c` imports
-# (matplotlib fails when FAKE_NO_MATPLOTLIB is set), hangs when an argument equals FAKE_HANG_ON, and
-# writes a file at every output path it is given.
+# (matplotlib fails when FAKE_NO_MATPLOTLIB is set), hangs when an argument equals FAKE_HANG_ON (noting
+# it if interrupted by SIGINT), and writes a file at every output path it is given.
 FAKE_PYTHON = """#!{python}
 import json, os, sys, time
 args = sys.argv[1:]
@@ -44,7 +44,12 @@ if args[:1] == ["-"]:
 if args[:1] == ["-c"]:
     sys.exit(1 if "matplotlib" in args[1] and os.environ.get("FAKE_NO_MATPLOTLIB") else 0)
 if os.environ.get("FAKE_HANG_ON") in args:
-    time.sleep(600)
+    try:
+        time.sleep(600)
+    except KeyboardInterrupt:  # what pytest turns into a summary and junit.xml of the tests that ran
+        with open(os.environ["FAKE_PY_LOG"] + ".interrupted", "w") as f:
+            f.write(" ".join(args))
+        sys.exit(2)
 for i, a in enumerate(args):
     if a.startswith("--junitxml="):
         path = a.split("=", 1)[1]
@@ -140,10 +145,13 @@ def test_report_runs_without_matplotlib_and_without_plots(tmp_path):
 @pytest.mark.slow
 def test_report_keeps_its_time_when_a_bench_step_runs_out_of_it(tmp_path):
     """A 55 s run whose last bench step hangs: that step is cut when all but the report's reserve
-    is spent, and the report still runs on what the other steps wrote (~25 s of waiting)."""
+    is spent, by SIGINT (pytest, cut that way, still reports the tests that ran and writes junit.xml;
+    cut by SIGTERM it leaves neither), and the report still runs on what the other steps wrote
+    (~25 s of waiting)."""
     proc, out, calls, summary = _dry_run(tmp_path, budget=55, FAKE_HANG_ON="resnet50-bn-large")
     status = _status(summary)
     assert proc.returncode == 1, summary
     assert status["bench-bn-large"] == "TIMEOUT" and status["bench-linear"] == "PASS", summary
     assert status["report"] == "PASS", summary
     assert (out / "results" / "README.md").exists()
+    assert "resnet50-bn-large" in (tmp_path / "argv.jsonl.interrupted").read_text(), "the cut step got no SIGINT"
