@@ -114,6 +114,10 @@ def test_dry_run_runs_every_step_with_commands_the_parsers_accept(tmp_path, monk
     assert paths and all(Path(p).resolve().is_relative_to(out.resolve()) for p in paths), paths
     assert (out / "results" / "README.md").exists() and (out / "tests" / "junit.xml").exists()
 
+    pytest_runs = [argv for argv in calls if argv[:2] == ["-m", "pytest"]]
+    assert len(pytest_runs) == 1 and "--ignore=tests/test_inspect.py" in pytest_runs[0], pytest_runs
+    assert (REPO / "tests" / "test_inspect.py").exists()  # (what it ignores is there to ignore)
+
     bench = [argv[3:] for argv in calls if argv[:3] == ["-m", "tkernels", "bench"]]
     assert len(bench) == 8, bench  # check, five bench suites, report, host overhead
     cases = [host_overhead.case_label(c).lower() for c in host_overhead.all_cases()]
