@@ -107,11 +107,12 @@ fi
 cp "$OUT/logs/env.log" "$OUT/env.txt"
 
 # 2. The test suite on CUDA (tests/conftest.py reads TKERNELS_TEST_DEVICE and skips the interpreter).
-#    Not tests/test_inspect.py: it compiles for sm_80/sm_90 without using the GPU (CI's job), and its
-#    150 s compile budget would take most of this step.
+#    Not the two files that use no GPU (CI's job): tests/test_inspect.py compiles for sm_80/sm_90, and
+#    its 150 s compile budget would take most of this step; tests/test_gpu_check.py dry-runs this script.
 if "$PY" -c "import pytest" 2>/dev/null; then
     step tests 180 env TKERNELS_TEST_DEVICE=cuda "$PY" -m pytest tests -q -p no:cacheprovider \
-        --ignore=tests/test_inspect.py --maxfail="$MAXFAIL" --durations=15 --junitxml="$OUT/tests/junit.xml"
+        --ignore=tests/test_inspect.py --ignore=tests/test_gpu_check.py --maxfail="$MAXFAIL" --durations=15 \
+        --junitxml="$OUT/tests/junit.xml"
 else
     printf '%-7s %-16s %s\n' "SKIP" "tests" "pytest is not installed in $PY" | tee -a "$SUMMARY"
     FAILED=1
