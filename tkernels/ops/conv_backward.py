@@ -32,6 +32,17 @@ One-input-channel-per-group (depthwise) input gradients use a direct CUDA-core k
 like the depthwise forward. All conv
 kernels use num_warps <= 4.
 
+**TMA on sm_90** (fp16/bf16, triton with device-side tensor descriptors): like the forward's
+weight tiles, one operand tile of each FAST gradient GEMM comes through a tensor descriptor: the
+input gradient's weight tiles (``W_TMA``; boxes zero-fill past C_out/groups inside a group) and
+the weight gradient's dz tiles (``DZ_TMA``; when dz's pixels form one (pixels, C_out) matrix).
+The other tiles (dz in the input gradient, x in the forward and the weight gradient) are rows of
+pixels shifted by a kernel tap, strided and cut by the padding or the output's borders inside a
+flat pixel tile, which no box of a (pixels, channels) descriptor is; a 4-D (N, H, W, C)
+descriptor would need tiles of whole image rows instead of flat pixels. They stay on cp.async.
+``use_tma`` is the one gate of all three (sm_90, dtype, TMA's 16-byte rules; ``FORCE_TMA`` for
+tests).
+
 This module also holds what the forward shares with it: the device helpers ``aligned8`` and
 ``gather_k_major``, the layout predicates and the implicit-GEMM tile configs.
 """
@@ -285,9 +296,10 @@ def conv2d_wgrad_kernel(
     dz tile is a [BLOCK_K, BLOCK_M] box of a descriptor over that matrix, transposed. Rows past P
     zero-fill (a split's share is whole BLOCK_K tiles, so only the last tile before P is cut);
     columns past C_out_g read the next group's channels, which only feed accumulator rows that
-    are never stored. The x tile stays on cp.async: its rows are output pixels shifted by the tap
-    and cut by the input's borders (padding), which no box of a (pixels, channels) descriptor is;
-    a 4-D (N, H, W, C) descriptor would need tiles of whole output rows instead of flat pixels."""
+    are never stored. The x tile stays on cp.async: its rows are output pixels shifted by the tap,
+    strided and cut by the input's borders (padding), which no box of a (pixels, channels)
+    descriptor is; a 4-D (N, H, W, C) one would need tiles of whole output rows instead of flat
+    pixels (and strided boxes for stride > 1)."""
     if FAST:
         sdc = 1
         sxc = 1
@@ -296,6 +308,7 @@ def conv2d_wgrad_kernel(
         sxn, sxh, sxw = aligned8(sxn), aligned8(sxh), aligned8(sxw)
         soo, soh, sow = aligned8(soo), aligned8(soh), aligned8(sow)
         C_in_g, C_out_g = aligned8(C_in_g), aligned8(C_out_g)
+        J = C_in_g  # (one tap per grid column) an 8-aligned mask edge: the x tile's runs can move by cp.async
     pid = tl.program_id(0)
     pid_s = tl.program_id(2)
     num_pid_m = tl.cdiv(C_out_g, BLOCK_M)
