@@ -19,6 +19,7 @@ from tkernels.functional import conv2d
 from tkernels.ops import conv as conv_ops
 from tkernels.ops import conv_backward
 from tkernels.ops._common import Tuned
+from tkernels.ops.matmul_tma import HAS_TENSOR_DESCRIPTORS
 from tkernels.reference import conv as ref
 
 from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, canary, device_for, expect_kernels, randn,
@@ -359,6 +360,10 @@ TMA_CASES = {
 }
 
 
+needs_descriptors = pytest.mark.skipif(not HAS_TENSOR_DESCRIPTORS, reason="this triton has no device-side tensor "
+                                       "descriptors (triton < 3.4): the TMA variants never launch")
+
+
 def _record_gemm_launches(monkeypatch):
     """A list that gets (kernel, {"FAST": .., its TMA flag: ..}) per launch of the implicit-GEMM
     conv kernels. Tuned.launcher is patched on the class (see the `launched` fixture)."""
@@ -384,6 +389,7 @@ def _tma_log(dz_tma: bool = True):
             ("conv2d_wgrad_kernel", {"FAST": True, "DZ_TMA": dz_tma})]
 
 
+@needs_descriptors
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", list(TMA_CASES))
 def test_tma_operand_tiles(monkeypatch, name, dtype):
@@ -397,6 +403,7 @@ def test_tma_operand_tiles(monkeypatch, name, dtype):
     assert log == _tma_log(dz_tma=name != "identity_canary_dz"), log
 
 
+@needs_descriptors
 def test_tma_split_weight_grad(monkeypatch):
     """The split weight gradient with dz by TMA: 2*13*11 = 286 pixels in 5 tiles of 64, 2 tiles per
     split, so only the last split's last tile is cut by P (and zero-filled there)."""
@@ -411,6 +418,7 @@ def test_tma_split_weight_grad(monkeypatch):
     expect_kernels("sum_partials_kernel")
 
 
+@needs_descriptors
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_tma_tiles_stay_in_their_group(monkeypatch, dtype):
     """The second group's weights and grad_out channels are inf. Group 0's output, input gradient
@@ -438,6 +446,7 @@ def test_tma_tiles_stay_in_their_group(monkeypatch, dtype):
         assert_close(got, expected, dtype=dtype, reduction=red)
 
 
+@needs_descriptors
 def test_tma_gate(monkeypatch):
     """use_tma's TMA rules (16-byte base and strides) and pixel_row_stride's (P, C) matrix check."""
     monkeypatch.setattr(conv_backward, "FORCE_TMA", True)
