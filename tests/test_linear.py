@@ -143,6 +143,38 @@ def test_split_k_matches_single_pass():
     expect_kernels("matmul_kernel", "sum_partials_kernel")
 
 
+def test_gated_backward_tunes_over_its_own_tiles(monkeypatch):
+    """The backward products with act' fused into their A operand launch from the gated tile family
+    (the tiles `tkernels inspect` compiles as matmul_gated); the forward and ungated products do not."""
+    if tkernels.INTERPRET is False and device_for("triton").type != "cuda":
+        pytest.skip("the Triton kernels need the interpreter or a GPU")
+    from tkernels.ops import matmul as matmul_ops
+    from tkernels.ops._common import Tuned
+    family = {id(t): "gated" for t in matmul_ops.TUNED_MATMUL_GATED.values()}
+    family.update({id(t): "forward" for t in matmul_ops.TUNED_MATMUL.values()})
+    log = []
+    original = Tuned.launcher
+
+    def launcher(self, device):
+        if id(self) in family:
+            log.append(family[id(self)])
+        return original(self, device)
+
+    monkeypatch.setattr(Tuned, "launcher", launcher)
+    dev = device_for("triton")
+    with tkernels.use_backend("triton"):
+        for act, expected in (("gelu_tanh", ["forward", "gated", "gated"]), ("identity", ["forward"] * 3)):
+            log.clear()
+            x = torch.randn(17, 33, device=dev, requires_grad=True)
+            w = torch.randn(9, 33, device=dev, requires_grad=True)
+            b = torch.randn(9, device=dev, requires_grad=True)
+            y = F.linear(x, w, b, activation=act)
+            y.backward(torch.randn_like(y))
+            assert sorted(log) == sorted(expected), (act, log)
+            z = x.detach().double() @ w.detach().double().t() + b.detach().double()
+            assert_close(y, TORCH_ACT[act](z), reduction=33)
+
+
 @settings(max_examples=12, deadline=None)
 @given(M=st.integers(1, 40), K=st.integers(1, 70), N=st.integers(1, 40),
        act=st.sampled_from(ACTIVATIONS), bias=st.booleans())

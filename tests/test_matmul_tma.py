@@ -54,7 +54,8 @@ def tma_launches(monkeypatch):
     monkeypatch.setattr(matmul_tma, "FORCE_TMA", True)
     log = []
     names = {id(tuned): "tma_" + family for family, tuned in matmul_tma.TUNED_TMA.items()}
-    names.update({id(tuned): "cp.async" for tuned in matmul_ops.TUNED_MATMUL.values()})
+    names.update({id(tuned): "cp.async" for families in (matmul_ops.TUNED_MATMUL, matmul_ops.TUNED_MATMUL_GATED)
+                  for tuned in families.values()})
     original = Tuned.launcher
 
     def launcher(self, device):  # patched on the class: undone cleanly, no instance attribute left
