@@ -9,8 +9,8 @@ import tkernels
 import tkernels.functional as F
 from tkernels.activations import REGISTRY, Activation
 from tkernels.reference import linear as ref
-from helpers import (expect_kernels, Canary, assert_close, assert_not_mutated, canary, device_for, skip_unsupported,
-                     to_numpy64)
+from helpers import (expect_kernels, Canary, assert_close, assert_not_mutated, canary, device_for, log_tuned_launches,
+                     skip_unsupported, to_numpy64)
 
 ACTIVATIONS = [Activation(name, 0.2 if name == "leaky_relu" else 0.0) for name in REGISTRY]
 TORCH_ACT = {
@@ -149,18 +149,9 @@ def test_gated_backward_tunes_over_its_own_tiles(monkeypatch):
     if tkernels.INTERPRET is False and device_for("triton").type != "cuda":
         pytest.skip("the Triton kernels need the interpreter or a GPU")
     from tkernels.ops import matmul as matmul_ops
-    from tkernels.ops._common import Tuned
     family = {id(t): "gated" for t in matmul_ops.TUNED_MATMUL_GATED.values()}
     family.update({id(t): "forward" for t in matmul_ops.TUNED_MATMUL.values()})
-    log = []
-    original = Tuned.launcher
-
-    def launcher(self, device):
-        if id(self) in family:
-            log.append(family[id(self)])
-        return original(self, device)
-
-    monkeypatch.setattr(Tuned, "launcher", launcher)
+    log = log_tuned_launches(monkeypatch, family)
     dev = device_for("triton")
     with tkernels.use_backend("triton"):
         for act, expected in (("gelu_tanh", ["forward", "gated", "gated"]), ("identity", ["forward"] * 3)):
