@@ -234,3 +234,21 @@ class HostSyncCounter:
 
     def report(self) -> str:
         return "\n".join(self.calls)
+
+
+def log_tuned_launches(monkeypatch, labels: dict) -> list:
+    """Patch ``Tuned.launcher`` so that every launcher request of a Tuned whose id is in ``labels``
+    appends that label to the returned list. Patched on the class, so that undoing it leaves no
+    instance attribute behind (one would shadow later class-level patches)."""
+    from tkernels.ops._common import Tuned
+    log = []
+    original = Tuned.launcher
+
+    def launcher(self, device):
+        if id(self) in labels:
+            log.append(labels[id(self)])
+        return original(self, device)
+
+    monkeypatch.setattr(Tuned, "launcher", launcher)
+    return log
+

@@ -22,8 +22,8 @@ from tkernels.ops._common import Tuned
 from tkernels.ops.matmul_tma import HAS_TENSOR_DESCRIPTORS
 from tkernels.reference import conv as ref
 
-from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, canary, device_for, expect_kernels, randn,
-                     skip_unsupported, to_numpy64)
+from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, canary, device_for, expect_kernels,
+                     log_tuned_launches, randn, skip_unsupported, to_numpy64)
 
 CL = torch.channels_last
 
@@ -188,10 +188,7 @@ def _run_case(case: Case, backend: str, dtype=torch.float32):
 
 @pytest.fixture
 def launched(monkeypatch):
-    """Names of the tuned conv kernels launched during the test (to check the path dispatch).
-    Tuned.launcher is patched on the class, so that undoing it leaves no instance attribute behind
-    (one would shadow later class-level patches, such as test_precision_flags')."""
-    log = []
+    """Names of the tuned conv kernels launched during the test (to check the path dispatch)."""
     labels = {}
     for module in (conv_ops, conv_backward):
         for name in [n for n in vars(module) if n.startswith("TUNED_")]:
@@ -202,15 +199,7 @@ def launched(monkeypatch):
             for key, tuned in family:
                 fast = key[0] if isinstance(key, tuple) else key
                 labels[id(tuned)] = name + ("_FAST" if fast else "")
-    original = Tuned.launcher
-
-    def launcher(self, device):
-        if id(self) in labels:
-            log.append(labels[id(self)])
-        return original(self, device)
-
-    monkeypatch.setattr(Tuned, "launcher", launcher)
-    return log
+    return log_tuned_launches(monkeypatch, labels)
 
 
 class _RecordingKernel:

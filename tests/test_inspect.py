@@ -42,9 +42,9 @@ def _expected_builds(spec, arch):
 
 
 def _is_tensor_core_matmul(build):
-    """Always compiled: every fp16/bf16 build of the cp.async matmul, and the first build of each TMA
-    matmul kernel in both half dtypes."""
-    if build.kernel == "matmul":
+    """Always compiled: every fp16/bf16 build of the cp.async matmul (forward and gated tiles), and the
+    first build of each TMA matmul kernel in both half dtypes."""
+    if build.kernel in ("matmul", "matmul_gated"):
         return build.dtype in ("fp16", "bf16")
     return build.kernel.startswith("matmul_tma") and build.config_index == 0 and build.variant_index == 0
 
@@ -65,9 +65,11 @@ def test_registered_configs_compile_for_both_archs():
     # always checked: every kernel on both archs, and every fp16/bf16 matmul build
     assert {(r["kernel"], r["arch"]) for r in rows} == {(n, a) for n, spec in KERNEL_SPECS.items()
                                                         for a in ("sm_80", "sm_90") if a in spec.configs_by_arch}
-    matmul = KERNEL_SPECS["matmul"]
-    tc_matmul = [r for r in rows if r["kernel"] == "matmul" and r["dtype"] in ("fp16", "bf16")]
-    assert len(tc_matmul) == sum(len(matmul.configs_by_arch[a]) * len(matmul.variants) * 2 for a in ("sm_80", "sm_90"))
+    for name in ("matmul", "matmul_gated"):
+        matmul = KERNEL_SPECS[name]
+        tc_matmul = [r for r in rows if r["kernel"] == name and r["dtype"] in ("fp16", "bf16")]
+        assert len(tc_matmul) == sum(len(matmul.configs_by_arch[a]) * len(matmul.variants) * 2
+                                     for a in ("sm_80", "sm_90"))
 
     failures = [
         ("do not compile", [r for r in rows if r["error"]]),
