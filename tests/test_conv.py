@@ -18,7 +18,6 @@ import tkernels
 from tkernels.functional import conv2d
 from tkernels.ops import conv as conv_ops
 from tkernels.ops import conv_backward
-from tkernels.ops._common import Tuned
 from tkernels.ops.matmul_tma import HAS_TENSOR_DESCRIPTORS
 from tkernels.reference import conv as ref
 
@@ -355,21 +354,11 @@ needs_descriptors = pytest.mark.skipif(not HAS_TENSOR_DESCRIPTORS, reason="this 
 
 def _record_gemm_launches(monkeypatch):
     """A list that gets (kernel, {"FAST": .., its TMA flag: ..}) per launch of the implicit-GEMM
-    conv kernels. Tuned.launcher is patched on the class (see the `launched` fixture)."""
-    log = []
+    conv kernels."""
     families = ((conv_ops.TUNED_FWD, "W_TMA"), (conv_backward.TUNED_DGRAD, "W_TMA"),
                 (conv_backward.TUNED_WGRAD, "DZ_TMA"))
     flags = {id(tuned): ("FAST", flag) for family, flag in families for tuned in family.values()}
-    original = Tuned.launcher
-
-    def launcher(self, device):
-        kernel, meta = original(self, device)
-        if id(self) in flags:
-            kernel = _RecordingKernel(kernel, log, flags[id(self)])
-        return kernel, meta
-
-    monkeypatch.setattr(Tuned, "launcher", launcher)
-    return log
+    return log_tuned_launches(monkeypatch, flags, wrap=lambda kernel, names, log: _RecordingKernel(kernel, log, names))
 
 
 def _tma_log(dz_tma: bool = True):
