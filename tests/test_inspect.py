@@ -22,6 +22,7 @@ from tkernels import inspection
 from tkernels.inspection import workers as inspection_workers  # noqa: F401 (patched below)
 from tkernels.cli import main
 from tkernels.ops._common import KERNEL_SPECS
+from tkernels.ops.matmul_tma import HAS_TENSOR_DESCRIPTORS
 
 _BUDGET = os.environ.get("TKERNELS_INSPECT_BUDGET_S", "150")
 BUDGET_S = None if _BUDGET.lower() in ("none", "full", "") else float(_BUDGET)
@@ -93,6 +94,12 @@ def test_registered_configs_compile_for_both_archs():
     tma = [r for r in rows if r["kernel"].startswith("matmul_tma")]
     assert tma and all(r["arch"] == "sm_90" and r["tma_ops"] > 0 and r["hgmma"] > 0 for r in tma)
     assert {r["dtype"] for r in tma} == {"fp16", "bf16"}
+    # the sm_90 FAST conv builds with a TMA operand tile (forward and input-gradient weights,
+    # weight-gradient dz): copy-engine loads in every one
+    conv_tma = [r for r in rows if r["kernel"].startswith("conv2d") and r["kernel"].endswith("_tma")]
+    assert {r["kernel"] for r in conv_tma} == ({"conv2d_fwd_fast_tma", "conv2d_dgrad_fast_tma", "conv2d_wgrad_fast_tma"}
+                                               if HAS_TENSOR_DESCRIPTORS else set())
+    assert all(r["arch"] == "sm_90" and r["tma_ops"] > 0 for r in conv_tma), _describe(conv_tma)
     # every sm_90 fp16/bf16 conv build moves operands asynchronously (cp.async or TMA) in its main
     # loop, except conv2d_grad_z's gathered tiling (any strides: no aligned runs to copy)
     sync_conv = [r for r in rows if r["kernel"].startswith("conv2d") and r["arch"] == "sm_90"
