@@ -234,3 +234,27 @@ class HostSyncCounter:
 
     def report(self) -> str:
         return "\n".join(self.calls)
+
+
+def log_tuned_launches(monkeypatch, labels: dict, wrap=None) -> list:
+    """Patch ``Tuned.launcher`` so that every launcher request of a Tuned whose id is in ``labels``
+    appends that label to the returned list; or, given ``wrap(kernel, label, log)``, hands out the
+    kernel that wrap returns instead (e.g. one that logs each launch's flags to ``log``). Patched on
+    the class, so that undoing it leaves no instance attribute behind (one would shadow later
+    class-level patches)."""
+    from tkernels.ops._common import Tuned
+    log = []
+    original = Tuned.launcher
+
+    def launcher(self, device):
+        kernel, meta = original(self, device)
+        if id(self) in labels:
+            if wrap is None:
+                log.append(labels[id(self)])
+            else:
+                kernel = wrap(kernel, labels[id(self)], log)
+        return kernel, meta
+
+    monkeypatch.setattr(Tuned, "launcher", launcher)
+    return log
+

@@ -18,11 +18,11 @@ import tkernels
 from tkernels.functional import conv2d
 from tkernels.ops import conv as conv_ops
 from tkernels.ops import conv_backward
-from tkernels.ops._common import Tuned
+from tkernels.ops.matmul_tma import HAS_TENSOR_DESCRIPTORS
 from tkernels.reference import conv as ref
 
-from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, canary, device_for, expect_kernels, randn,
-                     skip_unsupported, to_numpy64)
+from helpers import (Canary, DEVICE, assert_close, assert_not_mutated, canary, device_for, expect_kernels,
+                     log_tuned_launches, randn, skip_unsupported, to_numpy64)
 
 CL = torch.channels_last
 
@@ -187,10 +187,7 @@ def _run_case(case: Case, backend: str, dtype=torch.float32):
 
 @pytest.fixture
 def launched(monkeypatch):
-    """Names of the tuned conv kernels launched during the test (to check the path dispatch).
-    Tuned.launcher is patched on the class, so that undoing it leaves no instance attribute behind
-    (one would shadow later class-level patches, such as test_precision_flags')."""
-    log = []
+    """Names of the tuned conv kernels launched during the test (to check the path dispatch)."""
     labels = {}
     for module in (conv_ops, conv_backward):
         for name in [n for n in vars(module) if n.startswith("TUNED_")]:
@@ -201,15 +198,7 @@ def launched(monkeypatch):
             for key, tuned in family:
                 fast = key[0] if isinstance(key, tuple) else key
                 labels[id(tuned)] = name + ("_FAST" if fast else "")
-    original = Tuned.launcher
-
-    def launcher(self, device):
-        if id(self) in labels:
-            log.append(labels[id(self)])
-        return original(self, device)
-
-    monkeypatch.setattr(Tuned, "launcher", launcher)
-    return log
+    return log_tuned_launches(monkeypatch, labels)
 
 
 class _RecordingKernel:
@@ -340,21 +329,118 @@ def test_split_weight_and_bias_reduction(monkeypatch):
         expect_kernels("sum_partials_kernel", "conv2d_grad_z_kernel")
 
 
+# sm_90's TMA operand tiles (forced here): the FAST forward's and input gradient's weight tiles and
+# the weight gradient's dz tiles. Odd shapes: C_out/groups of 8, 24 and 40 (not multiples of the
+# reduction block, so weight boxes reach past a group), groups > 1, stride, dilation and pixel
+# counts that no block divides.
+TMA_CASES = {
+    "fast_cl": CASES["fast_cl"],
+    "fast_cl_strided_grouped": CASES["fast_cl_strided_grouped"],
+    "fast_nchw": CASES["fast_nchw"],
+    "1x1_stride2_cl": CASES["1x1_stride2_cl"],
+    "cout24_grouped_strided_dilated": Case(2, 32, (9, 8), 48, 3, stride=2, padding=2, dilation=(2, 1), groups=2,
+                                           activation="silu", channels_last=True, pad=8),
+    "cout40_dilated": Case(1, 16, (10, 11), 40, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 3),
+                           activation="relu", channels_last=True, pad=8),
+    # no activation: dz is grad_out itself, a canary view whose base (67 elements into its NaN
+    # buffer) is not 16-byte aligned, so the weight gradient keeps dz on cp.async
+    "identity_canary_dz": Case(1, 16, (6, 7), 24, 3, padding=1, channels_last=True, pad=8),
+}
+
+
+needs_descriptors = pytest.mark.skipif(not HAS_TENSOR_DESCRIPTORS, reason="this triton has no device-side tensor "
+                                       "descriptors (triton < 3.4): the TMA variants never launch")
+
+
+def _record_gemm_launches(monkeypatch):
+    """A list that gets (kernel, {"FAST": .., its TMA flag: ..}) per launch of the implicit-GEMM
+    conv kernels."""
+    families = ((conv_ops.TUNED_FWD, "W_TMA"), (conv_backward.TUNED_DGRAD, "W_TMA"),
+                (conv_backward.TUNED_WGRAD, "DZ_TMA"))
+    flags = {id(tuned): ("FAST", flag) for family, flag in families for tuned in family.values()}
+    return log_tuned_launches(monkeypatch, flags, wrap=lambda kernel, names, log: _RecordingKernel(kernel, log, names))
+
+
+def _tma_log(dz_tma: bool = True):
+    return [("conv2d_fwd_kernel", {"FAST": True, "W_TMA": True}),
+            ("conv2d_dgrad_kernel", {"FAST": True, "W_TMA": True}),
+            ("conv2d_wgrad_kernel", {"FAST": True, "DZ_TMA": dz_tma})]
+
+
+@needs_descriptors
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("name", ["fast_cl", "fast_cl_strided_grouped", "fast_nchw"])
-def test_weight_tma_forward(monkeypatch, name, dtype):
-    """sm_90's FAST forward with its weight tiles from a tensor descriptor (forced here): the boxes
-    zero-fill rows past C_in/groups, and columns of the next group are masked on store."""
-    monkeypatch.setattr(conv_ops, "FORCE_WEIGHT_TMA", True)
-    log = []
-    for tuned in conv_ops.TUNED_FWD.values():
-        def launcher(device, tuned=tuned):
-            kernel, meta = Tuned.launcher(tuned, device)
-            return _RecordingKernel(kernel, log, ("FAST", "W_TMA")), meta
-        monkeypatch.setattr(tuned, "launcher", launcher)
+@pytest.mark.parametrize("name", list(TMA_CASES))
+def test_tma_operand_tiles(monkeypatch, name, dtype):
+    """The FAST kernels with their TMA operand tiles: forward and input-gradient weight boxes
+    zero-fill past C_in/groups (resp. C_out/groups) inside a group; weight-gradient dz boxes
+    zero-fill past the last pixel, and their columns of the next group are never stored."""
+    monkeypatch.setattr(conv_backward, "FORCE_TMA", True)
+    log = _record_gemm_launches(monkeypatch)
     with tkernels.use_backend("triton"):
-        _run_case(CASES[name], "triton", dtype)
-    assert log == [("conv2d_fwd_kernel", {"FAST": True, "W_TMA": True})], log
+        _run_case(TMA_CASES[name], "triton", dtype)
+    assert log == _tma_log(dz_tma=name != "identity_canary_dz"), log
+
+
+@needs_descriptors
+def test_tma_split_weight_grad(monkeypatch):
+    """The split weight gradient with dz by TMA: 2*13*11 = 286 pixels in 5 tiles of 64, 2 tiles per
+    split, so only the last split's last tile is cut by P (and zero-filled there)."""
+    monkeypatch.setattr(conv_backward, "FORCE_TMA", True)
+    monkeypatch.setattr(conv_backward, "FORCE_SPLIT", 3)
+    log = _record_gemm_launches(monkeypatch)
+    assert all(t.interpreter.kwargs["BLOCK_K"] == 64 for t in conv_backward.TUNED_WGRAD.values())  # as above
+    with tkernels.use_backend("triton"):
+        _run_case(Case(2, 16, (13, 11), 24, 3, padding=1, groups=1, activation="gelu", channels_last=True, pad=8),
+                  "triton")
+    assert log == _tma_log(), log
+    expect_kernels("sum_partials_kernel")
+
+
+@needs_descriptors
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_tiles_stay_in_their_group(monkeypatch, dtype):
+    """The second group's weights and grad_out channels are inf. Group 0's output, input gradient
+    and weight gradient stay finite and equal torch's: a TMA box that reaches past group 0's
+    channels zero-fills (input gradient: 24 output channels per group, blocks of 16) or feeds only
+    accumulator entries that are never stored (forward columns, weight-gradient rows)."""
+    monkeypatch.setattr(conv_backward, "FORCE_TMA", True)
+    log = _record_gemm_launches(monkeypatch)
+    x = randn(2, 32, 7, 6, dtype=dtype).contiguous(memory_format=CL).requires_grad_()
+    w = randn(48, 16, 3, 3, dtype=dtype, scale=0.5)
+    w[24:] = float("inf")
+    w.requires_grad_()
+    with tkernels.use_backend("triton"):
+        y = conv2d(x, w, None, padding=1, groups=2)
+        gy = randn(*y.shape, dtype=dtype).contiguous(memory_format=CL)
+        gy[:, 24:] = float("inf")
+        y.backward(gy)
+    assert log == _tma_log(), log
+    xt, wt = (t.detach().double().requires_grad_() for t in (x, w))
+    yt = TF.conv2d(xt, wt, None, padding=1, groups=2)
+    yt.backward(gy.double())
+    for got, expected, red in ((y[:, :24], yt[:, :24], 16 * 9), (x.grad[:, :16], xt.grad[:, :16], 24 * 9),
+                               (w.grad[:24], wt.grad[:24], 2 * 7 * 6)):
+        assert expected.isfinite().all() and got.isfinite().all(), "group 0 was reached by group 1's infs"
+        assert_close(got, expected, dtype=dtype, reduction=red)
+
+
+@needs_descriptors
+def test_tma_gate(monkeypatch):
+    """use_tma's TMA rules (16-byte base and strides) and pixel_row_stride's (P, C) matrix check."""
+    monkeypatch.setattr(conv_backward, "FORCE_TMA", True)
+    t = torch.zeros(64, dtype=torch.float16)
+    assert conv_backward.use_tma(t, (8,)) and conv_backward.use_tma(t, (16, 8))
+    assert not conv_backward.use_tma(t[1:], (8,)), "unaligned base"
+    assert not conv_backward.use_tma(t, (12,)), "stride of 24 bytes"
+    monkeypatch.setattr(conv_backward, "FORCE_TMA", False)
+    assert not conv_backward.use_tma(t, (8,)), "CPU tensors take TMA only when forced"
+    dense = torch.zeros(2, 16, 3, 5).contiguous(memory_format=CL)
+    assert conv_backward.pixel_row_stride(dense) == 16
+    assert conv_backward.pixel_row_stride(dense[:, :8]) == 16  # channel slices keep the pixel rows
+    assert conv_backward.pixel_row_stride(dense[:, :, :, :4]) is None  # a row of 4 pixels, stride 5
+    assert conv_backward.pixel_row_stride(dense[:, :, :2]) is None  # images 3 rows apart, 2 rows each
+    assert conv_backward.pixel_row_stride(Canary(dense, pad=8, memory_format=CL).view) == 24  # padded channels
+    assert conv_backward.pixel_row_stride(torch.zeros(2, 12, 3, 5).contiguous(memory_format=CL)) is None
 
 
 @pytest.mark.parametrize("split", [None, 3])

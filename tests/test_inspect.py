@@ -22,6 +22,7 @@ from tkernels import inspection
 from tkernels.inspection import workers as inspection_workers  # noqa: F401 (patched below)
 from tkernels.cli import main
 from tkernels.ops._common import KERNEL_SPECS
+from tkernels.ops.matmul_tma import HAS_TENSOR_DESCRIPTORS
 
 _BUDGET = os.environ.get("TKERNELS_INSPECT_BUDGET_S", "150")
 BUDGET_S = None if _BUDGET.lower() in ("none", "full", "") else float(_BUDGET)
@@ -41,9 +42,9 @@ def _expected_builds(spec, arch):
 
 
 def _is_tensor_core_matmul(build):
-    """Always compiled: every fp16/bf16 build of the cp.async matmul, and the first build of each TMA
-    matmul kernel in both half dtypes."""
-    if build.kernel == "matmul":
+    """Always compiled: every fp16/bf16 build of the cp.async matmul (forward and gated tiles), and the
+    first build of each TMA matmul kernel in both half dtypes."""
+    if build.kernel in ("matmul", "matmul_gated"):
         return build.dtype in ("fp16", "bf16")
     return build.kernel.startswith("matmul_tma") and build.config_index == 0 and build.variant_index == 0
 
@@ -64,9 +65,11 @@ def test_registered_configs_compile_for_both_archs():
     # always checked: every kernel on both archs, and every fp16/bf16 matmul build
     assert {(r["kernel"], r["arch"]) for r in rows} == {(n, a) for n, spec in KERNEL_SPECS.items()
                                                         for a in ("sm_80", "sm_90") if a in spec.configs_by_arch}
-    matmul = KERNEL_SPECS["matmul"]
-    tc_matmul = [r for r in rows if r["kernel"] == "matmul" and r["dtype"] in ("fp16", "bf16")]
-    assert len(tc_matmul) == sum(len(matmul.configs_by_arch[a]) * len(matmul.variants) * 2 for a in ("sm_80", "sm_90"))
+    for name in ("matmul", "matmul_gated"):
+        matmul = KERNEL_SPECS[name]
+        tc_matmul = [r for r in rows if r["kernel"] == name and r["dtype"] in ("fp16", "bf16")]
+        assert len(tc_matmul) == sum(len(matmul.configs_by_arch[a]) * len(matmul.variants) * 2
+                                     for a in ("sm_80", "sm_90"))
 
     failures = [
         ("do not compile", [r for r in rows if r["error"]]),
@@ -91,6 +94,12 @@ def test_registered_configs_compile_for_both_archs():
     tma = [r for r in rows if r["kernel"].startswith("matmul_tma")]
     assert tma and all(r["arch"] == "sm_90" and r["tma_ops"] > 0 and r["hgmma"] > 0 for r in tma)
     assert {r["dtype"] for r in tma} == {"fp16", "bf16"}
+    # the sm_90 FAST conv builds with a TMA operand tile (forward and input-gradient weights,
+    # weight-gradient dz): copy-engine loads in every one
+    conv_tma = [r for r in rows if r["kernel"].startswith("conv2d") and r["kernel"].endswith("_tma")]
+    assert {r["kernel"] for r in conv_tma} == ({"conv2d_fwd_fast_tma", "conv2d_dgrad_fast_tma", "conv2d_wgrad_fast_tma"}
+                                               if HAS_TENSOR_DESCRIPTORS else set())
+    assert all(r["arch"] == "sm_90" and r["tma_ops"] > 0 for r in conv_tma), _describe(conv_tma)
     # every sm_90 fp16/bf16 conv build moves operands asynchronously (cp.async or TMA) in its main
     # loop, except conv2d_grad_z's gathered tiling (any strides: no aligned runs to copy)
     sync_conv = [r for r in rows if r["kernel"].startswith("conv2d") and r["arch"] == "sm_90"

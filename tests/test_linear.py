@@ -9,8 +9,8 @@ import tkernels
 import tkernels.functional as F
 from tkernels.activations import REGISTRY, Activation
 from tkernels.reference import linear as ref
-from helpers import (expect_kernels, Canary, assert_close, assert_not_mutated, canary, device_for, skip_unsupported,
-                     to_numpy64)
+from helpers import (expect_kernels, Canary, assert_close, assert_not_mutated, canary, device_for, log_tuned_launches,
+                     skip_unsupported, to_numpy64)
 
 ACTIVATIONS = [Activation(name, 0.2 if name == "leaky_relu" else 0.0) for name in REGISTRY]
 TORCH_ACT = {
@@ -141,6 +141,29 @@ def test_split_k_matches_single_pass():
     assert_close(out, a.double() @ b.double(), reduction=300)
     assert_close(rows, a.double().sum(1), reduction=300)
     expect_kernels("matmul_kernel", "sum_partials_kernel")
+
+
+def test_gated_backward_tunes_over_its_own_tiles(monkeypatch):
+    """The backward products with act' fused into their A operand launch from the gated tile family
+    (the tiles `tkernels inspect` compiles as matmul_gated); the forward and ungated products do not."""
+    if tkernels.INTERPRET is False and device_for("triton").type != "cuda":
+        pytest.skip("the Triton kernels need the interpreter or a GPU")
+    from tkernels.ops import matmul as matmul_ops
+    family = {id(t): "gated" for t in matmul_ops.TUNED_MATMUL_GATED.values()}
+    family.update({id(t): "forward" for t in matmul_ops.TUNED_MATMUL.values()})
+    log = log_tuned_launches(monkeypatch, family)
+    dev = device_for("triton")
+    with tkernels.use_backend("triton"):
+        for act, expected in (("gelu_tanh", ["forward", "gated", "gated"]), ("identity", ["forward"] * 3)):
+            log.clear()
+            x = torch.randn(17, 33, device=dev, requires_grad=True)
+            w = torch.randn(9, 33, device=dev, requires_grad=True)
+            b = torch.randn(9, device=dev, requires_grad=True)
+            y = F.linear(x, w, b, activation=act)
+            y.backward(torch.randn_like(y))
+            assert sorted(log) == sorted(expected), (act, log)
+            z = x.detach().double() @ w.detach().double().t() + b.detach().double()
+            assert_close(y, TORCH_ACT[act](z), reduction=33)
 
 
 @settings(max_examples=12, deadline=None)

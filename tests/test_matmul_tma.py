@@ -14,9 +14,8 @@ import tkernels.functional as F
 from tkernels.activations import Activation, resolve_activation
 from tkernels.ops import matmul as matmul_ops
 from tkernels.ops import matmul_tma
-from tkernels.ops._common import Tuned
 from tkernels.reference import activations as np_act
-from helpers import DEVICE, assert_close, to_numpy64
+from helpers import DEVICE, assert_close, log_tuned_launches, to_numpy64
 
 pytestmark = [
     pytest.mark.skipif(not matmul_tma.HAS_TENSOR_DESCRIPTORS,
@@ -52,18 +51,10 @@ class Framed:
 def tma_launches(monkeypatch):
     """Force the TMA path on CPU tensors and log which matmul kernel each launch takes."""
     monkeypatch.setattr(matmul_tma, "FORCE_TMA", True)
-    log = []
     names = {id(tuned): "tma_" + family for family, tuned in matmul_tma.TUNED_TMA.items()}
-    names.update({id(tuned): "cp.async" for tuned in matmul_ops.TUNED_MATMUL.values()})
-    original = Tuned.launcher
-
-    def launcher(self, device):  # patched on the class: undone cleanly, no instance attribute left
-        if id(self) in names:
-            log.append(names[id(self)])
-        return original(self, device)
-
-    monkeypatch.setattr(Tuned, "launcher", launcher)
-    return log
+    names.update({id(tuned): "cp.async" for families in (matmul_ops.TUNED_MATMUL, matmul_ops.TUNED_MATMUL_GATED)
+                  for tuned in families.values()})
+    return log_tuned_launches(monkeypatch, names)
 
 
 def _half(*shape, scale=1.0):

@@ -23,7 +23,8 @@ form a 2-D (pixels, channels) view (channels_last, or a batch of one) are a plai
 :func:`tkernels.ops.matmul.matmul`.
 
 On sm_90 the FAST forward (fp16/bf16) takes its weight tiles through a tensor descriptor (TMA,
-``W_TMA``) while the gathered input tiles stay on cp.async.
+``W_TMA``) while the gathered input tiles stay on cp.async (see the kernel docstring for why);
+the gate, ``use_tma``, is shared with the backward kernels.
 
 Bias, the optional pre-activation store (kept for backward when act' needs z) and the activation
 run in the epilogue on the fp32 accumulator. Conv kernels use num_warps <= 4 (Triton miscompiles
@@ -44,19 +45,16 @@ from ..activations import Activation, ActivationLike, apply_activation, resolve_
 from ..reference import conv as ref
 from ._autocast import cast_inputs
 from ._dispatch import custom_op, run_function
-from ._common import (grouped_tile, KernelSpec, cdiv, check_floating, check_same, check_triton_dtype, config,
-                      from_numpy, operand_class, product_dtype, register_kernel, suggests_channels_last,
+from ._common import (grouped_tile, cdiv, check_floating, check_same, check_triton_dtype, config,
+                      from_numpy, operand_class, product_dtype, suggests_channels_last,
                       tl_input_precision, to_numpy)
 from . import conv_backward as bwd
 from .conv_backward import (aligned8, aligned_channels_last, as_channels_last, channels_last_pays, check_pixel_count,
                             depthwise_family, gather_k_major, is_pointwise, load_channel_run, register_family,
-                            rows_view, tap_major_depthwise, tuned_family)
+                            register_fast_tma, rows_view, tap_major_depthwise, tuned_family, use_tma)
 from .matmul import matmul
-from .matmul_tma import HAS_TENSOR_DESCRIPTORS, ensure_scratch_allocator
 
 _EMPTY = (0,)
-# Tests set this to run the TMA weight path of the FAST forward on CPU tensors under the interpreter.
-FORCE_WEIGHT_TMA: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +93,11 @@ def conv2d_fwd_kernel(
     Traffic: x read C_out_g/BLOCK_N times (x KH*KW gathered from cache), W read M/BLOCK_M times,
     y (and z) written once. Compute-bound for ResNet/VGG layer shapes.
     W_TMA (sm_90, FAST, per-tap path): weight tiles come through a tensor descriptor over the
-    tap-major weight as (KH*KW, C_in_g, C_out), i.e. TMA boxes whose rows past C_in_g zero-fill."""
+    contiguous tap-major weight as (KH*KW, C_in_g, C_out), i.e. TMA boxes whose rows past C_in_g
+    zero-fill (columns past C_out_g, the next group's, are masked on store). The x tile stays on
+    cp.async: its rows are output pixels shifted by the tap (strided by the conv's stride) and cut
+    by the padding, which no box of a (pixels, channels) descriptor is; a 4-D (N, H, W, C) one
+    would need tiles of whole output rows instead of flat pixels (and strided boxes for stride > 1)."""
     if FAST:
         sxc = 1
         syc = 1
@@ -151,8 +153,9 @@ def conv2d_fwd_kernel(
         # and with C_in/groups <= BLOCK_K nothing would overlap at all)
         c_blocks = tl.cdiv(C_in_g, BLOCK_K)
         if W_TMA:
+            # a tap's stride is C_in_g rows (contiguous weight), whatever stride a size-1 KW dim has
             w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KH * KW, C_in_g, C_out_g * tl.num_programs(1)],
-                                               strides=[sww, swi, 1], block_shape=[1, BLOCK_K, BLOCK_N])
+                                               strides=[C_in_g * swi, swi, 1], block_shape=[1, BLOCK_K, BLOCK_N])
         for step in range(0, KH * KW * c_blocks):
             kpos = step // c_blocks
             c0 = (step % c_blocks) * BLOCK_K
@@ -263,12 +266,7 @@ register_family("conv2d_fwd", conv2d_fwd_kernel, _FWD_SIG,
                 [dict(_HEAVY, **_TAP_MAJOR), dict(HAS_BIAS=True, ACT=1, STORE_PREACT=False, FLAT_K=True, **_TAP_MAJOR)],
                 fast_variants=[_HEAVY])
 # sm_90's FAST half-precision forward as launched there: weight tiles by TMA (W_TMA)
-register_kernel(KernelSpec(
-    name="conv2d_fwd_fast_tma", kernel=conv2d_fwd_kernel, signature=_FWD_SIG,
-    configs_by_arch={"sm_90": bwd.GEMM_CONFIGS[True, "half"]["sm_90"]},
-    variants=[dict(_HEAVY, FAST=True, W_TMA=True)], dtypes=("fp16", "bf16"), input_precision=True,
-    tensor_cores=True,
-))
+register_fast_tma("conv2d_fwd_fast_tma", conv2d_fwd_kernel, _FWD_SIG, dict(_HEAVY, W_TMA=True))
 # STAGES: the tap loop's software-pipeline depth (cp.async buffers in shared memory); gathered
 # (NCHW) tiles keep their int64 addresses per element in registers, so no 128-channel tile
 TUNED_DW_FWD = depthwise_family(
@@ -347,26 +345,13 @@ def _forward_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor
     w_t = weight.permute(2, 3, 1, 0).contiguous()
     w_strides = (w_t.stride(3), w_t.stride(2), w_t.stride(0), w_t.stride(1))
     precision = tl_input_precision(x.dtype, "conv")
-    w_tma = fast and _weight_tma_eligible(x)
-    if w_tma and x.device.type == "cuda":
-        ensure_scratch_allocator()
+    # the descriptor's (tap, ci) strides: C_in_g * C_out and C_out (8-aligned)
+    w_tma = fast and use_tma(w_t, (c_in_g * c_out, c_out))
     kernel, meta = TUNED_FWD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_out_g, cfg["BLOCK_N"]), groups)  # noqa: E731
     kernel[grid](x, w_t, bias_t, y, z_t, h, w, c_in_g, c_out_g, oh, ow, kh, kw, m, *geometry,
                  *x.stride(), *w_strides, *y.stride(), float(act.param),
                  **common, FLAT_K=c_in_g < 16, FAST=fast, INPUT_PRECISION=precision, W_TMA=w_tma, **meta)
-
-
-def _weight_tma_eligible(x: Tensor) -> bool:
-    """The FAST forward loads its weight tiles by TMA on sm_90 in fp16/bf16 (or when a test forces
-    it). Its tap-major weight is a fresh contiguous copy with 8-aligned C_out rows, so the
-    descriptor's 16-byte base and stride rules hold whenever FAST does."""
-    if not HAS_TENSOR_DESCRIPTORS:
-        return False
-    if FORCE_WEIGHT_TMA:
-        return True
-    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(x.device)[0] == 9)
 
 
 # ---------------------------------------------------------------------------------------------

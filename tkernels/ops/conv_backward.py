@@ -32,6 +32,17 @@ One-input-channel-per-group (depthwise) input gradients use a direct CUDA-core k
 like the depthwise forward. All conv
 kernels use num_warps <= 4.
 
+**TMA on sm_90** (fp16/bf16, triton with device-side tensor descriptors): like the forward's
+weight tiles, one operand tile of each FAST gradient GEMM comes through a tensor descriptor: the
+input gradient's weight tiles (``W_TMA``; boxes zero-fill past C_out/groups inside a group) and
+the weight gradient's dz tiles (``DZ_TMA``; when dz's pixels form one (pixels, C_out) matrix).
+The other tiles (dz in the input gradient, x in the forward and the weight gradient) are rows of
+pixels shifted by a kernel tap, strided and cut by the padding or the output's borders inside a
+flat pixel tile, which no box of a (pixels, channels) descriptor is; a 4-D (N, H, W, C)
+descriptor would need tiles of whole image rows instead of flat pixels. They stay on cp.async.
+``use_tma`` is the one gate of all three (sm_90, dtype, TMA's 16-byte rules; ``FORCE_TMA`` for
+tests).
+
 This module also holds what the forward shares with it: the device helpers ``aligned8`` and
 ``gather_k_major``, the layout predicates and the implicit-GEMM tile configs.
 """
@@ -45,12 +56,16 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation, activation_grad
-from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, operand_class, register_kernel,
-                      sm_count, tl_input_precision)
+from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, device_properties, operand_class,
+                      register_kernel, sm_count, tl_input_precision)
 from .matmul import SUM_PARTIALS_BLOCK, matmul, sum_partials_kernel
+from .matmul_tma import HAS_TENSOR_DESCRIPTORS, ensure_scratch_allocator
 
 # Tests set this to exercise the split-reduction path on small (interpreter-sized) shapes.
 FORCE_SPLIT: Optional[int] = None
+# Tests set this to run the TMA variants of the FAST kernels (forward and input-gradient weight
+# tiles, weight-gradient dz tiles) on CPU tensors, in any dtype, under the interpreter.
+FORCE_TMA: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,13 +136,20 @@ def conv2d_dgrad_kernel(
     sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
     FAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    W_TMA: tl.constexpr = False,
 ):
     """Input gradient as an implicit GEMM. Rows: the N*HQ*WQ input pixels of one stride phase
     (HQ = cdiv(H, sh)); columns: C_in/groups; reduction: C_out/groups per kernel tap, BLOCK_K >= 16.
     FAST: channels_last dz and dx and a tap-major weight (KH, KW, C_out, C_in_g), all 8-aligned.
     Grid: (cdiv(M, BLOCK_M) * cdiv(C_in_g, BLOCK_N), groups * sh * sw).
     Traffic: dz read about C_in_g/BLOCK_N times, W M/BLOCK_M times, dx written once;
-    compute-bound at ResNet/VGG shapes."""
+    compute-bound at ResNet/VGG shapes.
+    W_TMA (sm_90, FAST): the weight tiles come through a tensor descriptor over the contiguous
+    tap-major weight as (KH*KW*groups, C_out_g, C_in_g) (a tap's stride is groups times a group's),
+    so a box's rows past C_out_g zero-fill inside the group instead of reading the next group's
+    weights against the zero-masked dz columns (0 * inf would be NaN). The dz tile stays on
+    cp.async: its rows are the pixels (n, oh, ow) that one phase's tap shifts the tile's input
+    pixels to, cut by the output's borders, which no box of a (pixels, channels) descriptor is."""
     if FAST:
         sdc = 1
         swi = 1
@@ -165,6 +187,10 @@ def conv2d_dgrad_kernel(
     kh0, step_h, taps_h = _phase_taps(rh, pad_h, dil_h, stride_h, KH)
     kw0, step_w, taps_w = _phase_taps(rw, pad_w, dil_w, stride_w, KW)
     c_blocks = tl.cdiv(C_out_g, BLOCK_K)
+    if W_TMA:
+        groups = tl.num_programs(1) // phases
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KH * KW * groups, C_out_g, C_in_g],
+                                           strides=[C_out_g * swo, swo, 1], block_shape=[1, BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, taps_h * taps_w * c_blocks):
         tap = step // c_blocks
@@ -175,12 +201,16 @@ def conv2d_dgrad_kernel(
         ow = j + (rw + pad_w - kw * dil_w) // stride_w
         row_ok = mask_m & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         d_rows = n.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-        b_cols = offs_n.to(tl.int64) * swi + kh * swh + kw * sww
         offs_c = c0 + tl.arange(0, BLOCK_K)
         mask_c = offs_c < C_out_g
         co = (co_base + offs_c).to(tl.int64)
         a = gather_k_major(dz_ptr, d_rows, co * sdc, row_ok, mask_c, FAST)
-        b = tl.load(w_ptr + b_cols[None, :] + (co * swo)[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        if W_TMA:
+            b = tl.reshape(w_desc.load([(kh * KW + kw) * groups + g, c0, pid_n * BLOCK_N]), [BLOCK_K, BLOCK_N])
+        else:
+            b_cols = offs_n.to(tl.int64) * swi + kh * swh + kw * sww
+            b = tl.load(w_ptr + b_cols[None, :] + (co * swo)[:, None], mask=mask_c[:, None] & mask_n[None, :],
+                        other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     ci = (g * C_in_g + offs_n).to(tl.int64)
@@ -252,6 +282,7 @@ def conv2d_wgrad_kernel(
     SPLIT: tl.constexpr, FAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DZ_TMA: tl.constexpr = False,
 ):
     """Weight gradient as an implicit GEMM. Rows: C_out/groups; reduction: this program's share
     of the P = N*OH*OW output pixels in BLOCK_K steps; columns J:
@@ -260,7 +291,15 @@ def conv2d_wgrad_kernel(
       so the x tile is a contiguous channel run; dW is written tap-major (KH, KW, C_out, C_in_g).
     Writes dW (SPLIT == 1) or fp32 partials at out_ptr + split * stride_split.
     Grid: (cdiv(C_out_g, BLOCK_M) * cdiv(J, BLOCK_N), groups (* KH*KW if FAST), SPLIT).
-    Traffic: dz read J/BLOCK_N times, x C_out_g/BLOCK_M times; compute-bound at large P."""
+    Traffic: dz read J/BLOCK_N times, x C_out_g/BLOCK_M times; compute-bound at large P.
+    DZ_TMA (sm_90, FAST, dz's pixels one (P, C_out) matrix of row stride sdw, host-checked): the
+    dz tile is a [BLOCK_K, BLOCK_M] box of a descriptor over that matrix, transposed. Rows past P
+    zero-fill (a split's share is whole BLOCK_K tiles, so only the last tile before P is cut);
+    columns past C_out_g read the next group's channels, which only feed accumulator rows that
+    are never stored. The x tile stays on cp.async: its rows are output pixels shifted by the tap,
+    strided and cut by the input's borders (padding), which no box of a (pixels, channels)
+    descriptor is; a 4-D (N, H, W, C) one would need tiles of whole output rows instead of flat
+    pixels (and strided boxes for stride > 1)."""
     if FAST:
         sdc = 1
         sxc = 1
@@ -269,6 +308,7 @@ def conv2d_wgrad_kernel(
         sxn, sxh, sxw = aligned8(sxn), aligned8(sxh), aligned8(sxw)
         soo, soh, sow = aligned8(soo), aligned8(soh), aligned8(sow)
         C_in_g, C_out_g = aligned8(C_in_g), aligned8(C_out_g)
+        J = C_in_g  # (one tap per grid column) an 8-aligned mask edge: the x tile's runs can move by cp.async
     pid = tl.program_id(0)
     pid_s = tl.program_id(2)
     num_pid_m = tl.cdiv(C_out_g, BLOCK_M)
@@ -294,6 +334,10 @@ def conv2d_wgrad_kernel(
     dh = kh * dil_h - pad_h  # scalar if FAST, else [BLOCK_N]
     dw = kw * dil_w - pad_w
 
+    if DZ_TMA:
+        groups = tl.num_programs(1) // (KH * KW)
+        dz_desc = tl.make_tensor_descriptor(dz_ptr, shape=[P, C_out_g * groups], strides=[sdw, 1],
+                                            block_shape=[BLOCK_K, BLOCK_M])
     p_tiles = tl.cdiv(P, BLOCK_K)
     tiles_per_split = tl.cdiv(p_tiles, SPLIT)
     p_lo = pid_s * tiles_per_split * BLOCK_K
@@ -306,9 +350,12 @@ def conv2d_wgrad_kernel(
         oh = (offs_p % (OH * OW)) // OW
         ow = offs_p % OW
         n64 = n.to(tl.int64)
-        a_mask = mask_m[:, None] & mask_p[None, :]
-        d_cols = n64 * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-        a = tl.load(dz_ptr + (co * sdc)[:, None] + d_cols[None, :], mask=a_mask, other=0.0)
+        if DZ_TMA:
+            a = tl.trans(dz_desc.load([p0, g * C_out_g + pid_m * BLOCK_M]))
+        else:
+            d_cols = n64 * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+            a = tl.load(dz_ptr + (co * sdc)[:, None] + d_cols[None, :], mask=mask_m[:, None] & mask_p[None, :],
+                        other=0.0)
         if FAST:
             ih = oh * stride_h + dh
             iw = ow * stride_w + dw
@@ -443,11 +490,13 @@ def _tile(m: int, n: int, k: int, stages: int = 3) -> triton.Config:
 # (vectorised channels_last) tiles go up to 128x64; generic-layout tiles gather every element with
 # its own address and stay at 64x64. fp32 operands take twice the registers (BLOCK_K 16 for
 # generic tiles); exact fp32 ("ieee") runs on the FMA units with both operand tiles in registers.
-# Each list is what `tkernels inspect` compiles without spills on sm_80 and sm_90.
+# Each list is what `tkernels inspect` compiles without spills on sm_80 and sm_90, under triton 3.6
+# (ptxas 12.8, the GPU image) and 3.9 alike: the exact FAST 32x32 tile steps K by 16, as at 32 the
+# weight gradient spilled 8 B under 3.6.
 _FAST_HALF = [_tile(128, 64, 32, 4), _tile(64, 128, 32, 4), _tile(64, 64, 64), _tile(64, 32, 32, 4),
               _tile(32, 64, 32, 4)]
 _FAST_FP32 = [_tile(64, 128, 32, 4), _tile(64, 64, 32), _tile(64, 32, 32, 4)]
-_FAST_EXACT = [_tile(64, 32, 16), _tile(32, 32, 32)]
+_FAST_EXACT = [_tile(64, 32, 16), _tile(32, 32, 16)]
 _GENERIC_HALF = [_tile(64, 64, 32), _tile(64, 32, 32), _tile(32, 64, 32), _tile(16, 64, 32)]
 _GENERIC_FP32 = [_tile(64, 32, 16), _tile(32, 64, 16)]
 _GENERIC_EXACT = [_tile(64, 32, 16), _tile(32, 32, 16)]
@@ -499,6 +548,19 @@ def register_family(name: str, kernel, signature: dict, variants: List[dict],
             ))
 
 
+def register_fast_tma(name: str, kernel, signature: dict, variant: dict) -> None:
+    """Register sm_90's FAST half-precision build of an implicit-GEMM kernel with its TMA operand
+    (``variant`` sets the flag) for `tkernels inspect`: the FAST half tiles, as launched there.
+    Triton without device-side descriptors never launches it, so it is not registered there."""
+    if HAS_TENSOR_DESCRIPTORS:
+        register_kernel(KernelSpec(
+            name=name, kernel=kernel, signature=signature,
+            configs_by_arch={"sm_90": GEMM_CONFIGS[True, "half"]["sm_90"]},
+            variants=[dict(variant, FAST=True)], dtypes=("fp16", "bf16"), input_precision=True,
+            tensor_cores=True,
+        ))
+
+
 TUNED_DGRAD = tuned_family(conv2d_dgrad_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w"],
                            interpreter=config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, GROUP_M=4))
 TUNED_WGRAD = tuned_family(conv2d_wgrad_kernel, ["P", "J", "C_out_g", "KH", "KW", "SPLIT"],
@@ -531,6 +593,11 @@ register_family("conv2d_dgrad", conv2d_dgrad_kernel, _DGRAD_SIG,
 register_family("conv2d_wgrad", conv2d_wgrad_kernel, _WGRAD_SIG,
                 [dict(SPLIT=4, sdc=1, sdn=64 * 56 * 56, sdh=64 * 56, sdw=64, C_out_g=64)],
                 fast_variants=[dict(SPLIT=4)])
+# sm_90's FAST half-precision gradients as launched there: the input gradient's weight tiles and
+# the weight gradient's dz tiles (a dense channels_last dz, 64 channels at 56x56) by TMA
+register_fast_tma("conv2d_dgrad_fast_tma", conv2d_dgrad_kernel, _DGRAD_SIG, dict(W_TMA=True))
+register_fast_tma("conv2d_wgrad_fast_tma", conv2d_wgrad_kernel, _WGRAD_SIG,
+                  dict(SPLIT=4, DZ_TMA=True, **example_strides(True, 64, 56, 56, "d")))
 # STAGES: the tap loop's software-pipeline depth (cp.async buffers in shared memory); gathered
 # (NCHW) tiles keep their int64 addresses per element in registers, so no 128-channel tile
 TUNED_DW_DGRAD = depthwise_family(
@@ -624,11 +691,13 @@ def _weight_grad(dz: Tensor, x: Tensor, dw: Tensor, geometry, groups: int) -> No
     st = target.stride()[1:] if split > 1 else target.stride()
     strides = (st[2], st[3], st[0], st[1]) if fast else st
     precision = tl_input_precision(x.dtype, "conv")
+    row_stride = pixel_row_stride(dz) if fast else None
+    dz_tma = row_stride is not None and use_tma(dz, (row_stride,))
     kernel, meta = TUNED_WGRAD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(c_out_g, cfg["BLOCK_M"]) * cdiv(j, cfg["BLOCK_N"]), groups * taps, split)  # noqa: E731
     kernel[grid](dz, x, target, h, w, c_in_g, c_out_g, oh, ow, kh, kw, p, j, *geometry,
                  *dz.stride(), *x.stride(), *strides, dw.numel(),
-                 SPLIT=split, FAST=fast, INPUT_PRECISION=precision, **meta)
+                 SPLIT=split, FAST=fast, INPUT_PRECISION=precision, DZ_TMA=dz_tma, **meta)
     if split > 1:
         summed = torch.empty(result_shape, device=x.device, dtype=dw.dtype) if fast else dw
         _reduce_partials(target, summed)
@@ -663,11 +732,40 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
     hq, wq = cdiv(h, sh), cdiv(w, sw)
     m = n * hq * wq
     precision = tl_input_precision(dx.dtype, "conv")
+    # the descriptor's (tap * groups + group, co) strides: c_out_g * C_in_g and C_in_g (8-aligned)
+    w_tma = fast and use_tma(w_t, (c_out_g * c_in_g, c_in_g))
     kernel, meta = TUNED_DGRAD[fast, operand_class(dx.dtype, precision)].launcher(dx.device)
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]) * cdiv(c_in_g, cfg["BLOCK_N"]), groups * sh * sw)  # noqa: E731
     kernel[grid](dz, w_t, dx, h, w, c_in_g, c_out_g, oh, ow, kh, kw, hq, wq, m, *geometry,
                  *dz.stride(), *w_strides, *dx.stride(),
-                 FAST=fast, INPUT_PRECISION=precision, **meta)
+                 FAST=fast, INPUT_PRECISION=precision, W_TMA=w_tma, **meta)
+
+
+def use_tma(operand: Tensor, strides: Tuple[int, ...]) -> bool:
+    """Whether a FAST conv launch loads ``operand`` through a tensor descriptor whose non-unit
+    strides (in elements) are ``strides``: on sm_90 in fp16/bf16 (or when a test sets FORCE_TMA),
+    with triton's device-side descriptors, and when TMA's rules hold: a 16-byte aligned base and
+    strides that are 16-byte multiples. Sets up the descriptors' scratch allocator on CUDA."""
+    if not HAS_TENSOR_DESCRIPTORS:
+        return False
+    if not FORCE_TMA and not (operand.is_cuda and operand.dtype in (torch.float16, torch.bfloat16)
+                              and device_properties(operand.device).major == 9):
+        return False
+    size = operand.element_size()
+    if operand.data_ptr() % 16 or any(s <= 0 or s * size % 16 for s in strides):
+        return False
+    if operand.is_cuda:
+        ensure_scratch_allocator()
+    return True
+
+
+def pixel_row_stride(t: Tensor) -> Optional[int]:
+    """s such that pixel p = (n * H + h) * W + w of a channels_last tensor sits at p * s (its pixels
+    form one (N*H*W, C) matrix), when s is a multiple of 8 (the FAST kernels' assumption); else None."""
+    n, _, h, w = t.shape
+    sn, _, sh, sw = t.stride()
+    uniform = (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)
+    return sw if uniform and sw > 0 and sw % 8 == 0 else None
 
 
 # Pixel indices are int32 in the kernels (offsets are int64): N*H*W must stay clear of 2**31.

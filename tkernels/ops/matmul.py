@@ -118,19 +118,17 @@ def sum_partials_kernel(part_ptr, out_ptr, L, SPLIT, stride_out, BLOCK: tl.const
     tl.store(out_ptr + offs * stride_out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _tile(m: int, n: int, k: int, warps: int = 4, stages: int = 3) -> triton.Config:
+    return config(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
 def _configs(block_k: int, small_block_k: int):
     # Accumulator registers per thread = BLOCK_M*BLOCK_N / (32*num_warps); the fused epilogue
     # (bias, stored pre-activation, gelu) needs headroom on top, so no tile holds more than
     # 64 fp32 accumulators per thread (larger tiles spilled in `tkernels inspect`). block_k is the
     # K step of the three largest tiles, small_block_k that of the 64x64 and 16x64 ones.
-    return [
-        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3),
-        config(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=small_block_k, GROUP_M=8, num_warps=4, num_stages=3),
-        config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=5),
-        config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=small_block_k, GROUP_M=8, num_warps=2, num_stages=4),
-    ]
+    return [_tile(128, 128, block_k, 8), _tile(128, 64, block_k), _tile(64, 128, block_k),
+            _tile(64, 64, small_block_k), _tile(32, 64, 32, 2, 5), _tile(16, 64, small_block_k, 2, 4)]
 
 
 # Config families by operand class (see operand_class): fp16/bf16 tiles step K by 64 on sm_90;
@@ -144,41 +142,69 @@ MATMUL_CONFIGS = {
     "tf32": {"sm_80": _configs(32, 64), "sm_90": _configs(32, 64)},
     "ieee": {"sm_80": _configs(16, 32), "sm_90": _configs(16, 32)},
 }
+
+
+# The gated backward (A = dY * act'(Z) formed in registers from two loaded tiles, its row sums taken
+# on the way) tunes over its own tiles. Where a forward tile spilled in this role, the closest tile
+# that compiles without spills under both ptxas 12.8 (triton 3.6, the GPU image) and 12.9 (triton
+# 3.9) takes its place: those ptxas versions round register counts down to occupancy steps (72, 80,
+# 96, 128) and spill 8-48 B around the main loop to get there, differently for each tile, so every
+# swap below was checked in `tkernels inspect` under both.
+GATED_CONFIGS = {
+    "half": {
+        "sm_80": [_tile(128, 128, 32, 8), _tile(128, 64, 32, stages=4), _tile(64, 128, 32), _tile(64, 64, 64),
+                  _tile(32, 64, 32, 2, 3), _tile(16, 64, 64, 2, 4)],
+        "sm_90": [_tile(128, 128, 64, 8), _tile(128, 64, 32, stages=4), _tile(64, 128, 64), _tile(64, 64, 64),
+                  _tile(32, 64, 32, 2, 3), _tile(16, 64, 64, 2, 4)],
+    },
+    "tf32": {
+        "sm_80": MATMUL_CONFIGS["tf32"]["sm_80"],
+        "sm_90": [_tile(128, 128, 32, 8), _tile(128, 64, 32), _tile(64, 128, 32), _tile(64, 64, 64),
+                  _tile(32, 64, 32, 2, 5), _tile(16, 64, 64, 2, 3)],
+    },
+    "ieee": {
+        "sm_80": [_tile(128, 128, 16, 8), _tile(128, 64, 16), _tile(64, 128, 16), _tile(64, 64, 32),
+                  _tile(32, 64, 32, 2, 5), _tile(16, 64, 32, 4, 4)],
+        "sm_90": [_tile(128, 128, 16, 8), _tile(128, 64, 16), _tile(64, 128, 16), _tile(64, 64, 32),
+                  _tile(32, 64, 32, 2, 4), _tile(16, 64, 32, 2, 4)],
+    },
+}
 # Under the interpreter, bigger tiles mean fewer NumPy-driven programs; 32 keeps odd shapes masked.
-TUNED_MATMUL = {family: Tuned(matmul_kernel, configs,
-                              interpreter=config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-                              key=["M", "N", "K", "SPLIT_K", "HAS_GATE", "ROWSUM"])
+_INTERPRETER_TILE = config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+_KEY = ["M", "N", "K", "SPLIT_K", "HAS_GATE", "ROWSUM"]
+TUNED_MATMUL = {family: Tuned(matmul_kernel, configs, interpreter=_INTERPRETER_TILE, key=_KEY)
                 for family, configs in MATMUL_CONFIGS.items()}
+TUNED_MATMUL_GATED = {family: Tuned(matmul_kernel, configs, interpreter=_INTERPRETER_TILE, key=_KEY)
+                      for family, configs in GATED_CONFIGS.items()}
 SUM_PARTIALS_BLOCK = 1024
 
-register_kernel(KernelSpec(
-    name="matmul",
-    kernel=matmul_kernel,
-    signature={
-        "a_ptr": "*{dtype}", "b_ptr": "*{dtype}", "c_ptr": "*{dtype}", "bias_ptr": "*{dtype}",
-        "gate_ptr": "*{dtype}", "preact_ptr": "*{dtype}", "rowsum_ptr": "*{dtype}",
-        "M": "i32", "N": "i32", "K": "i32",
-        "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-        "stride_cm": "i32", "stride_cn": "i32", "stride_gm": "i32", "stride_gk": "i32",
-        "stride_pm": "i32", "stride_pn": "i32", "stride_split_c": "i32", "stride_split_r": "i32",
-        "act_param": "fp32",
-    },
-    configs_by_arch=MATMUL_CONFIGS["half"],
-    fp32_configs={"tf32": MATMUL_CONFIGS["tf32"], "ieee": MATMUL_CONFIGS["ieee"]},
-    # forward with the heaviest epilogue, and the backward with the gate prologue + bias rowsum
-    # unit strides as the linear launches them: forward A = x, B = W^T; weight gradient A = dY^T, B = x
-    variants=[
-        dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, HAS_GATE=False, GATE_ACT=0, ROWSUM=False, SPLIT_K=1,
-             stride_ak=1, stride_bk=1, stride_cn=1, stride_pn=1, stride_gk=1),
-        dict(HAS_BIAS=False, ACT=0, STORE_PREACT=False, HAS_GATE=True, GATE_ACT=4, ROWSUM=True, SPLIT_K=1,
-             stride_am=1, stride_gm=1, stride_bn=1, stride_cn=1, stride_pn=1),
-    ],
-    example_args={name: 4096 for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
-                                          "stride_cm", "stride_cn", "stride_gm", "stride_gk", "stride_pm",
-                                          "stride_pn", "stride_split_c", "stride_split_r")},
-    input_precision=True,
-    tensor_cores=True,
-))
+_SIGNATURE = {
+    "a_ptr": "*{dtype}", "b_ptr": "*{dtype}", "c_ptr": "*{dtype}", "bias_ptr": "*{dtype}",
+    "gate_ptr": "*{dtype}", "preact_ptr": "*{dtype}", "rowsum_ptr": "*{dtype}",
+    "M": "i32", "N": "i32", "K": "i32",
+    "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
+    "stride_cm": "i32", "stride_cn": "i32", "stride_gm": "i32", "stride_gk": "i32",
+    "stride_pm": "i32", "stride_pn": "i32", "stride_split_c": "i32", "stride_split_r": "i32",
+    "act_param": "fp32",
+}
+_EXAMPLE_ARGS = {name: 4096 for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                                         "stride_cm", "stride_cn", "stride_gm", "stride_gk", "stride_pm",
+                                         "stride_pn", "stride_split_c", "stride_split_r")}
+# Unit strides as the linear launches them: forward A = x, B = W^T; weight gradient A = dY^T, B = x.
+# Each family is compiled with its heaviest variant: the gelu_tanh epilogue (bias, stored
+# pre-activation) for the forward tiles, the gelu_tanh gate prologue with row sums for the gated ones.
+for _name, _families, _variant in (
+        ("matmul", MATMUL_CONFIGS,
+         dict(HAS_BIAS=True, ACT=4, STORE_PREACT=True, HAS_GATE=False, GATE_ACT=0, ROWSUM=False, SPLIT_K=1,
+              stride_ak=1, stride_bk=1, stride_cn=1, stride_pn=1, stride_gk=1)),
+        ("matmul_gated", GATED_CONFIGS,
+         dict(HAS_BIAS=False, ACT=0, STORE_PREACT=False, HAS_GATE=True, GATE_ACT=4, ROWSUM=True, SPLIT_K=1,
+              stride_am=1, stride_gm=1, stride_bn=1, stride_cn=1, stride_pn=1))):
+    register_kernel(KernelSpec(name=_name, kernel=matmul_kernel, signature=_SIGNATURE,
+                               configs_by_arch=_families["half"],
+                               fp32_configs={"tf32": _families["tf32"], "ieee": _families["ieee"]},
+                               variants=[_variant], example_args=_EXAMPLE_ARGS, input_precision=True,
+                               tensor_cores=True))
 register_kernel(KernelSpec(
     name="sum_partials",
     kernel=sum_partials_kernel,
@@ -211,7 +237,8 @@ _LAUNCH_KWARGS: dict = {}
 def _launch(a: torch.Tensor, dtype: torch.dtype, precision_of: str, flags: tuple):
     """(kernel, keyword arguments) of a matmul launch on ``a``'s device."""
     precision = tl_input_precision(dtype, precision_of)
-    kernel, meta = TUNED_MATMUL[operand_class(dtype, precision)].launcher(a)
+    families = TUNED_MATMUL_GATED if flags[3] else TUNED_MATMUL  # flags[3]: has_gate
+    kernel, meta = families[operand_class(dtype, precision)].launcher(a)
     key = (id(meta), precision, flags)
     entry = _LAUNCH_KWARGS.get(key)
     if entry is None:
