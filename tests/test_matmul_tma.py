@@ -134,3 +134,27 @@ def test_operands_tma_cannot_address_take_the_cp_async_kernel(tma_launches):
     assert matmul_tma.tma_eligible(aligned, _half(40, N), out, None, None, 1)
     assert not matmul_tma.tma_eligible(aligned, _half(40, N), out, None, None, 2)
     assert not torch.isnan(out).any()
+
+
+def test_scratch_allocator_is_set_in_every_thread_that_launches():
+    """Device-side descriptors need triton's scratch allocator, which triton keeps in a ContextVar:
+    each thread starts without it. On a GPU, autograd runs CUDA backward on its own worker thread,
+    so the gated backward launches where the forward's thread set nothing. Each thread that calls
+    ensure_scratch_allocator must end up with the allocator set (checked in fresh threads only, so
+    this process's main thread is left as it was)."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    seen = []
+
+    def launcher_thread():
+        matmul_tma.ensure_scratch_allocator()
+        seen.append(_allocation._allocator.get())
+
+    for _ in range(2):  # the forward's thread, then autograd's worker
+        thread = threading.Thread(target=launcher_thread)
+        thread.start()
+        thread.join()
+    assert len(seen) == 2
+    assert not any(isinstance(allocator, _allocation.NullAllocator) for allocator in seen), seen

@@ -29,6 +29,7 @@ per dimension, int64 addresses), so tensors past 2**31 elements are fine.
 """
 from __future__ import annotations
 
+import contextvars
 from typing import Optional
 
 import torch
@@ -223,15 +224,23 @@ def _tma_layout(t: torch.Tensor, unit_dim: Optional[int] = None) -> Optional[int
     return None
 
 
-_allocator_set = False
+def _scratch_buffer(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+# Whether ensure_scratch_allocator has set triton's allocator in the current context. Triton keeps
+# the allocator in a ContextVar (so in 3.6 and 3.9; triton PR 7685): a new thread, such as the worker thread
+# on which autograd runs CUDA backward, starts without it. A flag of our own in a ContextVar is set
+# and copied exactly where triton's is, so it never says "set" in a context that lacks the allocator.
+_scratch_allocator_set: contextvars.ContextVar = contextvars.ContextVar("tkernels_scratch_allocator", default=False)
 
 
 def ensure_scratch_allocator() -> None:
-    """Device-side descriptors live in a global scratch buffer that triton asks the allocator for."""
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
-        _allocator_set = True
+    """Device-side descriptors live in a global scratch buffer that triton asks the allocator for;
+    called before each launch that builds descriptors, in whatever thread launches."""
+    if not _scratch_allocator_set.get():
+        triton.set_allocator(_scratch_buffer)
+        _scratch_allocator_set.set(True)
 
 
 def tma_eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, gate: Optional[torch.Tensor],
