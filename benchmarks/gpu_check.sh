@@ -6,7 +6,8 @@
 # In at most ~8 minutes it runs, each step under its own `timeout` so one hang cannot eat the
 # budget, and writes everything under OUTDIR:
 #   1. env        the GPU, driver and versions                      -> OUTDIR/env.txt
-#   2. tests      the test suite on CUDA                            -> OUTDIR/tests/junit.xml
+#   2. tests      the never-GPU-run Hopper paths first, then the suite, on CUDA
+#                                                                   -> OUTDIR/tests/junit{-hopper,}.xml
 #   3. check      every op at benchmark sizes vs torch and float64  -> OUTDIR/check/check.{json,csv}
 #   4. bench-*    the core suites (JSON + CSV per step)             -> OUTDIR/results/*.{json,csv}
 #   5. report     README table and plots from all the JSON          -> OUTDIR/results/README.md, plot-*.png
@@ -107,6 +108,17 @@ fi
 cp "$OUT/logs/env.log" "$OUT/env.txt"
 
 # 2. The test suite on CUDA (tests/conftest.py reads TKERNELS_TEST_DEVICE and skips the interpreter).
+#    First the tests of the paths that have never run on a GPU before (sm_90 TMA matmul and conv
+#    tiles, Philox x4 dropout, single-launch batch norm): a cold machine compiles thousands of
+#    specialisations, so the whole suite may not finish in its step, and these must not be the ones cut.
+if "$PY" -c "import pytest" 2>/dev/null; then
+    step tests-hopper 60 env TKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_matmul_tma.py tests/test_conv.py::test_tma_operand_tiles \
+        tests/test_conv.py::test_tma_tiles_stay_in_their_group tests/test_conv.py::test_tma_split_weight_grad \
+        tests/test_dropout.py::test_mask_uses_all_four_philox_outputs_per_counter \
+        tests/test_batch_norm.py::test_single_launch_odd_shapes tests/test_batch_norm.py::test_single_launch_matches_split_path \
+        --maxfail="$MAXFAIL" --junitxml="$OUT/tests/junit-hopper.xml"
+fi
 #    Not the two files that use no GPU (CI's job): tests/test_inspect.py compiles for sm_80/sm_90, and
 #    its 150 s compile budget would take most of this step; tests/test_gpu_check.py dry-runs this script.
 if "$PY" -c "import pytest" 2>/dev/null; then

@@ -21,7 +21,7 @@ from tkernels.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-STEPS = ["env", "tests", "check", "bench-linear", "bench-resnet50", "bench-classifier", "bench-optim",
+STEPS = ["env", "tests-hopper", "tests", "check", "bench-linear", "bench-resnet50", "bench-classifier", "bench-optim",
          "bench-bn-large", "report", "host-overhead", "train-steps"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -115,9 +115,18 @@ def test_dry_run_runs_every_step_with_commands_the_parsers_accept(tmp_path, monk
     assert (out / "results" / "README.md").exists() and (out / "tests" / "junit.xml").exists()
 
     pytest_runs = [argv for argv in calls if argv[:2] == ["-m", "pytest"]]
-    ignored = [a.split("=", 1)[1] for a in pytest_runs[0] if a.startswith("--ignore=")] if pytest_runs else []
-    assert len(pytest_runs) == 1 and sorted(ignored) == ["tests/test_gpu_check.py", "tests/test_inspect.py"], calls
+    assert len(pytest_runs) == 2, calls
+    hopper, suite = pytest_runs
+    ignored = [a.split("=", 1)[1] for a in suite if a.startswith("--ignore=")]
+    assert sorted(ignored) == ["tests/test_gpu_check.py", "tests/test_inspect.py"], calls
     assert all((REPO / path).is_file() for path in ignored)  # (what it ignores is there to ignore)
+    # the Hopper-first run names tests that exist, each of which collects
+    targets = [a for a in hopper[2:] if a.startswith("tests/")]
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                *targets], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    ids = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert all(any(i.startswith(t) for i in ids) for t in targets), (targets, ids)
 
     bench = [argv[3:] for argv in calls if argv[:3] == ["-m", "tkernels", "bench"]]
     assert len(bench) == 8, bench  # check, five bench suites, report, host overhead
