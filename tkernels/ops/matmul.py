@@ -136,7 +136,9 @@ def _configs(block_k: int, small_block_k: int):
 # memory, more than sm_90's 232,448 B: tf32 keeps BLOCK_K 32 on every arch. Exact fp32 dots run on
 # the FMA units with both operand tiles in registers: BLOCK_K 64 spilled 264-2,616 B per thread
 # (gated backward), so every tile steps K by 32, and the three largest by 16 (at 32 the gated
-# backward with the gelu_tanh gradient still spilled 16-208 B).
+# backward with the gelu_tanh gradient still spilled 16-208 B). These are the forward's (and every
+# ungated product's) tiles; they were sized while the gated backward shared them, and it now tunes
+# over GATED_CONFIGS below.
 MATMUL_CONFIGS = {
     "half": {"sm_80": _configs(32, 64), "sm_90": _configs(64, 64)},
     "tf32": {"sm_80": _configs(32, 64), "sm_90": _configs(32, 64)},
