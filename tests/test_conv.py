@@ -17,7 +17,7 @@ import torch.nn.functional as TF
 import tkernels
 from tkernels.functional import conv2d
 from tkernels.ops import conv as conv_ops
-from tkernels.ops import conv_backward
+from tkernels.ops import conv_backward, matmul_tma
 from tkernels.ops.matmul_tma import HAS_TENSOR_DESCRIPTORS
 from tkernels.reference import conv as ref
 
@@ -379,6 +379,20 @@ def test_tma_operand_tiles(monkeypatch, name, dtype):
     with tkernels.use_backend("triton"):
         _run_case(TMA_CASES[name], "triton", dtype)
     assert log == _tma_log(dz_tma=name != "identity_canary_dz"), log
+
+
+@needs_descriptors
+def test_tma_switched_off_takes_the_cp_async_builds(monkeypatch):
+    """TKERNELS_TMA=0 (TMA_ENABLED false) wins over FORCE_TMA: all three kernels launch without
+    their TMA operand and still compute the same convolution."""
+    monkeypatch.setattr(conv_backward, "FORCE_TMA", True)
+    monkeypatch.setattr(matmul_tma, "TMA_ENABLED", False)
+    log = _record_gemm_launches(monkeypatch)
+    with tkernels.use_backend("triton"):
+        _run_case(TMA_CASES["cout24_grouped_strided_dilated"], "triton")
+    assert log == [("conv2d_fwd_kernel", {"FAST": True, "W_TMA": False}),
+                   ("conv2d_dgrad_kernel", {"FAST": True, "W_TMA": False}),
+                   ("conv2d_wgrad_kernel", {"FAST": True, "DZ_TMA": False})], log
 
 
 @needs_descriptors

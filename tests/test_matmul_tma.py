@@ -7,6 +7,11 @@ with the TMA path forced, and the fallback when TMA cannot address an operand.
 fp16 only: the interpreter computes bf16 tl.dot wrongly (triton issue 11584) and fp32 never takes
 this path; bf16 builds are proven by `tkernels inspect` (matmul_tma*, sm_90: UTMALDG + HGMMA).
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -119,6 +124,38 @@ def test_linear_end_to_end_takes_the_tma_path(tma_launches):
     assert_close(y, yd, reduction=K, msg="forward")
     for got, exp, red in zip((dx, dw, db), expected, (N, M, M)):
         assert_close(got, exp, reduction=red, msg="gradient")
+
+
+def test_tma_switched_off_takes_the_cp_async_kernel(tma_launches, monkeypatch):
+    """TKERNELS_TMA=0 (TMA_ENABLED false) wins over FORCE_TMA: a Linear's three products all take
+    the cp.async kernel and give the same result."""
+    monkeypatch.setattr(matmul_tma, "TMA_ENABLED", False)
+    M, K, N = 48, 64, 40
+    x = _half(M, K).requires_grad_()
+    w = _half(N, K, scale=K ** -0.5).requires_grad_()
+    y = F.linear(x, w, None, activation="silu")
+    gy = _half(M, N)
+    dx, dw = torch.autograd.grad(y, (x, w), gy)
+    assert tma_launches == ["cp.async"] * 3
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    yd = torch.nn.functional.silu(xd @ wd.t())
+    expected = torch.autograd.grad(yd, (xd, wd), gy.double())
+    assert_close(y, yd, reduction=K, msg="forward")
+    for got, exp, red in zip((dx, dw), expected, (N, M)):
+        assert_close(got, exp, reduction=red, msg="gradient")
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("", True), ("off", None)])
+def test_tma_switch_is_read_from_the_environment(value, enabled):
+    """TKERNELS_TMA: 0 or 1 (empty: the default, 1), anything else refused with a message naming it."""
+    code = "import tkernels.ops.matmul_tma as m; print(m.TMA_ENABLED)"
+    env = dict(os.environ, TKERNELS_TMA=value, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if enabled is None:
+        assert proc.returncode != 0 and "TKERNELS_TMA" in proc.stderr and "expected 0" in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == str(enabled), proc.stdout
 
 
 def test_operands_tma_cannot_address_take_the_cp_async_kernel(tma_launches):

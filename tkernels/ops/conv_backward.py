@@ -59,6 +59,7 @@ from ..activations import Activation, activation_grad
 from ._common import (grouped_tile, KernelSpec, Tuned, cdiv, config, device_properties, operand_class,
                       register_kernel, sm_count, tl_input_precision)
 from .matmul import SUM_PARTIALS_BLOCK, matmul, sum_partials_kernel
+from . import matmul_tma as _tma
 from .matmul_tma import HAS_TENSOR_DESCRIPTORS, ensure_scratch_allocator
 
 # Tests set this to exercise the split-reduction path on small (interpreter-sized) shapes.
@@ -743,10 +744,11 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
 
 def use_tma(operand: Tensor, strides: Tuple[int, ...]) -> bool:
     """Whether a FAST conv launch loads ``operand`` through a tensor descriptor whose non-unit
-    strides (in elements) are ``strides``: on sm_90 in fp16/bf16 (or when a test sets FORCE_TMA),
-    with triton's device-side descriptors, and when TMA's rules hold: a 16-byte aligned base and
-    strides that are 16-byte multiples. Sets up the descriptors' scratch allocator on CUDA."""
-    if not HAS_TENSOR_DESCRIPTORS:
+    strides (in elements) are ``strides``: when TMA is enabled (triton's device-side descriptors,
+    and not TKERNELS_TMA=0), on sm_90 in fp16/bf16 (or when a test sets FORCE_TMA), and when TMA's
+    rules hold: a 16-byte aligned base and strides that are 16-byte multiples. Sets up the
+    descriptors' scratch allocator on CUDA."""
+    if not _tma.TMA_ENABLED:  # (no descriptors in this triton, or TKERNELS_TMA=0)
         return False
     if not FORCE_TMA and not (operand.is_cuda and operand.dtype in (torch.float16, torch.bfloat16)
                               and device_properties(operand.device).major == 9):

@@ -30,6 +30,7 @@ per dimension, int64 addresses), so tensors past 2**31 elements are fine.
 from __future__ import annotations
 
 import contextvars
+import os
 from typing import Optional
 
 import torch
@@ -42,6 +43,18 @@ from ._common import KernelSpec, Tuned, cdiv, config, device_properties, grouped
 # triton >= 3.4 has device-side tensor descriptors (3.2/3.3 only an experimental spelling); without
 # them every launch takes the cp.async kernel.
 HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
+
+
+def _tma_switch(value: str) -> bool:
+    if value.strip() not in ("0", "1"):
+        raise ValueError(f"TKERNELS_TMA={value!r}: expected 0 (no TMA paths) or 1 (the default)")
+    return value.strip() == "1"
+
+
+# TKERNELS_TMA=0 turns every TMA path off (the matmul and the three conv kernels take their cp.async
+# builds, FORCE_TMA included): to compare the two designs on one GPU, or to step around a driver or
+# triton that mishandles descriptors. Read once, at import.
+TMA_ENABLED = _tma_switch(os.environ.get("TKERNELS_TMA") or "1") and HAS_TENSOR_DESCRIPTORS
 # Tests set this to run the TMA kernel on CPU tensors under the interpreter.
 FORCE_TMA: bool = False
 
@@ -245,9 +258,9 @@ def ensure_scratch_allocator() -> None:
 
 def tma_eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, gate: Optional[torch.Tensor],
                  preact: Optional[torch.Tensor], split: int) -> bool:
-    """Whether this launch can take the TMA kernel: sm_90 (or FORCE_TMA), fp16/bf16, no split-K,
-    every operand TMA-addressable and the gate laid out like A."""
-    if not HAS_TENSOR_DESCRIPTORS or split != 1 or a.dtype not in (torch.float16, torch.bfloat16):
+    """Whether this launch can take the TMA kernel: TMA_ENABLED, sm_90 (or FORCE_TMA), fp16/bf16, no
+    split-K, every operand TMA-addressable and the gate laid out like A."""
+    if not TMA_ENABLED or split != 1 or a.dtype not in (torch.float16, torch.bfloat16):
         return False
     if not FORCE_TMA and (not a.is_cuda or device_properties(a.device).major != 9):
         return False
