@@ -92,6 +92,36 @@ def test_tuned_configs_survive_the_process_through_the_disk_cache(tmp_path):
     assert kernel.launches[0][2]["BLOCK_M"] == 64 and kernel.launches[0][2]["num_warps"] == 8
 
 
+def test_tile_families_of_one_kernel_never_take_each_others_tuned_configs(tmp_path):
+    """Two Tuned families of one kernel (same name and key, e.g. tf32 and exact fp32 matmul tiles)
+    share the disk cache but not its entries: each list is tuned for itself; the same list again
+    (a new process) reuses its own entry, and an edited list is tuned afresh."""
+    cache = DiskCache(str(tmp_path / "autotune.json"))
+    wide = [triton.Config({"BLOCK_M": 128}, num_warps=8), WINNER]
+    narrow = [triton.Config({"BLOCK_M": 16}, num_warps=2), triton.Config({"BLOCK_M": 32}, num_warps=2)]
+
+    def family(configs, winner):
+        kernel, tuner = FakeKernel(), FakeAutotuner(winner)
+        launcher = BucketedLauncher("fake_kernel", kernel, tuner, ["M", "N", "HAS_BIAS"], "FakeGPU sm_90",
+                                    cache=cache, is_capturing=lambda: False, configs=configs)
+        return launcher, kernel, tuner
+
+    first, _, tuner_wide = family(wide, WINNER)
+    launch(first, 100)
+    second, kernel, tuner_narrow = family(narrow, narrow[0])
+    launch(second, 100)
+    assert len(tuner_wide.tunings) == len(tuner_narrow.tunings) == 1
+    assert kernel.launches == []  # (it tuned: the autotuner launched, not the bare kernel)
+    launch(second, 100)
+    assert kernel.launches[0][2]["BLOCK_M"] == 16  # its own winner, not the wide family's
+    again, kernel_again, tuner_again = family(list(wide), triton.Config({"BLOCK_M": 999}))
+    launch(again, 100)
+    assert tuner_again.tunings == [] and kernel_again.launches[0][2]["BLOCK_M"] == 64
+    edited, _, tuner_edited = family(wide[:1], wide[0])
+    launch(edited, 100)
+    assert len(tuner_edited.tunings) == 1
+
+
 def test_disk_cache_keys_include_the_gpu_and_ignore_a_corrupt_file(tmp_path):
     path = tmp_path / "autotune.json"
     path.write_text("{not json")

@@ -105,9 +105,10 @@ class Tuned:
                 kwargs["restore_value"] = self.restore_value
             if self.reset_to_zero:
                 kwargs["reset_to_zero"] = self.reset_to_zero
-            autotuner = triton.autotune(configs=self.configs_by_arch[current_arch(device)], key=self.key,
-                                        **kwargs)(self.kernel)
-            fn = BucketedLauncher(self.kernel.__name__, self.kernel, autotuner, self.key, gpu_name(device))
+            configs = self.configs_by_arch[current_arch(device)]
+            autotuner = triton.autotune(configs=configs, key=self.key, **kwargs)(self.kernel)
+            fn = BucketedLauncher(self.kernel.__name__, self.kernel, autotuner, self.key, gpu_name(device),
+                                  configs=configs)
             self._by_device[index] = fn
         return fn, _NO_META
 

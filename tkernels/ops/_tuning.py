@@ -18,6 +18,7 @@ skipping the autotuner's own per-call key building as well.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -56,6 +57,14 @@ def config_to_json(config: triton.Config) -> dict:
 def config_from_json(data: dict) -> triton.Config:
     extra = {"num_ctas": data["num_ctas"]} if data.get("num_ctas", 1) != 1 else {}
     return triton.Config(dict(data["kwargs"]), num_warps=data["num_warps"], num_stages=data["num_stages"], **extra)
+
+
+def configs_fingerprint(configs: Sequence[triton.Config]) -> str:
+    """A short hash of a config list. Tuned results are cached per list, so the tile families of one
+    kernel (operand classes, FAST or generic, gated or not: several Tuned objects share a kernel
+    name and key) never take each other's tiles, and an edited list is tuned afresh."""
+    text = json.dumps([config_to_json(c) for c in configs], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def launch_meta(config: triton.Config) -> dict:
@@ -130,13 +139,16 @@ class BucketedLauncher:
     """``launcher[grid](*args, **kwargs)`` for one kernel on one GPU, tuned once per bucketed key.
 
     ``kernel`` is the bare JIT kernel and ``autotuner`` Triton's autotune wrapper of it; ``gpu``
-    names the device model for the disk cache.
+    names the device model for the disk cache, and ``configs`` (the autotuner's list) tags its
+    entries, see :func:`configs_fingerprint`.
     """
 
     def __init__(self, name: str, kernel, autotuner, key_names: Sequence[str], gpu: str,
                  cache: Optional[DiskCache] = None,
-                 is_capturing: Callable[[], bool] = stream_is_capturing):
+                 is_capturing: Callable[[], bool] = stream_is_capturing,
+                 configs: Optional[Sequence[triton.Config]] = None):
         self.name = name
+        self.cache_name = name if configs is None else f"{name}#{configs_fingerprint(configs)}"
         self.kernel = kernel
         self.autotuner = autotuner
         self.key_names = list(key_names)
@@ -154,7 +166,7 @@ class BucketedLauncher:
         key = bucketed_key(self.arg_names, self.key_names, args, kwargs)
         meta = self.chosen.get(key)
         if meta is None:
-            config = self.cache.get(self.name, self.gpu, key)
+            config = self.cache.get(self.cache_name, self.gpu, key)
             if config is None:
                 return self._tune(grid, args, kwargs, key)
             meta = self.chosen[key] = launch_meta(config)
@@ -170,5 +182,5 @@ class BucketedLauncher:
         config = self.autotuner.best_config
         self.chosen[key] = launch_meta(config)
         self.tuned_keys.append(key)
-        self.cache.put(self.name, self.gpu, key, config)
+        self.cache.put(self.cache_name, self.gpu, key, config)
         return result
