@@ -112,7 +112,7 @@ cp "$OUT/logs/env.log" "$OUT/env.txt"
 #    tiles, Philox x4 dropout, single-launch batch norm): a cold machine compiles thousands of
 #    specialisations, so the whole suite may not finish in its step, and these must not be the ones cut.
 if "$PY" -c "import pytest" 2>/dev/null; then
-    step tests-hopper 60 env TKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+    step tests-hopper 90 env TKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
         tests/test_matmul_tma.py tests/test_conv.py::test_tma_operand_tiles \
         tests/test_conv.py::test_tma_tiles_stay_in_their_group tests/test_conv.py::test_tma_split_weight_grad \
         tests/test_dropout.py::test_mask_uses_all_four_philox_outputs_per_counter \

@@ -18,6 +18,7 @@ import tkernels
 from tkernels.functional import conv2d
 from tkernels.ops import conv as conv_ops
 from tkernels.ops import conv_backward, matmul_tma
+from tkernels.ops._tuning import BucketedLauncher
 from tkernels.ops.matmul_tma import HAS_TENSOR_DESCRIPTORS
 from tkernels.reference import conv as ref
 
@@ -209,10 +210,30 @@ class _RecordingKernel:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            name = getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+            # (a bare JIT kernel under the interpreter, a BucketedLauncher, whose .name it is, on CUDA)
+            kernel = self.kernel
+            name = getattr(kernel, "__name__", None) or getattr(kernel, "name", None) or kernel.fn.__name__
             self.log.append((name, {f: kwargs[f] for f in self.flags}))
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+def test_recording_kernel_names_a_bucketed_launcher():
+    """On CUDA, Tuned.launcher hands back a BucketedLauncher, not a JIT kernel: the launch log must
+    still name the kernel (the TMA tests below assert on it)."""
+    launches = []
+
+    class Bare:
+        arg_names = ["n", "FLAG"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    launcher = BucketedLauncher("conv2d_fwd_kernel", Bare(), None, [], "FakeGPU sm_90", is_capturing=lambda: False)
+    launcher.chosen[()] = {"BLOCK": 16}  # a bucket tuned before: launches the bare kernel with its meta
+    log = []
+    _RecordingKernel(launcher, log, ("FLAG",))[(1,)](3, FLAG=True)
+    assert log == [("conv2d_fwd_kernel", {"FLAG": True})] and launches == [{"FLAG": True, "BLOCK": 16}]
 
 
 FAST_KERNELS = {"TUNED_FWD_FAST", "TUNED_DGRAD_FAST", "TUNED_WGRAD_FAST"}
@@ -361,10 +382,19 @@ def _record_gemm_launches(monkeypatch):
     return log_tuned_launches(monkeypatch, flags, wrap=lambda kernel, names, log: _RecordingKernel(kernel, log, names))
 
 
-def _tma_log(dz_tma: bool = True):
-    return [("conv2d_fwd_kernel", {"FAST": True, "W_TMA": True}),
-            ("conv2d_dgrad_kernel", {"FAST": True, "W_TMA": True}),
-            ("conv2d_wgrad_kernel", {"FAST": True, "DZ_TMA": dz_tma})]
+def _tma_expected(dtype) -> bool:
+    """Whether the FAST kernels take their TMA operands on the test device: always with FORCE_TMA on
+    CPU tensors (the interpreter); on a GPU what a user's call gets, fp16/bf16 on sm_90 only."""
+    if DEVICE.type != "cuda":
+        return True
+    return dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(DEVICE)[0] == 9
+
+
+def _tma_log(dtype=torch.float32, dz_tma: bool = True):
+    on = _tma_expected(dtype)
+    return [("conv2d_fwd_kernel", {"FAST": True, "W_TMA": on}),
+            ("conv2d_dgrad_kernel", {"FAST": True, "W_TMA": on}),
+            ("conv2d_wgrad_kernel", {"FAST": True, "DZ_TMA": on and dz_tma})]
 
 
 @needs_descriptors
@@ -378,7 +408,7 @@ def test_tma_operand_tiles(monkeypatch, name, dtype):
     log = _record_gemm_launches(monkeypatch)
     with tkernels.use_backend("triton"):
         _run_case(TMA_CASES[name], "triton", dtype)
-    assert log == _tma_log(dz_tma=name != "identity_canary_dz"), log
+    assert log == _tma_log(dtype, dz_tma=name != "identity_canary_dz"), log
 
 
 @needs_descriptors
@@ -411,6 +441,30 @@ def test_tma_split_weight_grad(monkeypatch):
 
 
 @needs_descriptors
+@pytest.mark.parametrize("groups, c_out, row", [(1, 24, 40), (2, 48, 64)])
+def test_tma_weight_grad_dz_rows_wider_than_their_channels(monkeypatch, groups, c_out, row):
+    """dz = grad_out (no activation) as the first C_out channels of a wider channels_last tensor
+    whose other channels are NaN: its pixel rows lie `row` elements apart, not C_out, and the dz
+    descriptor must step by that stride."""
+    monkeypatch.setattr(conv_backward, "FORCE_TMA", True)
+    log = _record_gemm_launches(monkeypatch)
+    x = randn(2, 32, 7, 6).contiguous(memory_format=CL)
+    w = randn(c_out, 32 // groups, 3, 3, scale=0.3).requires_grad_()
+    wide = torch.full((2, row, 7, 6), float("nan"), device=DEVICE).contiguous(memory_format=CL)
+    gy = wide[:, :c_out]
+    gy.copy_(randn(2, c_out, 7, 6))
+    assert gy.stride(3) == row and gy.data_ptr() % 16 == 0
+    with tkernels.use_backend("triton"):
+        y = conv2d(x, w, None, padding=1, groups=groups)
+        dw, = torch.autograd.grad(y, (w,), gy)
+    assert log[-1] == ("conv2d_wgrad_kernel", {"FAST": True, "DZ_TMA": _tma_expected(torch.float32)}), log
+    wd = w.detach().double().requires_grad_()
+    yd = torch.nn.functional.conv2d(x.double(), wd, padding=1, groups=groups)
+    expected, = torch.autograd.grad(yd, (wd,), gy.double())
+    assert_close(dw, expected, reduction=2 * 7 * 6)
+
+
+@needs_descriptors
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_tma_tiles_stay_in_their_group(monkeypatch, dtype):
     """The second group's weights and grad_out channels are inf. Group 0's output, input gradient
@@ -428,7 +482,7 @@ def test_tma_tiles_stay_in_their_group(monkeypatch, dtype):
         gy = randn(*y.shape, dtype=dtype).contiguous(memory_format=CL)
         gy[:, 24:] = float("inf")
         y.backward(gy)
-    assert log == _tma_log(), log
+    assert log == _tma_log(dtype), log
     xt, wt = (t.detach().double().requires_grad_() for t in (x, w))
     yt = TF.conv2d(xt, wt, None, padding=1, groups=2)
     yt.backward(gy.double())

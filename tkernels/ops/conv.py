@@ -248,7 +248,8 @@ def conv2d_depthwise_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Configs and `tkernels inspect` registrations
 # ---------------------------------------------------------------------------------------------
-TUNED_FWD = tuned_family(conv2d_fwd_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW"],
+# (the TMA flag is in the key: the TMA and cp.async builds of a tile are tuned apart)
+TUNED_FWD = tuned_family(conv2d_fwd_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW", "W_TMA"],
                          interpreter=config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=4))
 _SHAPE_SIG = {name: "i32" for name in ("H", "W", "OH", "OW", "KH", "KW", "M", "stride_h", "stride_w", "pad_h",
                                        "pad_w", "dil_h", "dil_w")}

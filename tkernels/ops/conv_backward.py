@@ -65,7 +65,8 @@ from .matmul_tma import HAS_TENSOR_DESCRIPTORS, ensure_scratch_allocator
 # Tests set this to exercise the split-reduction path on small (interpreter-sized) shapes.
 FORCE_SPLIT: Optional[int] = None
 # Tests set this to run the TMA variants of the FAST kernels (forward and input-gradient weight
-# tiles, weight-gradient dz tiles) on CPU tensors, in any dtype, under the interpreter.
+# tiles, weight-gradient dz tiles) on CPU tensors, in any dtype, under the interpreter (CUDA tensors
+# ignore it and take what a user's call takes).
 FORCE_TMA: bool = False
 
 
@@ -562,9 +563,11 @@ def register_fast_tma(name: str, kernel, signature: dict, variant: dict) -> None
         ))
 
 
-TUNED_DGRAD = tuned_family(conv2d_dgrad_kernel, ["M", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w"],
+# (the TMA flags are in the keys: the TMA and cp.async builds of a tile are tuned apart)
+TUNED_DGRAD = tuned_family(conv2d_dgrad_kernel,
+                           ["M", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w", "W_TMA"],
                            interpreter=config(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, GROUP_M=4))
-TUNED_WGRAD = tuned_family(conv2d_wgrad_kernel, ["P", "J", "C_out_g", "KH", "KW", "SPLIT"],
+TUNED_WGRAD = tuned_family(conv2d_wgrad_kernel, ["P", "J", "C_out_g", "KH", "KW", "SPLIT", "DZ_TMA"],
                            interpreter=config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4))
 GRAD_Z_META = dict(BLOCK_P=64, BLOCK_C=32, STAGES=2)
 
@@ -692,7 +695,7 @@ def _weight_grad(dz: Tensor, x: Tensor, dw: Tensor, geometry, groups: int) -> No
     st = target.stride()[1:] if split > 1 else target.stride()
     strides = (st[2], st[3], st[0], st[1]) if fast else st
     precision = tl_input_precision(x.dtype, "conv")
-    row_stride = pixel_row_stride(dz) if fast else None
+    row_stride = pixel_row_stride(dz) if fast and p > 0 else None  # (no descriptor over an empty dz)
     dz_tma = row_stride is not None and use_tma(dz, (row_stride,))
     kernel, meta = TUNED_WGRAD[fast, operand_class(x.dtype, precision)].launcher(x.device)
     grid = lambda cfg: (cdiv(c_out_g, cfg["BLOCK_M"]) * cdiv(j, cfg["BLOCK_N"]), groups * taps, split)  # noqa: E731
@@ -745,13 +748,15 @@ def _input_grad(dz: Tensor, weight: Tensor, dx: Tensor, geometry, groups: int) -
 def use_tma(operand: Tensor, strides: Tuple[int, ...]) -> bool:
     """Whether a FAST conv launch loads ``operand`` through a tensor descriptor whose non-unit
     strides (in elements) are ``strides``: when TMA is enabled (triton's device-side descriptors,
-    and not TKERNELS_TMA=0), on sm_90 in fp16/bf16 (or when a test sets FORCE_TMA), and when TMA's
-    rules hold: a 16-byte aligned base and strides that are 16-byte multiples. Sets up the
-    descriptors' scratch allocator on CUDA."""
+    and not TKERNELS_TMA=0), on sm_90 in fp16/bf16 (CPU tensors under the interpreter: when a test
+    sets FORCE_TMA), and when TMA's rules hold: a 16-byte aligned base and strides that are 16-byte
+    multiples. Sets up the descriptors' scratch allocator on CUDA."""
     if not _tma.TMA_ENABLED:  # (no descriptors in this triton, or TKERNELS_TMA=0)
         return False
-    if not FORCE_TMA and not (operand.is_cuda and operand.dtype in (torch.float16, torch.bfloat16)
-                              and device_properties(operand.device).major == 9):
+    if operand.is_cuda:  # (FORCE_TMA is for the interpreter: a GPU launches what a user's call would)
+        if operand.dtype not in (torch.float16, torch.bfloat16) or device_properties(operand.device).major != 9:
+            return False
+    elif not FORCE_TMA:
         return False
     size = operand.element_size()
     if operand.data_ptr() % 16 or any(s <= 0 or s * size % 16 for s in strides):
