@@ -758,8 +758,7 @@ def use_tma(operand: Tensor, strides: Tuple[int, ...]) -> bool:
             return False
     elif not FORCE_TMA:
         return False
-    size = operand.element_size()
-    if operand.data_ptr() % 16 or any(s <= 0 or s * size % 16 for s in strides):
+    if not _tma.tma_aligned(operand, strides):
         return False
     if operand.is_cuda:
         ensure_scratch_allocator()

@@ -226,13 +226,18 @@ if HAS_TENSOR_DESCRIPTORS:
 # ---------------------------------------------------------------------------------------------
 # Launch
 # ---------------------------------------------------------------------------------------------
+def tma_aligned(t: torch.Tensor, strides) -> bool:
+    """TMA's addressing rules for a descriptor over ``t`` whose non-unit strides (in elements) are
+    ``strides``: a 16-byte aligned base, and strides that are positive 16-byte multiples."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s > 0 and s * size % 16 == 0 for s in strides)
+
+
 def _tma_layout(t: torch.Tensor, unit_dim: Optional[int] = None) -> Optional[int]:
     """The dim with unit stride (``unit_dim`` if given) when the other stride and the base are
     16-byte aligned, as TMA needs; else None."""
-    elem = t.element_size()
     for dim in ((unit_dim,) if unit_dim is not None else (1, 0)):
-        other = t.stride(1 - dim)
-        if t.stride(dim) == 1 and (other * elem) % 16 == 0 and other > 0 and t.data_ptr() % 16 == 0:
+        if t.stride(dim) == 1 and tma_aligned(t, (t.stride(1 - dim),)):
             return dim
     return None
 
