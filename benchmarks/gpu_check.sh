@@ -111,8 +111,14 @@ cp "$OUT/logs/env.log" "$OUT/env.txt"
 #    First the tests of the paths that have never run on a GPU before (sm_90 TMA matmul and conv
 #    tiles, Philox x4 dropout, single-launch batch norm): a cold machine compiles thousands of
 #    specialisations, so the whole suite may not finish in its step, and these must not be the ones cut.
+# With pytest-xdist installed, 8 worker processes compile in parallel: a cold machine compiles and
+# tunes about 1,300 kernel specialisations for the suite, one at a time per process.
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n 8)
+fi
 if "$PY" -c "import pytest" 2>/dev/null; then
-    step tests-hopper 90 env TKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
+    step tests-hopper 90 env TKERNELS_TEST_DEVICE=cuda "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider \
         tests/test_matmul_tma.py tests/test_conv.py::test_tma_operand_tiles \
         tests/test_conv.py::test_tma_tiles_stay_in_their_group tests/test_conv.py::test_tma_split_weight_grad \
         tests/test_dropout.py::test_mask_uses_all_four_philox_outputs_per_counter \
@@ -122,7 +128,7 @@ fi
 #    Not the two files that use no GPU (CI's job): tests/test_inspect.py compiles for sm_80/sm_90, and
 #    its 150 s compile budget would take most of this step; tests/test_gpu_check.py dry-runs this script.
 if "$PY" -c "import pytest" 2>/dev/null; then
-    step tests 180 env TKERNELS_TEST_DEVICE=cuda "$PY" -m pytest tests -q -p no:cacheprovider \
+    step tests 180 env TKERNELS_TEST_DEVICE=cuda "$PY" -m pytest "${XDIST[@]}" tests -q -p no:cacheprovider \
         --ignore=tests/test_inspect.py --ignore=tests/test_gpu_check.py --maxfail="$MAXFAIL" --durations=15 \
         --junitxml="$OUT/tests/junit.xml"
 else

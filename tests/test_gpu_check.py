@@ -117,6 +117,7 @@ def test_dry_run_runs_every_step_with_commands_the_parsers_accept(tmp_path, monk
     pytest_runs = [argv for argv in calls if argv[:2] == ["-m", "pytest"]]
     assert len(pytest_runs) == 2, calls
     hopper, suite = pytest_runs
+    assert all(run[2:4] == ["-n", "8"] for run in pytest_runs), pytest_runs  # (the stand-in has xdist)
     ignored = [a.split("=", 1)[1] for a in suite if a.startswith("--ignore=")]
     assert sorted(ignored) == ["tests/test_gpu_check.py", "tests/test_inspect.py"], calls
     assert all((REPO / path).is_file() for path in ignored)  # (what it ignores is there to ignore)
